@@ -1,0 +1,9 @@
+"""Errors raised for datasets that jaxseg cannot use."""
+
+
+class InvalidDatasetError(ValueError):
+  """A dataset file or layout problem; the message names the file and the fix.
+
+  Example: ``labelsTr/case_007.nii.gz has shape (240, 240, 154) but its image
+  has (240, 240, 155)``.
+  """
