@@ -1,0 +1,16 @@
+"""Segmentation networks. `MODELS` maps a config's `model.name` to a Flax module class."""
+
+from jaxseg.models.fcn import FCN
+from jaxseg.models.unet import UNet
+
+MODELS = {"unet": UNet, "fcn": FCN}
+
+
+def build_model(model_config, *, num_classes: int):
+  """The Flax module named by `model_config.name`, built from the config's fields."""
+  import jax.numpy as jnp
+  cfg = dict(model_config)
+  name = cfg.pop("name")
+  cls = MODELS[name]
+  cfg["dtype"] = jnp.dtype(cfg.get("dtype", "float32"))
+  return cls(num_classes=num_classes, **cfg)

@@ -1,0 +1,88 @@
+"""Shared defaults for every training config, and the parser for `--config=file.py:k=v,k2=v2`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+  """Parses 'k=v,k2=v2' (the text after ':' in --config=path:arg) over `defaults`.
+
+  Values are converted to the type of the default; unknown keys raise ValueError naming the
+  valid ones.
+  """
+  out = dict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not of the form key=value; keys: {sorted(defaults)}")
+    k, v = item.split("=", 1)
+    k = k.strip()
+    if k not in defaults:
+      raise ValueError(f"unknown config argument {k!r}; valid: {sorted(defaults)}")
+    out[k] = type(defaults[k])(v) if defaults[k] is not None else v
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all training configs; the per-architecture files override them."""
+  c = ml_collections.ConfigDict()
+  c.name = "run"
+  c.runner = "train"
+  c.paradigm = "supervised"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "unet"
+  c.model.spatial_dims = 3
+  c.model.base_features = 32
+  c.model.max_features = 320
+  c.model.num_stages = 5
+  c.model.deep_supervision = False
+  c.model.conv_impl = "auto"
+  c.model.dtype = "float32"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.root = ""  # an nnU-Net-layout dataset; empty = the generated phantoms
+  c.data.cache_dir = ""  # default: $JAXSEG_CACHE or ~/.cache/jaxseg
+  c.data.num_cases = 24  # phantoms generated
+  c.data.phantom_shape = (48, 48, 48)
+  c.data.num_val = 4
+  c.data.patch_size = (48, 48, 48)
+  c.data.foreground_fraction = 0.33
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.mirror_axes = (0, 1, 2)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.batch_dice = False
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 1e-2
+  c.optimizer.momentum = 0.99
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 3e-5
+  c.optimizer.schedule = "poly"
+  c.optimizer.poly_power = 0.9
+  c.optimizer.clip_norm = 12.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.overlap = 0.5  # sliding-window step as a fraction of the patch
+  c.eval.batch_size = 4  # tiles per forward pass
+  c.eval.mirror_axes = ()  # mirror TTA axes, e.g. (0, 1, 2)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 250
+  c.train.batch_size = 2
+  c.train.log_every = 10
+  c.train.eval_every = 50
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 2
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234" for multi-host
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  return c

@@ -1,0 +1,45 @@
+"""3D U-Net on the generated CT-like phantoms (the default run).
+
+    python -m jaxseg.main --config=configs/unet3d.py
+    python -m jaxseg.main --config=configs/unet3d.py:scale=full --config.data.root=PATH
+
+`scale=cpu` (default): 4 stages, features 8..64, 48^3 whole-phantom patches, batch 2.
+`scale=full`: nnU-Net-sized (6 stages, 32..320 features, 128^3 patches, batch 2, 1000 steps x
+250 by nnU-Net; here num_steps=25000) for a GPU/TPU.
+
+Measured: see README (machine, wall time, Dice) — filled from a run of this exact command.
+"""
+
+import sys
+import pathlib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, scale="cpu")
+  c = common.base_config()
+  c.name = "unet3d"
+  c.model.spatial_dims = 3
+  if args["scale"] == "cpu":
+    c.model.base_features = 8
+    c.model.max_features = 64
+    c.model.num_stages = 4
+    c.data.patch_size = (48, 48, 48)
+    c.train.batch_size = 2
+    c.train.num_steps = 300
+  elif args["scale"] == "full":
+    c.model.base_features = 32
+    c.model.max_features = 320
+    c.model.num_stages = 6
+    c.model.deep_supervision = True
+    c.data.phantom_shape = (128, 128, 128)
+    c.data.patch_size = (128, 128, 128)
+    c.train.num_steps = 25000
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.train.log_every = 50
+  else:
+    raise ValueError(f"scale={args['scale']!r} is not valid; choose 'cpu' or 'full'")
+  return c

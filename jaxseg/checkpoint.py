@@ -1,0 +1,65 @@
+"""Thin orbax wrapper: periodic checkpoints that resume, plus the best one by validation Dice.
+
+Layout in the workdir: `checkpoints/<step>/` (the latest few) and `best/<step>/` (the single
+best by `mean_dice`). Orbax writes each checkpoint under a temporary name and renames it when
+complete, so a run killed mid-save resumes from the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """save(step, state), save_best(step, state, metrics), restore_latest(abstract_state)."""
+
+  def __init__(self, workdir, *, keep: int = 2):
+    root = pathlib.Path(workdir).absolute()
+    self._latest = ocp.CheckpointManager(
+        root / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
+    self._best = ocp.CheckpointManager(
+        root / "best",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m["mean_dice"], best_mode="max",
+            enable_async_checkpointing=False))
+
+  def latest_step(self):
+    return self._latest.latest_step()
+
+  def save(self, step: int, state) -> None:
+    if self._latest.latest_step() == step:
+      return
+    self._latest.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def save_best(self, step: int, state, metrics: dict) -> None:
+    """Keeps `state` if its `metrics['mean_dice']` beats the best so far."""
+    if self._best.latest_step() == step:
+      return
+    self._best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+
+  def restore_latest(self, abstract_state):
+    """The latest checkpoint laid out like `abstract_state` (shapes, dtypes, shardings), or None."""
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    return self._latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def restore_best(self, abstract_state):
+    step = self._best.best_step()
+    if step is None:
+      return None
+    return self._best.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def close(self):
+    self._latest.close()
+    self._best.close()
+
+
+def abstract_like(state):
+  """ShapeDtypeStructs (with shardings) describing `state`, for `restore_latest`."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

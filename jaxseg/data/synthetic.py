@@ -1,0 +1,158 @@
+"""Seeded CT-like phantom volumes: the embedded default dataset.
+
+Each case is a torso-like body in air holding three labelled organ-like structures
+(1 "liver", 2 "kidneys" (a pair), 3 "lesion" inside the liver) and two unlabelled
+distractors ("muscle", "fat"). Shapes are ellipsoids whose surface is pushed in and out by a
+smooth random field, placed and sized at random. Intensities are in Hounsfield-like units
+with overlapping class distributions (kidney and muscle share a range), a smooth
+multiplicative bias field, partial-volume blurring at edges and Gaussian noise, so a single
+threshold cannot separate the classes: shape and context matter.
+
+`make_phantom(seed, index, shape)` is a pure function of its arguments;
+`load_phantoms` generates a set once and caches it as `.npz` (written atomically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+from scipy import ndimage
+
+LABELS = {"background": 0, "liver": 1, "kidney": 2, "lesion": 3}
+GENERATOR_VERSION = 1
+
+# (mean HU, std HU) of each tissue before bias field and noise.
+_AIR = (-1000.0, 5.0)
+_BODY = (10.0, 12.0)
+_FAT = (-90.0, 15.0)
+_MUSCLE = (45.0, 10.0)
+_LIVER = (70.0, 8.0)
+_KIDNEY = (40.0, 10.0)
+_LESION = (110.0, 10.0)
+
+
+def _smooth_field(rng, shape, sigma):
+  field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+  return field / (field.std() + 1e-8)
+
+
+def _blob(grid, centre, radii, field, roughness):
+  """Mask of an ellipsoid at `centre` with `radii`, its surface perturbed by `field`."""
+  r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))
+  return np.sqrt(r2) + roughness * field < 1.0
+
+
+def make_phantom(seed: int, index: int, shape=(48, 48, 48)):
+  """One phantom case, a pure function of (seed, index, shape).
+
+  Returns:
+    image: float32 array of `shape` in Hounsfield-like units.
+    label: uint8 array of `shape` with values in `LABELS`.
+  """
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 3 or min(shape) < 16:
+    raise ValueError(f"phantom shape must be 3D with every side >= 16, got {shape}")
+  rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
+  grid = np.meshgrid(*[np.linspace(-1.0, 1.0, s) for s in shape], indexing="ij")
+  sig = max(shape) / 10
+  tissue = np.zeros(shape, np.int8)  # 0 air, 1 body, 2 fat, 3 muscle, then organs
+  body = _blob(grid, rng.uniform(-0.05, 0.05, 3), rng.uniform(0.82, 0.95, 3),
+               _smooth_field(rng, shape, sig), 0.04)
+  tissue[body] = 1
+  fat = body & ~_blob(grid, (0, 0, 0), np.array([0.78, 0.78, 0.9]) * rng.uniform(0.9, 1.0),
+                      _smooth_field(rng, shape, sig), 0.06)
+  tissue[fat] = 2
+  label = np.zeros(shape, np.uint8)
+
+  # Liver: a large blob on one side.
+  side = rng.choice([-1.0, 1.0])
+  liver_c = np.array([rng.uniform(-0.25, 0.1), side * rng.uniform(0.22, 0.35), rng.uniform(-0.2, 0.2)])
+  liver_r = rng.uniform([0.36, 0.33, 0.42], [0.48, 0.44, 0.56])
+  liver = body & ~fat & _blob(grid, liver_c, liver_r, _smooth_field(rng, shape, sig), 0.12)
+  # Muscle bands (unlabelled distractor sharing the kidney's intensity range).
+  muscle_c = np.array([rng.uniform(0.45, 0.6), 0.0, rng.uniform(-0.1, 0.1)])
+  muscle = body & ~fat & _blob(grid, muscle_c, rng.uniform([0.12, 0.45, 0.5], [0.18, 0.6, 0.7]),
+                               _smooth_field(rng, shape, sig), 0.1)
+  tissue[muscle] = 3
+  label[liver] = LABELS["liver"]
+  tissue[liver] = 4
+  # Kidneys: a pair behind the liver level, one on each side.
+  for s in (-1.0, 1.0):
+    c = np.array([rng.uniform(0.15, 0.3), s * rng.uniform(0.32, 0.42), rng.uniform(-0.25, 0.25)])
+    r = rng.uniform([0.15, 0.12, 0.22], [0.2, 0.16, 0.3])
+    kidney = body & ~fat & _blob(grid, c, r, _smooth_field(rng, shape, sig / 2), 0.1)
+    label[kidney] = LABELS["kidney"]
+    tissue[kidney] = 5
+  # Lesion: a small round blob inside the liver.
+  liver_idx = np.argwhere(label == LABELS["liver"])
+  if len(liver_idx):
+    centre_vox = liver_idx[rng.integers(len(liver_idx))]
+    c = np.array([g[tuple(centre_vox)] for g in grid])
+    lesion = (label == LABELS["liver"]) & _blob(grid, c, np.full(3, rng.uniform(0.18, 0.24)),
+                                                  _smooth_field(rng, shape, sig / 2), 0.1)
+    label[lesion] = LABELS["lesion"]
+    tissue[lesion] = 6
+
+  means = np.array([_AIR, _BODY, _FAT, _MUSCLE, _LIVER, _KIDNEY, _LESION])
+  # Per-case intensity shift of each tissue (scanner/contrast variation).
+  centre = means[:, 0] + rng.normal(0.0, 6.0, len(means)) * (np.arange(len(means)) > 0)
+  image = centre[tissue] + means[tissue, 1] * _smooth_field(rng, shape, 1.5) * 0.6
+  image = ndimage.gaussian_filter(image, 0.8)  # partial volume at edges
+  bias = 1.0 + 0.08 * _smooth_field(rng, shape, max(shape) / 3)
+  image = image * np.where(tissue > 0, bias, 1.0)
+  image = image + rng.normal(0.0, 12.0, shape)
+  return image.astype(np.float32), label
+
+
+def normalise_ct(image, *, lower=-200.0, upper=300.0):
+  """Clip to a soft-tissue window and scale to roughly [-1, 1] (float32)."""
+  image = np.clip(image, lower, upper)
+  return ((image - (lower + upper) / 2) / ((upper - lower) / 2)).astype(np.float32)
+
+
+def _cache_root(cache_dir):
+  if cache_dir:
+    return pathlib.Path(cache_dir).expanduser()
+  return pathlib.Path(os.environ.get("JAXSEG_CACHE", "~/.cache/jaxseg")).expanduser()
+
+
+def load_phantoms(*, num_cases: int, shape, seed: int, cache_dir=None):
+  """`num_cases` phantoms as stacked arrays, generated once and cached.
+
+  Returns:
+    images: float32 (num_cases, 1, *shape), normalised with `normalise_ct`.
+    labels: uint8 (num_cases, *shape).
+  The cache file name is a hash of the arguments and the generator version; it is written
+  to a temporary name and renamed, so a killed run never leaves a half-written cache.
+  """
+  if num_cases < 1:
+    raise ValueError(f"data.num_cases must be >= 1, got {num_cases}")
+  key = json.dumps({"n": num_cases, "shape": list(shape), "seed": seed, "v": GENERATOR_VERSION})
+  name = "phantoms_" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz"
+  root = _cache_root(cache_dir)
+  path = root / name
+  if path.exists():
+    try:
+      with np.load(path) as f:
+        return f["images"], f["labels"]
+    except (OSError, ValueError, KeyError):
+      pass  # unreadable cache: regenerate below
+  cases = [make_phantom(seed, i, shape) for i in range(num_cases)]
+  images = np.stack([normalise_ct(im)[None] for im, _ in cases])
+  labels = np.stack([lb for _, lb in cases])
+  root.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp_", suffix=".npz")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, images=images, labels=labels)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return images, labels

@@ -1,0 +1,55 @@
+"""Fully convolutional network in the FCN-8s manner (Long et al. 2015), 2D or 3D."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxseg.models import layers
+
+
+class FCN(nn.Module):
+  """Encoder of `num_stages` conv stages with stride-2 downsampling; 1x1 score layers on the
+  three deepest stages (FCN-8s: pool3, pool4, conv7); the deepest score map is upsampled x2 by a
+  transposed conv and added to the next, again x2 and added to the third, then resized to the
+  input size with (bi/tri)linear interpolation, as FCN-8s' final fixed bilinear upsampling.
+
+  Input (N, *spatial, C_in) with spatial sizes divisible by 2**(num_stages - 1).
+  Returns logits (N, *spatial, num_classes).
+  """
+  num_classes: int
+  spatial_dims: int = 2
+  base_features: int = 32
+  max_features: int = 256
+  num_stages: int = 5
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.num_stages < 3:
+      raise ValueError(f"FCN needs num_stages >= 3 (three score layers), got {self.num_stages}")
+    feats = layers.stage_features(self.base_features, self.max_features, self.num_stages)
+    kw = dict(spatial_dims=self.spatial_dims, conv_impl=self.conv_impl, dtype=self.dtype)
+    in_shape = x.shape
+    x = x.astype(self.dtype)
+    stages = []
+    for i, f in enumerate(feats):
+      x = layers.Stage(f, strides=1 if i == 0 else 2, name=f"enc{i}", **kw)(x)
+      stages.append(x)
+    scores = [layers.head(self.num_classes, self.spatial_dims, self.conv_impl, self.dtype,
+                          name=f"score{k}")(stages[-1 - k]) for k in range(3)]
+    y = scores[0]
+    for k in (1, 2):
+      y = layers.upsample(self.num_classes, self.spatial_dims, 2, self.conv_impl, self.dtype,
+                          name=f"up{k}")(y) + scores[k]
+    y = y.astype(jnp.float32)
+    out_shape = in_shape[:-1] + (self.num_classes,)
+    return jax.image.resize(y, out_shape, method="linear")
+
+  @property
+  def downsampling(self) -> int:
+    return 2 ** (self.num_stages - 1)

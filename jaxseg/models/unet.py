@@ -1,0 +1,52 @@
+"""nnU-Net-like U-Net, 2D or 3D from one code path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxseg.models import layers
+
+
+class UNet(nn.Module):
+  """Encoder of `num_stages` stages (two conv-norm-act each, strided-conv downsampling between
+  stages, features doubling from `base_features` up to `max_features`) and a decoder of
+  transposed-conv upsampling, skip concatenation and two conv-norm-act per stage.
+
+  Input (N, *spatial, C_in) with every spatial size divisible by 2**(num_stages - 1).
+  Returns logits (N, *spatial, num_classes), or with `deep_supervision` a list of logits at
+  full, 1/2, 1/4, ... resolution (one per decoder stage, highest resolution first).
+  """
+  num_classes: int
+  spatial_dims: int = 3
+  base_features: int = 32
+  max_features: int = 320
+  num_stages: int = 5
+  deep_supervision: bool = False
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    feats = layers.stage_features(self.base_features, self.max_features, self.num_stages)
+    kw = dict(spatial_dims=self.spatial_dims, conv_impl=self.conv_impl, dtype=self.dtype)
+    x = x.astype(self.dtype)
+    skips = []
+    for i, f in enumerate(feats):
+      x = layers.Stage(f, strides=1 if i == 0 else 2, name=f"enc{i}", **kw)(x)
+      skips.append(x)
+    outputs = []
+    for i in reversed(range(self.num_stages - 1)):
+      x = layers.upsample(feats[i], self.spatial_dims, 2, self.conv_impl, self.dtype, name=f"up{i}")(x)
+      x = jnp.concatenate([x, skips[i]], axis=-1)
+      x = layers.Stage(feats[i], name=f"dec{i}", **kw)(x)
+      if self.deep_supervision or i == 0:
+        outputs.append(layers.head(self.num_classes, self.spatial_dims, self.conv_impl, self.dtype,
+                                   name=f"head{i}")(x).astype(jnp.float32))
+    return outputs[::-1] if self.deep_supervision else outputs[-1]
+
+  @property
+  def downsampling(self) -> int:
+    return 2 ** (self.num_stages - 1)

@@ -1,0 +1,115 @@
+"""Run outputs: metrics JSONL, report.json (atomic) and PNG figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+
+def write_json_atomic(path, obj) -> None:
+  """Writes JSON to a temporary file in the same folder, then renames it over `path`."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _jsonable(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def append_jsonl(path, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record, default=_jsonable) + "\n")
+    f.flush()
+
+
+def read_jsonl(path):
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  out = []
+  for line in path.read_text().splitlines():
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue  # a line cut short by a killed run
+  return out
+
+
+def _savefig(fig, path):
+  import matplotlib.pyplot as plt
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.stem}.tmp.png")
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def plot_curves(records, path) -> None:
+  """Training loss and validation mean Dice against the step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  train = [r for r in records if r.get("split") == "train"]
+  val = [r for r in records if r.get("split") == "val"]
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+  if train:
+    a.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+  a.set(xlabel="step", ylabel="training loss (Dice + CE)", title="Training loss")
+  a.grid(alpha=0.3)
+  if val:
+    steps = [r["step"] for r in val]
+    b.plot(steps, [r["mean_dice"] for r in val], "o-", label="mean Dice")
+    for name in val[-1].get("dice_per_class", {}):
+      b.plot(steps, [r["dice_per_class"].get(name, np.nan) for r in val], "--", lw=1, label=name)
+    b.legend(fontsize=8)
+  b.set(xlabel="step", ylabel="validation Dice", title="Validation Dice", ylim=(0, 1))
+  b.grid(alpha=0.3)
+  _savefig(fig, path)
+
+
+def plot_overlay(image, reference, prediction, class_names, path, *, title="") -> None:
+  """One slice through the largest foreground: image with reference and prediction contours.
+
+  image (C, *S), reference/prediction (*S); 3D volumes are cut at the axial (last-axis) slice
+  with the most reference foreground.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  img = np.asarray(image)[0]
+  ref = np.asarray(reference)
+  pred = np.asarray(prediction)
+  if ref.ndim == 3:
+    z = int(np.argmax((ref > 0).sum(axis=(0, 1))))
+    img, ref, pred = img[..., z], ref[..., z], pred[..., z]
+  fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+  cmap = plt.get_cmap("tab10")
+  for ax, lab, name in ((axes[1], ref, "reference"), (axes[2], pred, "prediction")):
+    ax.imshow(img.T, cmap="gray", origin="lower")
+    for k in range(1, len(class_names)):
+      if (lab == k).any():
+        ax.contour((lab == k).T, levels=[0.5], colors=[cmap(k % 10)], linewidths=1.2)
+    ax.set_title(name)
+  axes[0].imshow(img.T, cmap="gray", origin="lower")
+  axes[0].set_title("image" + (f" ({title})" if title else ""))
+  handles = [plt.Line2D([], [], color=cmap(k % 10), label=class_names[k]) for k in range(1, len(class_names))]
+  axes[2].legend(handles=handles, fontsize=8, loc="lower right")
+  for ax in axes:
+    ax.axis("off")
+  _savefig(fig, path)

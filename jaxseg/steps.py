@@ -1,0 +1,47 @@
+"""Pure, jitted, sharded steps: `train_step(state, batch, key) -> (state, metrics)`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxseg import sharding
+from jaxseg.data import augment
+
+
+def make_train_step(loss_fn, tx, mesh, aug_config):
+  """Jitted train step with the state donated, batch split over the mesh, state replicated.
+
+  `key_data` is raw key data (uint32, replicated). Randomness: the step's key is
+  `fold_in(key, state.step)`, split for augmentation and loss,
+  so a resumed run draws the same numbers as an uninterrupted one.
+  """
+  repl = sharding.replicated(mesh)
+
+  def train_step(state, batch, key_data):
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
+    aug_key, loss_key = jax.random.split(key)
+    batch = augment.augment_batch(aug_key, batch, aug_config)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, loss_key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(train_step, donate_argnums=(0,),
+                 in_shardings=(repl, sharding.batch_sharding(mesh), repl),
+                 out_shardings=(repl, repl))
+
+
+def make_predict_fn(model):
+  """Jitted (params, images (N,*S,C)) -> class probabilities (N,*S,K) of the full-resolution output."""
+
+  @jax.jit
+  def predict(params, images):
+    out = model.apply({"params": params}, images)
+    if isinstance(out, (list, tuple)):
+      out = out[0]
+    return jax.nn.softmax(out.astype(jnp.float32), axis=-1)
+
+  return predict

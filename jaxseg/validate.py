@@ -1,0 +1,66 @@
+"""Start-up checks of a config: every error names the field and what would be valid."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+  """A config field has a value the run cannot use."""
+
+
+def user_errors() -> tuple:
+  """Exceptions that report bad input (config, files, data) rather than a bug in jaxseg.
+
+  The command-line tools print these as one line and exit with status 2, no traceback.
+  """
+  errors = [ConfigError, FileNotFoundError, FloatingPointError]
+  try:
+    from jaxseg.data.errors import InvalidDatasetError
+    errors.append(InvalidDatasetError)
+  except ImportError:
+    pass
+  return tuple(errors)
+
+
+def _choice(field, value, choices):
+  if value not in choices:
+    raise ConfigError(f"{field}={value!r} is not valid; choose one of {sorted(choices)}")
+
+
+def _positive(field, value):
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+
+
+def check_train_config(config, *, device_count: int) -> None:
+  """Raises ConfigError for the first problem found in a training config."""
+  from jaxseg.models import MODELS
+  from jaxseg.optim import OPTIMIZERS
+  from jaxseg.paradigms import PARADIGMS
+
+  _choice("model.name", config.model.name, MODELS)
+  _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
+  _choice("optimizer.schedule", config.optimizer.get("schedule", "poly"), {"poly", "cosine", "constant"})
+  _choice("paradigm", config.get("paradigm", "supervised"), PARADIGMS)
+  _choice("model.spatial_dims", config.model.spatial_dims, {2, 3})
+  _positive("train.num_steps", config.train.num_steps)
+  _positive("train.batch_size", config.train.batch_size)
+  for field in ("log_every", "eval_every", "checkpoint_every"):
+    _positive(f"train.{field}", config.train[field])
+  _positive("model.num_stages", config.model.num_stages)
+  _positive("model.base_features", config.model.base_features)
+  if config.optimizer.learning_rate <= 0:
+    raise ConfigError(f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}")
+  patch = tuple(config.data.patch_size)
+  if len(patch) != config.model.spatial_dims:
+    raise ConfigError(f"data.patch_size={patch} has {len(patch)} axes but model.spatial_dims="
+                      f"{config.model.spatial_dims}")
+  factor = 2 ** (config.model.num_stages - 1)
+  bad = [p for p in patch if p <= 0 or p % factor]
+  if bad:
+    raise ConfigError(f"data.patch_size={patch} must be divisible by the network's total downsampling "
+                      f"{factor} (= 2**(model.num_stages - 1) with num_stages={config.model.num_stages})")
+  if config.train.batch_size % device_count:
+    raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by the device "
+                      f"count {device_count}; use a multiple of {device_count}")
+  if not 0.0 <= config.data.foreground_fraction <= 1.0:
+    raise ConfigError(f"data.foreground_fraction must be in [0, 1], got {config.data.foreground_fraction}")

@@ -1,0 +1,93 @@
+"""Losses and overlap metrics against NumPy references and hand-computed cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseg import losses, metrics
+
+
+def np_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_dice_ce(logits, labels, k, batch_dice):
+  p = np_softmax(logits.astype(np.float64))
+  oh = np.eye(k)[labels]
+  ce = -np.mean(np.log(np.take_along_axis(p, labels[..., None], -1)))
+  axes = tuple(range(0 if batch_dice else 1, p.ndim - 1))
+  tp = (p * oh).sum(axes)
+  fp = (p * (1 - oh)).sum(axes)
+  fn = ((1 - p) * oh).sum(axes)
+  dice = (2 * tp + 1e-5) / (2 * tp + fp + fn + 1e-5)
+  return ce + 1 - dice[..., 1:].mean()
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("shape", [(2, 6, 5), (3, 4, 5, 3)])
+def test_dice_ce_matches_numpy(batch_dice, shape):
+  rng = np.random.default_rng(0)
+  k = 4
+  logits = rng.normal(size=shape + (k,)).astype(np.float32) * 3
+  labels = rng.integers(0, k, size=shape)
+  labels[0] = 0  # first case has only background: its foreground Dice terms are empty
+  got = losses.dice_ce(jnp.asarray(logits), jnp.asarray(labels), num_classes=k, batch_dice=batch_dice)
+  np.testing.assert_allclose(float(got), np_dice_ce(logits, labels, k, batch_dice), rtol=1e-5)
+
+
+def test_perfect_prediction_gives_near_zero_dice_term():
+  labels = np.array([[0, 1, 1, 2]])
+  logits = 50.0 * np.eye(3)[labels]
+  d = losses.soft_dice(jnp.asarray(logits), jnp.asarray(labels), num_classes=3)
+  assert abs(float(d) - 1.0) < 1e-6
+  # A class absent from reference and confidently absent from prediction: (0+s)/(0+s) = 1.
+  labels2 = np.zeros((1, 4), int)
+  d2 = losses.soft_dice(jnp.asarray(50.0 * np.eye(3)[labels2]), jnp.asarray(labels2), num_classes=3)
+  assert abs(float(d2) - 1.0) < 1e-6
+
+
+def test_deep_supervision_weights_and_loss():
+  w = np.asarray(losses.deep_supervision_weights(3))
+  np.testing.assert_allclose(w, np.array([1, 0.5, 0.25]) / 1.75)
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 3, (2, 8, 8))
+  outs = [rng.normal(size=(2, 8 // 2**i, 8 // 2**i, 3)).astype(np.float32) for i in range(3)]
+  got = losses.segmentation_loss([jnp.asarray(o) for o in outs], jnp.asarray(labels), num_classes=3)
+  ref = sum(wi * np_dice_ce(o, labels[:, f // 2::f, f // 2::f], 3, False)
+            for wi, o, f in zip(w, outs, (1, 2, 4)))
+  np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+
+
+def test_dice_iou_hand_computed_with_empty_masks():
+  # Case 0: class 1 has tp=2, fp=1, fn=1 -> Dice 4/6, IoU 2/4; class 2 absent in both -> NaN.
+  ref = np.array([[0, 1, 1, 1, 0, 0]])
+  pred = np.array([[1, 1, 1, 0, 0, 0]])
+  # Case 1: class 2 only in the prediction -> 0; class 1 only in the reference -> 0.
+  ref = np.concatenate([ref, [[1, 1, 0, 0, 0, 0]]])
+  pred = np.concatenate([pred, [[2, 2, 0, 0, 0, 0]]])
+  d, i = metrics.dice_iou(jnp.asarray(pred), jnp.asarray(ref), num_classes=3)
+  d, i = np.asarray(d), np.asarray(i)
+  np.testing.assert_allclose(d[0, 1], 4 / 6)
+  np.testing.assert_allclose(i[0, 1], 2 / 4)
+  assert np.isnan(d[0, 2]) and np.isnan(i[0, 2])
+  assert d[1, 1] == 0 and d[1, 2] == 0 and i[1, 2] == 0
+  np.testing.assert_allclose(d[0, 0], 2 * 2 / (3 + 3))  # background: tp 2, fp 1, fn 1
+  s = metrics.summarise(d, i, ["bg", "a", "b"])
+  np.testing.assert_allclose(s["dice_per_class"]["a"], (4 / 6 + 0) / 2)
+  np.testing.assert_allclose(s["dice_per_class"]["b"], 0.0)  # NaN of case 0 left out
+  np.testing.assert_allclose(s["mean_dice"], (2 / 6 + 0) / 2)
+
+
+def test_dice_iou_batched_3d_matches_numpy():
+  rng = np.random.default_rng(2)
+  pred = rng.integers(0, 4, (3, 5, 6, 7))
+  ref = rng.integers(0, 4, (3, 5, 6, 7))
+  d, i = jax.jit(lambda p, r: metrics.dice_iou(p, r, num_classes=4))(pred, ref)
+  for n in range(3):
+    for k in range(4):
+      p, r = pred[n] == k, ref[n] == k
+      inter = (p & r).sum()
+      np.testing.assert_allclose(d[n, k], 2 * inter / (p.sum() + r.sum()), rtol=1e-6)
+      np.testing.assert_allclose(i[n, k], inter / (p | r).sum(), rtol=1e-6)
