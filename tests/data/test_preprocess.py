@@ -4,7 +4,6 @@ import json
 import os
 import time
 
-import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -12,8 +11,6 @@ from scipy import ndimage
 from jaxseg.data import dataset as ds
 from jaxseg.data import io
 from jaxseg.data import preprocess as pp
-
-from tiny_datasets import write_case, write_dataset_json
 
 
 def _grid_coords(in_shape, out_shape):
