@@ -7,8 +7,6 @@ parameters and optimiser state are replicated.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -27,8 +25,9 @@ def maybe_initialize_distributed(dist_config) -> None:
     return
   if jax.distributed.is_initialized():
     return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Only affects the CPU backend (cross-process CPU collectives); must be set before JAX
+  # initialises any backend, so the backend cannot be queried here.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=addr,
                              num_processes=int(dist_config.num_processes),
                              process_id=int(dist_config.process_id))

@@ -1,0 +1,40 @@
+"""FCN-8s-style fully convolutional network, 2D (default) or 3D, on the generated phantoms.
+
+    python -m jaxseg.main --config=configs/fcn.py            # 2D, slices
+    python -m jaxseg.main --config=configs/fcn.py:dims=3     # 3D volumes
+
+Measured: see README.
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, dims=2)
+  if args["dims"] not in (2, 3):
+    raise ValueError(f"dims={args['dims']} is not valid; choose 2 or 3")
+  c = common.base_config()
+  c.name = f"fcn{args['dims']}d"
+  c.model.name = "fcn"
+  c.model.spatial_dims = args["dims"]
+  c.model.num_stages = 5
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 3e-3
+  c.train.num_steps = 300
+  if args["dims"] == 2:
+    c.model.base_features = 16
+    c.model.max_features = 128
+    c.augment.mirror_axes = (0, 1)
+    c.data.patch_size = (48, 48)
+    c.train.batch_size = 16
+  else:
+    c.model.base_features = 8
+    c.model.max_features = 64
+    c.model.num_stages = 4
+    c.data.patch_size = (32, 32, 32)
+    c.train.batch_size = 2
+  return c
