@@ -20,6 +20,7 @@ def get_config(arg=None):
   c = common.base_config()
   c.name = f"fcn{args['dims']}d"
   c.model.name = "fcn"
+  del c.model["deep_supervision"]  # FCN-8s fuses its scales into one output
   c.model.spatial_dims = args["dims"]
   c.model.num_stages = 5
   c.optimizer.name = "adam"

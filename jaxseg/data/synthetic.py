@@ -4,7 +4,8 @@ Each case is a torso-like body in air holding three labelled organ-like structur
 (1 "liver", 2 "kidneys" (a pair), 3 "lesion" inside the liver) and two unlabelled
 distractors ("muscle", "fat"). Shapes are ellipsoids whose surface is pushed in and out by a
 smooth random field, placed and sized at random. Intensities are in Hounsfield-like units
-with overlapping class distributions (kidney and muscle share a range), a smooth
+with overlapping class distributions (the hypodense lesion shares its range with muscle and
+soft tissue, so only its context inside the liver identifies it), a smooth
 multiplicative bias field, partial-volume blurring at edges and Gaussian noise, so a single
 threshold cannot separate the classes: shape and context matter.
 
@@ -24,16 +25,16 @@ import numpy as np
 from scipy import ndimage
 
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "lesion": 3}
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # (mean HU, std HU) of each tissue before bias field and noise.
 _AIR = (-1000.0, 5.0)
 _BODY = (10.0, 12.0)
 _FAT = (-90.0, 15.0)
-_MUSCLE = (45.0, 10.0)
-_LIVER = (70.0, 8.0)
-_KIDNEY = (40.0, 10.0)
-_LESION = (110.0, 10.0)
+_MUSCLE = (50.0, 10.0)
+_LIVER = (90.0, 8.0)
+_KIDNEY = (160.0, 12.0)  # contrast-enhanced
+_LESION = (35.0, 8.0)  # hypodense: in the range of muscle and body, told apart by context
 
 
 def _smooth_field(rng, shape, sigma):

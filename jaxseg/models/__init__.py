@@ -12,5 +12,11 @@ def build_model(model_config, *, num_classes: int):
   cfg = dict(model_config)
   name = cfg.pop("name")
   cls = MODELS[name]
+  fields = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
+  unknown = sorted(set(cfg) - fields)
+  if unknown:
+    from jaxseg.validate import ConfigError
+    raise ConfigError(f"model.{unknown[0]} is not a field of model.name={name!r}; "
+                      f"valid fields: {sorted(fields)}")
   cfg["dtype"] = jnp.dtype(cfg.get("dtype", "float32"))
   return cls(num_classes=num_classes, **cfg)

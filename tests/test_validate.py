@@ -1,0 +1,50 @@
+"""Bad configurations stop at start-up with a message naming the field and the valid choices."""
+
+import pytest
+
+import helpers  # noqa: F401
+import unet3d
+from jaxseg.validate import ConfigError, check_train_config
+
+
+def _cfg():
+  c = unet3d.get_config()
+  c.unlock()
+  return c
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.name", "resnet", r"model.name='resnet' is not valid; choose one of \['fcn', 'unet'\]"),
+    ("optimizer.name", "lamb", r"optimizer.name='lamb' is not valid; choose one of \['adam', 'adamw', 'sgd'\]"),
+    ("paradigm", "magic", r"paradigm='magic' is not valid; choose one of"),
+    ("train.num_steps", 0, r"train.num_steps must be a positive integer, got 0"),
+    ("train.batch_size", -2, r"train.batch_size must be a positive integer, got -2"),
+    ("data.patch_size", (48, 48, 44), r"data.patch_size=\(48, 48, 44\) must be divisible by the network's "
+                                      r"total downsampling 8"),
+    ("data.patch_size", (48, 48), r"data.patch_size=\(48, 48\) has 2 axes but model.spatial_dims=3"),
+])
+def test_bad_field_is_named(field, value, message):
+  c = _cfg()
+  section, _, key = field.rpartition(".")
+  (c[section] if section else c)[key] = value
+  with pytest.raises(ConfigError, match=message):
+    check_train_config(c, device_count=1)
+
+
+def test_batch_not_divisible_by_devices():
+  c = _cfg()
+  c.train.batch_size = 6
+  with pytest.raises(ConfigError, match=r"train.batch_size=6 is not divisible by the device count 4"):
+    check_train_config(c, device_count=4)
+  check_train_config(c, device_count=3)  # 6 = 2 x 3 is fine
+
+
+def test_main_prints_one_line_and_exits_2(tmp_path):
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "-m", "jaxseg.main", "--config=configs/unet3d.py",
+                      f"--workdir={tmp_path}", "--config.optimizer.name=lamb"],
+                     capture_output=True, text=True, cwd=helpers.REPO, timeout=300)
+  assert r.returncode == 2
+  assert "error: optimizer.name='lamb' is not valid" in r.stderr
+  assert "Traceback" not in r.stderr
