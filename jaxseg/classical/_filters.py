@@ -1,0 +1,136 @@
+"""Separable linear filters (Gaussian, box) as banded matrix products.
+
+Equal to `scipy.ndimage.correlate1d` applied along each axis with scipy's
+boundary modes. Each axis is a product with an n x n matrix that already
+contains the boundary handling (reflected, wrapped or clamped taps are folded
+into the matrix; 'constant' adds a bias), so no padded copy is made.
+
+Why matrices: XLA:CPU's `lax.conv` with a single channel is slow (23x slower
+than scipy in our measurements) and a direct sum of shifted slices does not
+vectorise well, whereas a matrix product runs at near-peak FLOP rate. The
+matrix is banded, so each axis is split into blocks of output positions and
+multiplies only the rows (inputs) that block can see: (block + 2 * radius)
+multiply-adds per output instead of n.
+"""
+
+import functools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+MODES = ("reflect", "constant", "nearest", "mirror", "wrap")
+
+# Output positions per matrix block; the minor (contiguous) axis prefers
+# larger blocks because its column slices are strided copies.
+_BLOCK_MAJOR = 64
+_BLOCK_MINOR = 128
+
+
+def gaussian_weights(sigma: float, truncate: float = 4.0):
+  """1-D Gaussian taps as scipy.ndimage.gaussian_filter1d (order 0)."""
+  if sigma <= 1e-15:  # scipy skips such axes
+    return (1.0,)
+  radius = int(truncate * float(sigma) + 0.5)
+  x = np.arange(-radius, radius + 1)
+  phi = np.exp(-0.5 / (float(sigma) ** 2) * x.astype(np.float64) ** 2)
+  phi /= phi.sum()
+  return tuple(float(v) for v in phi)
+
+
+def uniform_weights(size: int):
+  """Box taps as scipy.ndimage.uniform_filter1d (odd `size`, origin 0)."""
+  return tuple([1.0 / size] * size)
+
+
+def _fold(i: int, n: int, mode: str):
+  """Index of the input that tap position i reads (None: outside, 'constant')."""
+  if 0 <= i < n:
+    return i
+  if mode == "constant":
+    return None
+  if mode == "nearest":
+    return min(max(i, 0), n - 1)
+  if mode == "wrap":
+    return i % n
+  if mode == "reflect":  # d c b a | a b c d | d c b a
+    i %= 2 * n
+    return i if i < n else 2 * n - 1 - i
+  # mirror: d c b | a b c d | c b a
+  if n == 1:
+    return 0
+  period = 2 * n - 2
+  i %= period
+  return i if i < n else period - i
+
+
+@functools.lru_cache(maxsize=64)
+def _matrix(weights: tuple, n: int, mode: str):
+  """(M, outside) with out[j] = sum_i M[i, j] x[i] + cval * outside[j]."""
+  w = np.asarray(weights, np.float64)
+  r = (len(w) - 1) // 2
+  m = np.zeros((n, n), np.float64)
+  outside = np.zeros(n, np.float64)
+  for j in range(n):
+    for k in range(len(w)):
+      i = _fold(j + k - r, n, mode)
+      if i is None:
+        outside[j] += w[k]
+      else:
+        m[i, j] += w[k]
+  return m, outside
+
+
+def _blocks(m: np.ndarray, block: int):
+  """[(j0, j1, i0, i1)]: output block j0:j1 reads input rows i0:i1."""
+  n = m.shape[0]
+  out = []
+  for j0 in range(0, n, block):
+    j1 = min(n, j0 + block)
+    rows = np.nonzero(np.any(m[:, j0:j1] != 0, axis=1))[0]
+    i0, i1 = (int(rows.min()), int(rows.max()) + 1) if rows.size else (0, 1)
+    out.append((j0, j1, i0, i1))
+  return out
+
+
+def filter_axis(x, weights: tuple, axis: int, *, mode: str, cval):
+  """Correlates `x` with `weights` along `axis` (scipy.ndimage.correlate1d)."""
+  n = x.shape[axis]
+  if len(weights) == 1:
+    return x * weights[0]
+  m, outside = _matrix(weights, n, mode)
+  dt = x.dtype
+  last = axis == x.ndim - 1
+  block = _BLOCK_MINOR if last else _BLOCK_MAJOR
+  parts = _blocks(m, block)
+  cost = sum((j1 - j0) * (i1 - i0) for j0, j1, i0, i1 in parts)
+  if len(parts) == 1 or cost > 0.75 * n * n:
+    parts = [(0, n, 0, n)]
+  hp = lax.Precision.HIGHEST
+  outs = []
+  for j0, j1, i0, i1 in parts:
+    mb = jnp.asarray(m[i0:i1, j0:j1], dt)
+    xs = lax.slice_in_dim(x, i0, i1, axis=axis)
+    if last:
+      y = jnp.matmul(xs, mb, precision=hp)
+    else:
+      pre = math.prod(x.shape[:axis])
+      post = math.prod(x.shape[axis + 1:])
+      y = jnp.einsum("ij,piq->pjq", mb, xs.reshape(pre, i1 - i0, post),
+                     precision=hp)
+      y = y.reshape(x.shape[:axis] + (j1 - j0,) + x.shape[axis + 1:])
+    outs.append(y)
+  y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=axis)
+  if mode == "constant":
+    shape = [1] * x.ndim
+    shape[axis] = n
+    y = y + cval * jnp.asarray(outside, dt).reshape(shape)
+  return y
+
+
+def separable_filter(x, weights_per_axis, *, mode: str, cval=0.0):
+  """Applies 1-D `weights_per_axis[a]` along every axis a (scipy order: 0..n-1)."""
+  for axis, w in enumerate(weights_per_axis):
+    x = filter_axis(x, w, axis, mode=mode, cval=cval)
+  return x
