@@ -1,11 +1,11 @@
 """Seeded CT-like phantom volumes: the embedded default dataset.
 
 Each case is a torso-like body in air holding three labelled organ-like structures
-(1 "liver", 2 "kidneys" (a pair), 3 "lesion" inside the liver) and two unlabelled
+(1 "liver", 2 "kidneys" (a pair), 3 "spleen" on the side opposite the liver) and two unlabelled
 distractors ("muscle", "fat"). Shapes are ellipsoids whose surface is pushed in and out by a
 smooth random field, placed and sized at random. Intensities are in Hounsfield-like units
-with overlapping class distributions (the hypodense lesion shares its range with muscle and
-soft tissue, so only its context inside the liver identifies it), a smooth
+with overlapping class distributions (spleen and liver share an intensity range, and only
+their position and shape tell them apart; muscle lies close below both), a smooth
 multiplicative bias field, partial-volume blurring at edges and Gaussian noise, so a single
 threshold cannot separate the classes: shape and context matter.
 
@@ -24,8 +24,8 @@ import tempfile
 import numpy as np
 from scipy import ndimage
 
-LABELS = {"background": 0, "liver": 1, "kidney": 2, "lesion": 3}
-GENERATOR_VERSION = 2
+LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
+GENERATOR_VERSION = 4
 
 # (mean HU, std HU) of each tissue before bias field and noise.
 _AIR = (-1000.0, 5.0)
@@ -34,12 +34,12 @@ _FAT = (-90.0, 15.0)
 _MUSCLE = (50.0, 10.0)
 _LIVER = (90.0, 8.0)
 _KIDNEY = (160.0, 12.0)  # contrast-enhanced
-_LESION = (35.0, 8.0)  # hypodense: in the range of muscle and body, told apart by context
+_SPLEEN = (100.0, 8.0)  # overlaps the liver's range
 
 
 def _smooth_field(rng, shape, sigma):
   field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
-  return field / (field.std() + 1e-8)
+  return (field - field.mean()) / (field.std() + 1e-8)
 
 
 def _blob(grid, centre, radii, field, roughness):
@@ -89,17 +89,14 @@ def make_phantom(seed: int, index: int, shape=(48, 48, 48)):
     kidney = body & ~fat & _blob(grid, c, r, _smooth_field(rng, shape, sig / 2), 0.1)
     label[kidney] = LABELS["kidney"]
     tissue[kidney] = 5
-  # Lesion: a small round blob inside the liver.
-  liver_idx = np.argwhere(label == LABELS["liver"])
-  if len(liver_idx):
-    centre_vox = liver_idx[rng.integers(len(liver_idx))]
-    c = np.array([g[tuple(centre_vox)] for g in grid])
-    lesion = (label == LABELS["liver"]) & _blob(grid, c, np.full(3, rng.uniform(0.18, 0.24)),
-                                                  _smooth_field(rng, shape, sig / 2), 0.1)
-    label[lesion] = LABELS["lesion"]
-    tissue[lesion] = 6
+  # Spleen: a medium blob on the side opposite the liver, in front of the kidney.
+  c = np.array([rng.uniform(-0.3, -0.12), -side * rng.uniform(0.28, 0.4), rng.uniform(-0.2, 0.2)])
+  r = rng.uniform([0.16, 0.12, 0.2], [0.22, 0.17, 0.3])
+  spleen = body & ~fat & (label == 0) & _blob(grid, c, r, _smooth_field(rng, shape, sig / 2), 0.1)
+  label[spleen] = LABELS["spleen"]
+  tissue[spleen] = 6
 
-  means = np.array([_AIR, _BODY, _FAT, _MUSCLE, _LIVER, _KIDNEY, _LESION])
+  means = np.array([_AIR, _BODY, _FAT, _MUSCLE, _LIVER, _KIDNEY, _SPLEEN])
   # Per-case intensity shift of each tissue (scanner/contrast variation).
   centre = means[:, 0] + rng.normal(0.0, 6.0, len(means)) * (np.arange(len(means)) > 0)
   image = centre[tissue] + means[tissue, 1] * _smooth_field(rng, shape, 1.5) * 0.6
