@@ -1,5 +1,7 @@
 """Classical segmentation kernels: jitted, vmappable, N-D, equal to their references."""
 
+from jaxseg.classical.region_growing import confidence_connected
+from jaxseg.classical.region_growing import region_grow
 from jaxseg.classical.threshold import apply_threshold
 from jaxseg.classical.threshold import threshold_local
 from jaxseg.classical.threshold import threshold_minimum_error
@@ -8,6 +10,8 @@ from jaxseg.classical.threshold import threshold_otsu
 
 __all__ = [
     "apply_threshold",
+    "confidence_connected",
+    "region_grow",
     "threshold_local",
     "threshold_minimum_error",
     "threshold_multiotsu",

@@ -1,0 +1,238 @@
+"""Region growing against SimpleITK and scikit-image: masks must be identical."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from skimage.segmentation import flood
+
+from jaxseg.classical import region_growing as R
+
+
+def _sitk_seeds(seeds):
+  return [tuple(int(v) for v in s[::-1]) for s in np.atleast_2d(seeds)]
+
+
+def _sitk_connected(image, seeds, lower, upper, connectivity=1):
+  f = sitk.ConnectedThresholdImageFilter()
+  f.SetLower(float(lower))
+  f.SetUpper(float(upper))
+  f.SetSeedList(_sitk_seeds(seeds))
+  f.SetReplaceValue(1)
+  if connectivity > 1:
+    f.SetConnectivity(f.FullConnectivity)
+  out = f.Execute(sitk.GetImageFromArray(image))
+  return sitk.GetArrayFromImage(out).astype(bool)
+
+
+def _sitk_confidence(image, seeds, multiplier, iterations, radius):
+  f = sitk.ConfidenceConnectedImageFilter()
+  f.SetMultiplier(multiplier)
+  f.SetNumberOfIterations(iterations)
+  f.SetInitialNeighborhoodRadius(radius)
+  f.SetSeedList(_sitk_seeds(seeds))
+  f.SetReplaceValue(1)
+  out = f.Execute(sitk.GetImageFromArray(image))
+  return sitk.GetArrayFromImage(out).astype(bool)
+
+
+SEEDS_2D = np.array([[60, 40], [100, 100]])
+
+
+def test_connected_threshold_real_images(real_images):
+  for name, image in real_images.items():
+    for lower, upper in ((0, 60), (100.5, 180.2), (90, 255)):
+      for conn in (1, 2):
+        ours = np.asarray(R.region_grow(image, SEEDS_2D, lower=lower,
+                                        upper=upper, connectivity=conn))
+        ref = _sitk_connected(image, SEEDS_2D, lower, upper, conn)
+        np.testing.assert_array_equal(ours, ref, err_msg=f"{name} {lower}")
+    image_f = image.astype(np.float32) / 7
+    ours = np.asarray(R.region_grow(image_f, SEEDS_2D, lower=10 / 7,
+                                    upper=130 / 7))
+    np.testing.assert_array_equal(ours, _sitk_connected(image_f, SEEDS_2D,
+                                                        10 / 7, 130 / 7))
+
+
+def test_connected_threshold_3d(volume3d):
+  seeds = np.array([[12, 10, 12], [8, 20, 24]])
+  for conn in (1, 2, 3):
+    ours = np.asarray(R.region_grow(volume3d, seeds, lower=0.35, upper=2.0,
+                                    connectivity=conn))
+    if conn in (1, 3):  # SimpleITK offers face and full connectivity
+      ref = _sitk_connected(volume3d, seeds, 0.35, 2.0, conn)
+      np.testing.assert_array_equal(ours, ref)
+      assert 50 < ours.sum() < ours.size
+  # connectivity 2 (18-neighbourhood) sits between 6 and 26.
+  six = np.asarray(R.region_grow(volume3d, seeds, lower=0.35, upper=2.0))
+  full = np.asarray(R.region_grow(volume3d, seeds, lower=0.35, upper=2.0,
+                                  connectivity=3))
+  mid = np.asarray(R.region_grow(volume3d, seeds, lower=0.35, upper=2.0,
+                                 connectivity=2))
+  assert np.all(six <= mid) and np.all(mid <= full)
+
+
+def test_real_ct_volume(spleen_ct):
+  seeds = np.array([[30, 30, 8]])
+  for vol in (spleen_ct, spleen_ct.astype(np.int16)):
+    ours = np.asarray(R.region_grow(vol, seeds, lower=-50, upper=250))
+    np.testing.assert_array_equal(ours, _sitk_connected(vol, seeds, -50, 250))
+    ours = np.asarray(R.confidence_connected(vol, seeds, multiplier=2.5,
+                                             iterations=4))
+    ref = _sitk_confidence(vol, seeds, 2.5, 4, 1)
+    np.testing.assert_array_equal(ours, ref)
+    assert ref.sum() > 1000
+    ours = np.asarray(R.region_grow(vol, seeds, tolerance=120))
+    np.testing.assert_array_equal(ours, flood(vol, (30, 30, 8), tolerance=120,
+                                              connectivity=1))
+
+
+def test_flood_tolerance_matches_skimage(real_images, volume3d):
+  image = real_images["camera"]
+  for tol in (None, 0, 5, 20.5):
+    for conn in (1, 2):
+      seed = (60, 40)
+      ours = np.asarray(R.region_grow(image, np.array(seed), tolerance=tol,
+                                      connectivity=conn))
+      ref = flood(image, seed, tolerance=tol, connectivity=conn)
+      np.testing.assert_array_equal(ours, ref, err_msg=f"{tol} {conn}")
+      image_f = image.astype(np.float32) / 7
+      tol_f = None if tol is None else tol / 7
+      ours = np.asarray(R.region_grow(image_f, np.array(seed),
+                                      tolerance=tol_f, connectivity=conn))
+      ref = flood(image_f, seed, tolerance=tol_f, connectivity=conn)
+      np.testing.assert_array_equal(ours, ref, err_msg=f"float {tol} {conn}")
+  for conn in (1, 3):
+    ours = np.asarray(R.region_grow(volume3d, np.array([12, 10, 12]),
+                                    tolerance=0.4, connectivity=conn))
+    ref = flood(volume3d, (12, 10, 12), tolerance=0.4, connectivity=conn)
+    np.testing.assert_array_equal(ours, ref)
+    assert ref.sum() > 100
+
+
+def test_several_seeds_union_and_seed_mask(real_images):
+  image = real_images["coins"]
+  ours = np.asarray(R.region_grow(image, SEEDS_2D, tolerance=15))
+  ref = np.zeros_like(ours)
+  for s in SEEDS_2D:
+    ref |= flood(image, tuple(s), tolerance=15, connectivity=1)
+  np.testing.assert_array_equal(ours, ref)
+  mask = np.zeros(image.shape, bool)
+  mask[tuple(SEEDS_2D.T)] = True
+  np.testing.assert_array_equal(
+      np.asarray(R.region_grow(image, mask, lower=0, upper=100)),
+      np.asarray(R.region_grow(image, SEEDS_2D, lower=0, upper=100)))
+
+
+def test_seed_outside_window_ignored_like_itk(real_images):
+  image = real_images["camera"]
+  v = int(image[60, 40])
+  ours = np.asarray(R.region_grow(image, SEEDS_2D[:1], lower=v + 1, upper=255))
+  assert not ours.any()
+  np.testing.assert_array_equal(ours, _sitk_connected(image, SEEDS_2D[:1],
+                                                      v + 1, 255))
+  empty = np.asarray(R.region_grow(image, SEEDS_2D, lower=200, upper=100))
+  assert not empty.any()
+
+
+@pytest.mark.parametrize("multiplier,iterations,radius", [
+    (2.5, 4, 1), (1.0, 2, 0), (0.7, 5, 2), (1.5, 0, 1), (2.0, 3, 1)])
+def test_confidence_connected_matches_simpleitk(real_images, multiplier,
+                                                iterations, radius):
+  for name in ("camera", "coins"):
+    image = real_images[name]
+    for img in (image, image.astype(np.float32) / 3):
+      ours = np.asarray(R.confidence_connected(
+          img, SEEDS_2D, multiplier=multiplier, iterations=iterations,
+          initial_radius=radius))
+      ref = _sitk_confidence(img, SEEDS_2D, multiplier, iterations, radius)
+      np.testing.assert_array_equal(ours, ref, err_msg=name)
+
+
+def test_confidence_connected_3d_and_edges(volume3d):
+  seeds = np.array([[12, 10, 12]])
+  for mult, it, r in ((2.5, 4, 1), (1.0, 3, 1), (2.5, 2, 0)):
+    ours = np.asarray(R.confidence_connected(volume3d, seeds, multiplier=mult,
+                                             iterations=it, initial_radius=r))
+    np.testing.assert_array_equal(ours, _sitk_confidence(volume3d, seeds, mult,
+                                                         it, r))
+  # A corner seed: ITK clamps the neighbourhood at the border.
+  corner = np.array([[0, 0, 0]])
+  np.testing.assert_array_equal(
+      np.asarray(R.confidence_connected(volume3d, corner)),
+      _sitk_confidence(volume3d, corner, 2.5, 5, 1))
+
+
+def test_jit_vmap_equals_loop(real_images):
+  batch = np.stack([real_images[k] for k in ("camera", "coins", "moon")]
+                   + [real_images["camera"][::-1]])
+  seeds = jnp.asarray(SEEDS_2D)
+  fns = [
+      functools.partial(R.region_grow, seeds=seeds, lower=40, upper=160),
+      functools.partial(R.region_grow, seeds=seeds, tolerance=12,
+                        connectivity=2),
+      functools.partial(R.confidence_connected, seeds=seeds, iterations=3),
+  ]
+  for fn in fns:
+    looped = np.stack([np.asarray(fn(b)) for b in batch])
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(fn))(batch)),
+                                  looped)
+    assert looped.any()
+  # Batched seeds and bounds too.
+  per_image = jnp.asarray(np.stack([SEEDS_2D] * 4))
+  out = jax.vmap(lambda im, s, lo: R.region_grow(im, s, lower=lo, upper=200))(
+      batch, per_image, jnp.asarray([40.0, 50.0, 60.0, 70.0]))
+  for i, lo in enumerate((40, 50, 60, 70)):
+    np.testing.assert_array_equal(
+        np.asarray(out[i]), _sitk_connected(batch[i], SEEDS_2D, lo, 200))
+
+
+def test_seed_outside_image():
+  image = np.zeros((8, 8), np.float32)
+  with pytest.raises(ValueError, match="seeds"):
+    R.region_grow(image, np.array([[3, 9]]), lower=0, upper=1)
+  with pytest.raises(ValueError, match="seeds"):
+    R.confidence_connected(image, np.array([-1, 0]))
+  with pytest.raises(ValueError, match="seeds"):
+    R.region_grow(image, np.zeros((0, 2), int), tolerance=1)
+  with pytest.raises(ValueError, match="seeds"):
+    R.region_grow(image, np.array([1.5, 2.0]), tolerance=1)
+  # Traced seeds cannot be checked: seeds outside are ignored, as ITK.
+  grow = jax.jit(lambda s: R.region_grow(image, s, lower=0, upper=1))
+  np.testing.assert_array_equal(np.asarray(grow(jnp.array([[3, 9], [2, 2]]))),
+                                np.ones((8, 8), bool))
+  assert not np.asarray(grow(jnp.array([[3, 9], [8, 0]]))).any()
+  cc = jax.jit(lambda s: R.confidence_connected(image, s))
+  assert not np.asarray(cc(jnp.array([[30, 0]]))).any()
+
+
+def test_constant_image_and_nan():
+  image = np.full((6, 7), 3.0, np.float32)
+  assert np.asarray(R.region_grow(image, np.array([2, 2]))).all()
+  assert np.asarray(R.confidence_connected(image, np.array([2, 2]))).all()
+  image[:, 3] = np.nan
+  grown = np.asarray(R.region_grow(image, np.array([2, 2]), lower=0, upper=9))
+  expected = np.zeros_like(grown)
+  expected[:, :3] = True
+  np.testing.assert_array_equal(grown, expected)
+  np.testing.assert_array_equal(
+      np.asarray(R.region_grow(image, np.array([2, 2]), tolerance=1)),
+      expected)
+  # A NaN seed keeps only itself, as skimage's flood.
+  only_seed = np.asarray(R.region_grow(image, np.array([2, 3]), tolerance=1))
+  assert only_seed.sum() == 1 and only_seed[2, 3]
+
+
+def test_bad_options():
+  image = np.zeros((8, 8), np.uint8)
+  with pytest.raises(ValueError, match="tolerance"):
+    R.region_grow(image, np.array([1, 1]), lower=0, tolerance=1)
+  with pytest.raises(ValueError, match="connectivity"):
+    R.region_grow(image, np.array([1, 1]), lower=0, connectivity=3)
+  with pytest.raises(ValueError, match="seeds"):
+    R.region_grow(image, np.ones((8, 8), bool), tolerance=1)
+  with pytest.raises(ValueError, match="iterations"):
+    R.confidence_connected(image, np.array([1, 1]), iterations=-1)
