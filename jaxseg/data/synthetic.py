@@ -4,8 +4,8 @@ Each case is a torso-like body in air holding three labelled organ-like structur
 (1 "liver", 2 "kidneys" (a pair), 3 "spleen" on the side opposite the liver) and two unlabelled
 distractors ("muscle", "fat"). Shapes are ellipsoids whose surface is pushed in and out by a
 smooth random field, placed and sized at random. Intensities are in Hounsfield-like units
-with overlapping class distributions (spleen and liver share an intensity range, and only
-their position and shape tell them apart; muscle lies close below both), a smooth
+with overlapping class distributions (spleen and liver overlap in intensity, partial-volume
+kidney edges fall in the spleen's range, muscle lies close below the liver), a smooth
 multiplicative bias field, partial-volume blurring at edges and Gaussian noise, so a single
 threshold cannot separate the classes: shape and context matter.
 
@@ -25,16 +25,16 @@ import numpy as np
 from scipy import ndimage
 
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 # (mean HU, std HU) of each tissue before bias field and noise.
 _AIR = (-1000.0, 5.0)
 _BODY = (10.0, 12.0)
 _FAT = (-90.0, 15.0)
 _MUSCLE = (50.0, 10.0)
-_LIVER = (90.0, 8.0)
-_KIDNEY = (160.0, 12.0)  # contrast-enhanced
-_SPLEEN = (100.0, 8.0)  # overlaps the liver's range
+_LIVER = (80.0, 8.0)
+_KIDNEY = (170.0, 12.0)  # contrast-enhanced
+_SPLEEN = (115.0, 8.0)  # overlaps the tails of the liver's and kidney edges' ranges
 
 
 def _smooth_field(rng, shape, sigma):
