@@ -3,7 +3,9 @@
     python -m jaxseg.main --config=configs/unet3d.py
     python -m jaxseg.main --config=configs/unet3d.py:scale=full --config.data.root=PATH
 
-`scale=cpu` (default): 4 stages, features 8..64, 48^3 whole-phantom patches, batch 2.
+`scale=cpu` (default): 4 stages, features 8..64, 32^3 patches from 48^3 phantoms, batch 2,
+Adam 3e-3 with polynomial decay, 500 steps (Adam: nnU-Net's SGD 0.99 needs far more steps than
+a CPU run has).
 `scale=full`: nnU-Net-sized (6 stages, 32..320 features, 128^3 patches, batch 2, 1000 steps x
 250 by nnU-Net; here num_steps=25000) for a GPU/TPU.
 
@@ -26,9 +28,14 @@ def get_config(arg=None):
     c.model.base_features = 8
     c.model.max_features = 64
     c.model.num_stages = 4
-    c.data.patch_size = (48, 48, 48)
+    c.data.patch_size = (32, 32, 32)
     c.train.batch_size = 2
-    c.train.num_steps = 300
+    c.train.num_steps = 500
+    c.train.eval_every = 100
+    c.train.checkpoint_every = 100
+    c.train.log_every = 25
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 3e-3
   elif args["scale"] == "full":
     c.model.base_features = 32
     c.model.max_features = 320
