@@ -51,9 +51,41 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_val = 4
   c.data.patch_size = (48, 48, 48)
   c.data.foreground_fraction = 0.33
+  # Real datasets (data.root): nnU-Net's 5-fold cross-validation; fold 'all' trains and
+  # validates on every case. Phantoms use num_val instead.
+  c.data.fold = ml_collections.FieldReference(0, field_type=object)  # int or 'all'
+  c.data.num_folds = 5
+  c.data.target_spacing = ()  # mm per axis (canonical RAS order); empty = nnU-Net's plan
 
   c.augment = ml_collections.ConfigDict()
   c.augment.mirror_axes = (0, 1, 2)
+  # nnU-Net v2's probabilities and ranges (nnUNetTrainer.get_training_transforms); a
+  # probability of 0 switches a transform off (it is then not even traced). Each transform
+  # runs only on steps where at least one example of the batch draws it.
+  c.augment.rotation_prob = 0.2
+  c.augment.rotation_deg_3d = 30.0  # uniform in [-x, x] about every axis
+  c.augment.rotation_deg_2d = 180.0
+  c.augment.scale_prob = 0.2
+  c.augment.scale_range = (0.7, 1.4)
+  c.augment.elastic_prob = 0.0  # nnU-Net v2 default: off
+  c.augment.elastic_scale = (0.0, 0.2)  # smoothing sigma as a fraction of the patch
+  c.augment.elastic_magnitude = (0.0, 0.2)  # peak displacement as a fraction of the patch
+  c.augment.noise_prob = 0.1
+  c.augment.noise_std = (0.0, 0.1)
+  c.augment.blur_prob = 0.2
+  c.augment.blur_sigma = (0.5, 1.0)
+  c.augment.blur_channel_prob = 0.5
+  c.augment.brightness_prob = 0.15
+  c.augment.brightness_range = (0.75, 1.25)
+  c.augment.contrast_prob = 0.15
+  c.augment.contrast_range = (0.75, 1.25)
+  c.augment.lowres_prob = 0.25
+  c.augment.lowres_scale = (0.5, 1.0)
+  c.augment.lowres_channel_prob = 0.5
+  c.augment.gamma_inverted_prob = 0.1
+  c.augment.gamma_prob = 0.3
+  c.augment.gamma_range = (0.7, 1.5)
+  c.augment.gamma_retain_stats = True
 
   c.loss = ml_collections.ConfigDict()
   c.loss.batch_dice = False

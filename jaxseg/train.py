@@ -122,6 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   enable_compilation_cache(workdir)
   t = setup(config)
+  pipeline.write_plan(workdir, config, t.data)  # what jaxseg.predict needs to rebuild the run
   data, model, state = t.data, t.model, t.state
   num_steps = config.train.num_steps
   log(f"jaxseg: {config.get('name', 'run')} | model={config.model.name} {config.model.spatial_dims}D "

@@ -1,12 +1,16 @@
 """From a config's `data` section to training and validation cases.
 
-`load_cases(config)` returns a `SegData`: the train/validation split (seeded), each case as
-float32 image (C, *spatial) and integer label (*spatial), and the class names.
+`load_cases(config)` returns a `SegData`: the train/validation split, each case as float32
+image (C, *spatial) and integer label (*spatial), and the class names. Real datasets
+(`data.root`) are split by nnU-Net's seeded k-fold (`data.fold`, `data.num_folds`; 'all' trains
+and validates on every case); the phantoms by a seeded split with `data.num_val` cases held out.
+`write_plan(workdir, config, data)` saves what `jaxseg.predict` needs to rebuild the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import numpy as np
 
@@ -23,6 +27,7 @@ class SegData:
   val_ids: list
   class_names: list
   channel_names: list
+  plan: dict | None = None  # real datasets: preprocessing plan and label values (see real.py)
 
   @property
   def num_classes(self) -> int:
@@ -55,17 +60,57 @@ def _phantoms(data_config, seed):
   return cases, names, ["CT"]
 
 
+def fold_split(case_ids, data_config):
+  """(train_ids, val_ids) of `data.fold` among `data.num_folds` (nnU-Net's splits).
+
+  Raises ConfigError naming the fields when the fold is invalid for the number of cases.
+  """
+  from jaxseg.data import dataset  # noqa: PLC0415
+  from jaxseg.validate import ConfigError  # noqa: PLC0415
+  fold = data_config.get("fold", 0)
+  num_folds = int(data_config.get("num_folds", 5))
+  try:
+    return dataset.fold_split(case_ids, fold, n_folds=num_folds)
+  except ValueError as e:
+    raise ConfigError(f"data.fold={fold!r} with data.num_folds={num_folds} on "
+                      f"{len(case_ids)} case(s): {e}") from e
+
+
 def load_cases(config) -> SegData:
-  """Loads and splits the dataset named by `config.data` (seeded by `config.seed`)."""
+  """Loads and splits the dataset named by `config.data` (see the module docstring)."""
   data = config.data
+  plan = None
   if data.get("root"):
     from jaxseg.data import real  # noqa: PLC0415  (imports nibabel only when needed)
-    cases, names, channels = real.load_preprocessed(config)
+    prepared = real.prepare(config)
+    cases, names, channels = prepared.cases, prepared.class_names, prepared.channel_names
+    train_ids, val_ids = fold_split(sorted(cases), data)
+    plan = dict(prepared.plan, split={"fold": data.get("fold", 0), "train": train_ids,
+                                      "val": val_ids})
   else:
     cases, names, channels = _phantoms(data, config.seed)
-  train_ids, val_ids = seeded_split(sorted(cases), num_val=data.num_val, seed=config.seed)
+    train_ids, val_ids = seeded_split(sorted(cases), num_val=data.num_val, seed=config.seed)
   return SegData(
       train_images=[cases[i][0] for i in train_ids], train_labels=[cases[i][1] for i in train_ids],
       train_ids=train_ids,
       val_images=[cases[i][0] for i in val_ids], val_labels=[cases[i][1] for i in val_ids],
-      val_ids=val_ids, class_names=names, channel_names=channels)
+      val_ids=val_ids, class_names=names, channel_names=channels, plan=plan)
+
+
+PLAN_FILE = "plan.json"
+
+
+def write_plan(workdir, config, data: SegData) -> pathlib.Path:
+  """Writes `workdir/plan.json` atomically: the config, channels, classes and (for real data)
+  the preprocessing plan, so `jaxseg.predict` can rebuild the model and preprocess new scans.
+
+  Only process 0 writes. Returns the path.
+  """
+  import jax  # noqa: PLC0415
+  from jaxseg import report  # noqa: PLC0415
+  path = pathlib.Path(workdir) / PLAN_FILE
+  if jax.process_index() == 0:
+    plan = {"config": config.to_dict(), "channel_names": list(data.channel_names),
+            "class_names": list(data.class_names), **(data.plan or {"dataset": None})}
+    report.write_json_atomic(path, plan)
+  return path

@@ -1,0 +1,303 @@
+"""Segments new scans with a trained run: NIfTI (or PNG) in, label files on the input's grid out.
+
+    python -m jaxseg.predict --workdir RUN --input DIR_OR_FILE --output DIR
+        [--tta/--no-tta] [--save-probabilities] [--keep-largest] [--checkpoint best|latest]
+
+Inputs follow nnU-Net's naming: `<case>_<channel:04d><ending>` (a single-channel model also
+takes plain `<case><ending>`); a file argument picks up its sibling channel files. Each case is
+preprocessed with the run's saved plan (`RUN/plan.json`: reorient, crop, normalise, resample),
+predicted by Gaussian-weighted sliding window with the mirror flips batched
+(`jaxseg.inference.predict_volume`), put back on the input grid
+(`jaxseg.data.preprocess.invert_prediction`) and written as `<case><ending>` with the input's
+shape, affine and header (atomically). `--save-probabilities` adds `<case>.npz` with the class
+probabilities (K, *input shape) on the input grid. Bad input ends with one line on stderr and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from jaxseg.data import io
+from jaxseg.data.errors import InvalidDatasetError
+
+
+class PredictError(ValueError):
+  """Bad command-line input: a missing run, checkpoint or file, or a wrong channel count."""
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run restored for prediction (see `load_run`)."""
+  workdir: pathlib.Path
+  config: Any
+  plan: dict
+  settings: Any  # preprocess.PreprocessSettings
+  predict_fn: Any
+  params: Any
+  step: int
+
+  @property
+  def channel_names(self) -> list:
+    return list(self.plan["channel_names"])
+
+  @property
+  def spatial_dims(self) -> int:
+    return int(self.config.model.spatial_dims)
+
+
+def load_run(workdir, *, checkpoint: str = "best") -> Run:
+  """Restores a run's config, preprocessing plan and parameters.
+
+  `checkpoint='best'` takes the best checkpoint by validation Dice and falls back to the latest
+  when there is none; `'latest'` takes the latest. Raises PredictError naming what is missing.
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+
+  from jaxseg import checkpoint as ckpt_lib  # noqa: PLC0415
+  from jaxseg import optim, sharding, steps  # noqa: PLC0415
+  from jaxseg.data import real  # noqa: PLC0415
+  from jaxseg.models import build_model  # noqa: PLC0415
+  from jaxseg.state import TrainState  # noqa: PLC0415
+
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    raise PredictError(f"--workdir {workdir}: no such directory")
+  plan_path = workdir / "plan.json"
+  if not plan_path.is_file():
+    raise PredictError(f"--workdir {workdir} has no plan.json (jaxseg.train writes it when a run "
+                       "starts); is it a training run directory?")
+  try:
+    plan = json.loads(plan_path.read_text())
+  except ValueError as e:
+    raise PredictError(f"{plan_path} is not valid JSON ({e})") from e
+  if not plan.get("dataset") or not plan.get("preprocessing"):
+    raise PredictError(f"{workdir} was trained on generated phantoms (no data.root); predict needs "
+                       "a run trained on an nnU-Net-layout dataset")
+  config_dict = plan.get("config")
+  if config_dict is None and (workdir / "report.json").is_file():
+    config_dict = json.loads((workdir / "report.json").read_text()).get("config")
+  if config_dict is None:
+    raise PredictError(f"{plan_path} holds no config and {workdir / 'report.json'} is missing")
+  config = ml_collections.ConfigDict(config_dict)
+
+  steps_dirs = [d for sub in ("best", "checkpoints") for d in (workdir / sub).glob("*")
+                if d.name.isdigit()]
+  if not steps_dirs:
+    raise PredictError(f"--workdir {workdir} has no checkpoint (nothing in {workdir / 'best'} or "
+                       f"{workdir / 'checkpoints'}); train longer or check the path")
+
+  num_classes = len(plan["class_names"])
+  model = build_model(config.model, num_classes=num_classes)
+  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
+  in_shape = (1,) + (model.downsampling,) * model.spatial_dims + (len(plan["channel_names"]),)
+
+  def init():
+    params = model.init(jax.random.key(0), jnp.zeros(in_shape, jnp.float32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  repl = sharding.replicated(sharding.make_mesh())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                          jax.eval_shape(init))
+  ck = ckpt_lib.Checkpointer(workdir)
+  try:
+    state = ck.restore_best(abstract) if checkpoint == "best" else None
+    if state is None:
+      state = ck.restore_latest(abstract)
+  finally:
+    ck.close()
+  if state is None:
+    raise PredictError(f"--workdir {workdir}: no complete checkpoint could be restored")
+  return Run(workdir=workdir, config=config, plan=plan,
+             settings=real.settings_from_dict(plan["preprocessing"]),
+             predict_fn=steps.make_predict_fn(model), params=state.params, step=int(state.step))
+
+
+_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+
+
+def find_cases(path, num_channels: int, channel_names=()) -> dict[str, list[pathlib.Path]]:
+  """Input files grouped by case: {case: [channel 0 path, channel 1 path, ...]}.
+
+  `path` is a folder (every supported file in it) or one file (its sibling channel files are
+  added). Raises PredictError for a missing path, an empty folder or a case whose channel files
+  do not match the model's `num_channels`.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise PredictError(f"--input {path}: no such file or directory")
+  if path.is_dir():
+    files = sorted(p for p in path.iterdir() if p.is_file() and _ending(p))
+    if not files:
+      raise PredictError(f"--input {path} holds no {'/'.join(io.SUPPORTED_ENDINGS)} files")
+  else:
+    if not _ending(path):
+      raise PredictError(f"--input {path}: unsupported file type; expected one of "
+                         f"{io.SUPPORTED_ENDINGS}")
+    m = _CHANNEL.match(_stem(path))
+    siblings = ([path.with_name(f"{m.group(1)}_{c:04d}{_ending(path)}")
+                 for c in range(num_channels)] if m else [])
+    files = [path] + [p for p in siblings if p != path and p.is_file()]
+  found: dict[str, dict[int, pathlib.Path]] = {}
+  for f in files:
+    m = _CHANNEL.match(_stem(f))
+    case, channel = (m.group(1), int(m.group(2))) if m else (_stem(f), 0)
+    if not m and num_channels != 1:
+      raise PredictError(f"{f} has no _<channel:04d> suffix but the model takes {num_channels} "
+                         f"channels {list(channel_names)}: name them {_stem(f)}_0000"
+                         f"{_ending(f)} .. {_stem(f)}_{num_channels - 1:04d}{_ending(f)}")
+    found.setdefault(case, {})[channel] = f
+  cases = {}
+  for case, channels in sorted(found.items()):
+    extra = sorted(c for c in channels if c >= num_channels)
+    if extra:
+      raise PredictError(f"{channels[extra[0]]} is channel {extra[0]} but the model was trained on "
+                         f"{num_channels} channel(s) {list(channel_names)}")
+    missing = [c for c in range(num_channels) if c not in channels]
+    if missing:
+      some = next(iter(channels.values()))
+      want = some.with_name(f"{case}_{missing[0]:04d}{_ending(some)}")
+      raise PredictError(f"{want} is missing: case '{case}' has {len(channels)} of the "
+                         f"{num_channels} channel file(s) the model was trained on "
+                         f"{list(channel_names)}")
+    cases[case] = [channels[c] for c in range(num_channels)]
+  return cases
+
+
+def _ending(path) -> str | None:
+  name = pathlib.Path(path).name.lower()
+  return next((e for e in io.SUPPORTED_ENDINGS if name.endswith(e)), None)
+
+
+def _stem(path) -> str:
+  path = pathlib.Path(path)
+  return path.name[:len(path.name) - len(_ending(path) or "")]
+
+
+def keep_largest_component(label: np.ndarray, values) -> np.ndarray:
+  """Per label value in `values`, keeps only its largest face-connected component (the rest
+  becomes 0), as nnU-Net's `remove_all_but_largest_component` per class."""
+  from scipy import ndimage  # noqa: PLC0415
+  out = np.array(label, copy=True)
+  for v in values:
+    mask = out == v
+    if not mask.any():
+      continue
+    comps, n = ndimage.label(mask)
+    if n > 1:
+      sizes = np.bincount(comps.ravel())
+      sizes[0] = 0
+      out[mask & (comps != int(np.argmax(sizes)))] = 0
+  return out
+
+
+def predict_case(run: Run, paths, *, tta: bool = True, keep_largest: bool = False,
+                 probabilities: bool = False):
+  """Segments one case given its channel files.
+
+  Returns (label values on the input grid, the input's Geometry, probabilities (K, *input
+  shape) float32 or None).
+  """
+  from jaxseg import inference  # noqa: PLC0415
+  from jaxseg.data import dataset as ds  # noqa: PLC0415
+  from jaxseg.data import preprocess as pp  # noqa: PLC0415
+
+  image, geometry = ds.load_images(list(paths), ndim=int(run.plan["dataset"]["ndim"]))
+  pre, _, record = pp.preprocess_case(image, None, geometry, run.settings)
+  cfg = run.config
+  mirror = tuple(range(run.spatial_dims)) if tta else ()
+  probs = inference.predict_volume(run.predict_fn, run.params, pre,
+                                   patch=tuple(cfg.data.patch_size), overlap=cfg.eval.overlap,
+                                   batch_size=cfg.eval.batch_size, mirror_axes=mirror)
+  classes = np.argmax(probs, axis=-1).astype(np.int16)
+  values = np.asarray(run.plan["label_values"], np.int32)
+  label = values[pp.invert_prediction(classes, record)]
+  if keep_largest:
+    label = keep_largest_component(label, values[1:])
+  prob_out = (pp.invert_probabilities(np.moveaxis(probs, -1, 0), record) if probabilities
+              else None)
+  return label, geometry, prob_out
+
+
+def save_npz_atomic(path, **arrays) -> None:
+  """np.savez to a temporary file next to `path`, then renamed over it."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+  os.close(fd)
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def predict(workdir, input_path, output_dir, *, tta: bool = True, keep_largest: bool = False,
+            save_probabilities: bool = False, checkpoint: str = "best", log=print) -> list:
+  """Predicts every case under `input_path` into `output_dir`; returns the written paths."""
+  run = load_run(workdir, checkpoint=checkpoint)
+  cases = find_cases(input_path, len(run.channel_names), run.channel_names)
+  out = pathlib.Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  log(f"jaxseg.predict: {len(cases)} case(s) with {run.workdir} (step {run.step}), "
+      f"TTA {'on' if tta else 'off'}")
+  written = []
+  for case, paths in cases.items():
+    t = time.time()
+    label, geometry, probs = predict_case(run, paths, tta=tta, keep_largest=keep_largest,
+                                          probabilities=save_probabilities)
+    target = out / f"{case}{_ending(paths[0])}"
+    io.write_image(target, label, geometry)
+    written.append(target)
+    if probs is not None:
+      save_npz_atomic(out / f"{case}.npz", probabilities=probs.astype(np.float32),
+                      class_names=np.asarray(run.plan["class_names"]),
+                      label_values=np.asarray(run.plan["label_values"]))
+    log(f"  {case}: {tuple(label.shape)} -> {target} ({time.time() - t:.1f} s)")
+  return written
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m jaxseg.predict", description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="training run directory (has plan.json)")
+  p.add_argument("--input", required=True, help="a folder of scans or one scan file")
+  p.add_argument("--output", required=True, help="folder for the label files")
+  p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                 help="mirror test-time augmentation over every spatial axis (default on)")
+  p.add_argument("--save-probabilities", action="store_true",
+                 help="also write <case>.npz with class probabilities on the input grid")
+  p.add_argument("--keep-largest", action="store_true",
+                 help="keep only the largest connected component of each class")
+  p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  """Command-line entry point; returns the exit status (2 for bad input)."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  from jaxseg.validate import user_errors  # noqa: PLC0415
+  try:
+    predict(args.workdir, args.input, args.output, tta=args.tta, keep_largest=args.keep_largest,
+            save_probabilities=args.save_probabilities, checkpoint=args.checkpoint)
+  except (PredictError, InvalidDatasetError, *user_errors()) as e:
+    print(f"error: {e}".splitlines()[0], file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
