@@ -25,6 +25,14 @@ def parse_arg(arg: str | None, **defaults) -> dict:
   return out
 
 
+def mirror_only(c: ml_collections.ConfigDict) -> None:
+  """Switches off every augmentation but mirroring (short CPU runs on the varied phantoms
+  converge faster without nnU-Net's spatial and intensity transforms)."""
+  for key in list(c.augment.keys()):
+    if key.endswith("_prob"):
+      c.augment[key] = 0.0
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all training configs; the per-architecture files override them."""
   c = ml_collections.ConfigDict()

@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 3e-3
   c.train.num_steps = 300
+  common.mirror_only(c)
   if args["dims"] == 2:
     c.model.base_features = 16
     c.model.max_features = 128

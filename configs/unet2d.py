@@ -3,7 +3,8 @@
     python -m jaxseg.main --config=configs/unet2d.py
     python -m jaxseg.main --config=configs/unet2d.py:scale=full --config.data.root=PATH
 
-`scale=cpu` (default): 5 stages, features 16..128, 48x48 slice patches, batch 16.
+`scale=cpu` (default): 5 stages, features 16..128, 48x48 slice patches, batch 16, Adam,
+mirroring only.
 `scale=full`: nnU-Net 2D-sized (7 stages, 32..512 features, 512x512 patches, batch 12).
 Measured 2026-11-24, jax 0.10.2, 2-core x86-64 CPU container shared with other jobs:
 `python -m jaxseg.main --config=configs/unet2d.py` -> 300 steps, wall 174 s (first step 60 s),
@@ -32,6 +33,7 @@ def get_config(arg=None):
     c.train.num_steps = 300
     c.optimizer.name = "adam"
     c.optimizer.learning_rate = 3e-3
+    common.mirror_only(c)
   elif args["scale"] == "full":
     c.model.base_features = 32
     c.model.max_features = 512

@@ -5,7 +5,7 @@
 
 `scale=cpu` (default): 4 stages, features 8..64, 32^3 patches from 48^3 phantoms, batch 2,
 Adam 3e-3 with polynomial decay, 500 steps (Adam: nnU-Net's SGD 0.99 needs far more steps than
-a CPU run has).
+a CPU run has); mirroring is the only augmentation.
 `scale=full`: nnU-Net-sized (6 stages, 32..320 features, 128^3 patches, batch 2, 1000 steps x
 250 by nnU-Net; here num_steps=25000) for a GPU/TPU.
 
@@ -36,6 +36,7 @@ def get_config(arg=None):
     c.train.log_every = 25
     c.optimizer.name = "adam"
     c.optimizer.learning_rate = 3e-3
+    common.mirror_only(c)
   elif args["scale"] == "full":
     c.model.base_features = 32
     c.model.max_features = 320
