@@ -1,5 +1,8 @@
 """Classical segmentation kernels: jitted, vmappable, N-D, equal to their references."""
 
+from jaxseg.classical.components import label
+from jaxseg.classical.components import largest_component
+from jaxseg.classical.components import remove_small_components
 from jaxseg.classical.region_growing import confidence_connected
 from jaxseg.classical.region_growing import region_grow
 from jaxseg.classical.threshold import apply_threshold
@@ -11,7 +14,10 @@ from jaxseg.classical.threshold import threshold_otsu
 __all__ = [
     "apply_threshold",
     "confidence_connected",
+    "label",
+    "largest_component",
     "region_grow",
+    "remove_small_components",
     "threshold_local",
     "threshold_minimum_error",
     "threshold_multiotsu",
