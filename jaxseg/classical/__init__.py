@@ -1,6 +1,8 @@
 """Classical segmentation kernels: jitted, vmappable, N-D, equal to their references."""
 
 from jaxseg.classical.components import label
+from jaxseg.classical.fuzzy_cmeans import fuzzy_cmeans
+from jaxseg.classical.fuzzy_cmeans import spatial_fuzzy_cmeans
 from jaxseg.classical.components import largest_component
 from jaxseg.classical.components import remove_small_components
 from jaxseg.classical.region_growing import confidence_connected
@@ -14,10 +16,12 @@ from jaxseg.classical.threshold import threshold_otsu
 __all__ = [
     "apply_threshold",
     "confidence_connected",
+    "fuzzy_cmeans",
     "label",
     "largest_component",
     "region_grow",
     "remove_small_components",
+    "spatial_fuzzy_cmeans",
     "threshold_local",
     "threshold_minimum_error",
     "threshold_multiotsu",
