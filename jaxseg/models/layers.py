@@ -7,6 +7,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxseg.models import conv as conv_lib
+
 
 
 class ConvNormAct(nn.Module):
@@ -20,8 +22,9 @@ class ConvNormAct(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.features, (self.kernel_size,) * self.spatial_dims,
-                strides=(self.strides,) * self.spatial_dims, dtype=self.dtype)(x)
+    x = conv_lib.Conv(self.features, (self.kernel_size,) * self.spatial_dims,
+                      strides=(self.strides,) * self.spatial_dims, impl=self.conv_impl,
+                      dtype=self.dtype)(x)
     # InstanceNorm statistics in float32 whatever the compute dtype.
     x = nn.InstanceNorm(epsilon=1e-5, dtype=jnp.float32)(x)
     return nn.leaky_relu(x, 0.01).astype(self.dtype)
@@ -45,13 +48,13 @@ class Stage(nn.Module):
 
 def head(features: int, spatial_dims: int, conv_impl: str, dtype, name=None):
   """1x1(x1) convolution producing class scores."""
-  return nn.Conv(features, (1,) * spatial_dims, dtype=dtype, name=name)
+  return conv_lib.Conv(features, (1,) * spatial_dims, impl=conv_impl, dtype=dtype, name=name)
 
 
 def upsample(features: int, spatial_dims: int, factor: int, conv_impl: str, dtype, name=None):
   """Learned upsampling: transposed convolution with kernel == stride == factor."""
-  return nn.ConvTranspose(features, (factor,) * spatial_dims, strides=(factor,) * spatial_dims,
-                          dtype=dtype, name=name)
+  return conv_lib.ConvTranspose(features, (factor,) * spatial_dims, strides=(factor,) * spatial_dims,
+                                impl=conv_impl, dtype=dtype, name=name)
 
 
 def stage_features(base: int, cap: int, num_stages: int):
