@@ -16,28 +16,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg import metrics, report
-from jaxseg.classical import components, fuzzy_cmeans, region_growing, threshold
+from jaxseg.classical import (confidence_connected, fuzzy_cmeans, remove_small_components,
+                              threshold_otsu)
 from jaxseg.data import pipeline
 
 
-def _brightest_multiotsu(image, cfg, reference):
-  """Voxels above the highest of `cfg.classes - 1` multi-Otsu thresholds."""
+def _brightest_otsu(image, cfg, reference):
+  """Hierarchical Otsu: `cfg.levels` times, Otsu's threshold of the voxels above the previous
+  threshold (air | body, then soft tissue | organs, ...); returns the voxels above the last.
+
+  On CT most voxels are air, which dominates a single multi-Otsu histogram; splitting the
+  bright side again and again follows the tissue classes instead.
+  """
   del reference
-  t = threshold.threshold_multiotsu(image, classes=cfg.classes, nbins=cfg.nbins)
-  return image > t[-1]
+  t = image.min() - 1
+  for _ in range(cfg.levels):
+    t = threshold_otsu(image, nbins=cfg.nbins, mask=image > t)
+  return image > t
 
 
 def _brightest_fcm_cluster(image, cfg, reference):
-  """Fuzzy C-means (spatially regularised when `cfg.spatial`) on the image; the voxels whose
-  highest membership is in the cluster with the brightest centre."""
+  """Fuzzy C-means of the body's intensities (body = above Otsu's threshold); the voxels whose
+  strongest membership is the cluster with the brightest centre.
+
+  Clustering the body alone keeps the air, most of a CT's voxels, from taking the clusters.
+  """
   del reference
-  fn = fuzzy_cmeans.spatial_fuzzy_cmeans if cfg.spatial else fuzzy_cmeans.fuzzy_cmeans
-  centres, u, _ = fn(image, n_clusters=cfg.n_clusters, m=cfg.m, tol=cfg.tol, max_iter=cfg.max_iter,
-                     key=None)
-  centres = np.asarray(centres).reshape(cfg.n_clusters, -1)[:, 0]
-  u = np.asarray(u)
-  labels = np.argmax(u, axis=0).reshape(image.shape)
-  return labels == int(np.argmax(centres))
+  body = np.asarray(image > threshold_otsu(image))
+  centres, u, _ = fuzzy_cmeans(image[body], n_clusters=cfg.n_clusters, m=cfg.m, tol=cfg.tol,
+                               max_iter=cfg.max_iter)
+  brightest = int(np.argmax(np.asarray(centres)[:, 0]))
+  mask = np.zeros(image.shape, bool)
+  mask[body] = np.argmax(np.asarray(u), axis=0) == brightest
+  return mask
 
 
 def simulated_click(mask):
@@ -50,14 +61,13 @@ def simulated_click(mask):
 def _confidence_connected_from_click(image, cfg, reference):
   """ITK ConfidenceConnected grown from a simulated click inside the target."""
   seed = simulated_click(reference)
-  return region_growing.confidence_connected(image, np.array([seed]), multiplier=cfg.multiplier,
-                                             iterations=cfg.iterations,
-                                             initial_radius=cfg.initial_radius,
-                                             connectivity=cfg.connectivity)
+  return confidence_connected(image, np.array([seed]), multiplier=cfg.multiplier,
+                              iterations=cfg.iterations, initial_radius=cfg.initial_radius,
+                              connectivity=cfg.connectivity)
 
 
 METHODS = {
-    "multiotsu_brightest": _brightest_multiotsu,
+    "otsu_brightest": _brightest_otsu,
     "fcm_brightest": _brightest_fcm_cluster,
     "confidence_connected": _confidence_connected_from_click,
 }
@@ -92,8 +102,7 @@ def run(config, workdir) -> dict:
     t0 = time.perf_counter()
     pred = np.asarray(METHODS[cfg.method](jnp.asarray(image[0]), cfg, ref))
     if cfg.get("min_component_size", 0) > 0:
-      pred = np.asarray(components.remove_small_components(jnp.asarray(pred),
-                                                           min_size=cfg.min_component_size))
+      pred = np.asarray(remove_small_components(jnp.asarray(pred), min_size=cfg.min_component_size))
     times.append(time.perf_counter() - t0)
     d, i = metrics.dice_iou(jnp.asarray(pred, jnp.int32)[None], jnp.asarray(ref, jnp.int32)[None],
                             num_classes=2)
