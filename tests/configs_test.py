@@ -30,6 +30,7 @@ def test_config_builds_and_steps(name, arg, tmp_path):
     with config.unlocked():
       config.data.cache_dir = str(tmp_path)
       config.data.num_cases = 2
+      config.data.num_val = 1
       config.data.phantom_shape = (16, 16, 16)
     result = pipeline.run(config, tmp_path / "run")
     assert 0.0 <= result["metrics"]["mean_dice"] <= 1.0

@@ -37,7 +37,8 @@ def test_gaussian_importance_peaks_in_the_centre():
 
 @pytest.fixture(scope="module")
 def unet3d():
-  model = UNet(num_classes=3, spatial_dims=3, base_features=4, max_features=8, num_stages=3)
+  model = UNet(num_classes=3, spatial_dims=3, base_features=4, max_features=8, num_stages=3,
+               conv_impl="lax")
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 2)))["params"]
   apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x), axis=-1))
   return apply, params
