@@ -16,9 +16,20 @@ def is_concrete(*arrays) -> bool:
   return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
+def as_array(x):
+  """`x` unchanged if it is a jax array (or tracer), else a NumPy array.
+
+  NumPy inputs go to the jitted cores as they are: `jnp.asarray` on a host
+  array would compile a small transfer program for every new shape.
+  """
+  if isinstance(x, (jax.Array, jax.core.Tracer)):
+    return x
+  return np.asarray(x)
+
+
 def as_image(image, name: str = "image", *, min_ndim: int = 1):
-  """Returns `image` as a jax array, rejecting complex, bool-less and 0-d input."""
-  image = jnp.asarray(image)
+  """`image` as a jax or NumPy array; rejects complex and too-few-dim input."""
+  image = as_array(image)
   if image.ndim < min_ndim:
     raise ValueError(f"`{name}` must have at least {min_ndim} dimension(s); "
                      f"got shape {image.shape}")
@@ -28,9 +39,13 @@ def as_image(image, name: str = "image", *, min_ndim: int = 1):
 
 
 def check_finite(image, name: str, func: str):
-  """Raises ValueError if a concrete float `image` holds NaN or inf."""
+  """Raises ValueError if a concrete float `image` holds NaN or inf.
+
+  Checked with NumPy on the host: an eager JAX op would compile a small
+  program for every new shape.
+  """
   if (jnp.issubdtype(image.dtype, jnp.floating) and is_concrete(image)
-      and not bool(jnp.isfinite(image).all())):
+      and not np.isfinite(np.asarray(image)).all()):
     raise ValueError(f"{func}: `{name}` contains NaN or inf values; "
                      "replace or mask them first")
 

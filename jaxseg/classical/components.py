@@ -274,6 +274,7 @@ def _pad_k(a, k, fill):
 
 @functools.partial(jax.jit, static_argnames=("connectivity",))
 def _label_core(mask, *, connectivity):
+  mask = _foreground(mask)
   shape = mask.shape
   m = _as_rows(mask)
   _, _, labels, valid = _tables(m, connectivity)
@@ -281,32 +282,34 @@ def _label_core(mask, *, connectivity):
   return _paint(m, number, 0).reshape(shape), n
 
 
-@functools.partial(jax.jit, static_argnames=("connectivity", "mode"))
-def _sizes_core(mask, min_size, *, connectivity, mode):
-  shape = mask.shape
-  m = _as_rows(mask)
-  s, e, labels, valid = _tables(m, connectivity)
-  number, n = _rank_roots(labels, valid)
-  length = jnp.where(valid, e - s + 1, 0).reshape(-1)
-  sizes = jnp.zeros(number.size + 1, jnp.int32).at[number.reshape(-1)].add(
-      length)
-  sizes = sizes.at[0].set(0)
-  if mode == "largest":
-    best = jnp.argmax(sizes)  # first maximum: raster-first component
-    keep = (number == best) & (best > 0)
-  else:
-    keep = valid & (sizes[number] >= min_size)
-  return _paint(m, keep, False).reshape(shape)
+def _sizes(labels):
+  """Voxel count of every label 0..size (index = label)."""
+  flat = labels.reshape(-1)
+  return jnp.zeros(flat.size + 1, jnp.int32).at[flat].add(1).at[0].set(0)
+
+
+@jax.jit
+def _largest_from_labels(labels):
+  best = jnp.argmax(_sizes(labels))  # first maximum: raster-first component
+  return (labels == best) & (best > 0)
+
+
+@jax.jit
+def _keep_large(labels, min_size):
+  return (labels > 0) & (_sizes(labels)[labels] >= min_size)
 
 
 def _prepare(mask, connectivity, func):
-  mask = jnp.asarray(mask)
+  mask = _common.as_array(mask)
   if mask.ndim < 1:
     raise ValueError(f"{func}: `mask` must have at least one dimension")
-  if mask.dtype != jnp.bool_:
-    mask = mask != 0  # scipy: every non-zero voxel (NaN included) is foreground
   _common.neighbour_offsets(mask.ndim, connectivity)
   return mask
+
+
+def _foreground(mask):
+  # scipy: every non-zero voxel (NaN included) is foreground.
+  return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
 def label(mask, *, connectivity: int = 1):
@@ -334,8 +337,8 @@ def largest_component(mask, *, connectivity: int = 1):
   (`np.argmax` over scipy's label sizes). An empty mask gives an empty mask.
   """
   mask = _prepare(mask, connectivity, "largest_component")
-  return _sizes_core(mask, jnp.int32(0), connectivity=connectivity,
-                     mode="largest")
+  labels, _ = _label_core(mask, connectivity=connectivity)
+  return _largest_from_labels(labels)
 
 
 def remove_small_components(mask, *, min_size, connectivity: int = 1):
@@ -349,4 +352,5 @@ def remove_small_components(mask, *, min_size, connectivity: int = 1):
   min_size = jnp.asarray(min_size)
   if _common.is_concrete(min_size) and float(min_size) < 0:
     raise ValueError(f"`min_size` must be >= 0; got {float(min_size)}")
-  return _sizes_core(mask, min_size, connectivity=connectivity, mode="small")
+  labels, _ = _label_core(mask, connectivity=connectivity)
+  return _keep_large(labels, min_size)

