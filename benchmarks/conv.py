@@ -8,7 +8,7 @@ kernel and, except for the first layer whose input needs none, the input).
 Runs are interleaved (every implementation once per round, rounds repeated)
 and the medians reported, because the machine is shared.
 
-  python benchmarks/conv.py                  # full shapes, ~5-10 min on 2 cores
+  python benchmarks/conv.py --dims 3     # full shapes: 5-10 min per rank here
   python benchmarks/conv.py --small          # quick run on small shapes
   python benchmarks/conv.py --dims 3 --impls lax,gemm_split --no-torch
 
@@ -78,10 +78,10 @@ class Case:
 
 def unet_cases(nd: int, batch: int, size: int,
                features=(16, 32, 64, 128), in_ch: int = 1,
-               classes: int = 2) -> list[Case]:
+               classes: int = 2, strided: bool = True) -> list[Case]:
   """Convolutions of a U-Net: two 3^nd convs per level, 2^nd transposed-conv
-  upsampling, 1x1 head; plus the stride-2 3^nd convs of the variant that
-  downsamples by convolution (reported, left out of the totals)."""
+  upsampling, 1x1 head; plus (`strided`) the stride-2 3^nd convs of the
+  variant that downsamples by convolution (reported, left out of the totals)."""
   k3, k2, k1 = (3,) * nd, (2,) * nd, (1,) * nd
   cases: dict[tuple, Case] = {}
 
@@ -110,8 +110,9 @@ def unet_cases(nd: int, batch: int, size: int,
       small = (batch,) + (s // 2,) * nd + (features[lvl + 1],)
       add(f'up{lvl}', 'transpose', small, k2 + (features[lvl + 1], f),
           (2,) * nd)
-      add(f'down{lvl}', 'conv', shape(f), k3 + (f, features[lvl + 1]),
-          (2,) * nd, in_total=False)
+      if strided:
+        add(f'down{lvl}', 'conv', shape(f), k3 + (f, features[lvl + 1]),
+            (2,) * nd, in_total=False)
   add('head', 'conv', (batch,) + (size,) * nd + (features[0],),
       k1 + (features[0], classes), (1,) * nd)
   return list(cases.values())
@@ -175,7 +176,8 @@ def _key(case: Case, impl: str) -> str:
   """Implementations that compute a case identically are timed once."""
   if impl == 'torch' or case.kind != 'transpose':
     return impl
-  return 'transpose:' + conv_lib._resolve_transpose_impl(impl)  # pylint: disable=protected-access
+  resolved = conv_lib._resolve_transpose_impl(impl)  # pylint: disable=protected-access
+  return 'transpose:' + resolved
 
 
 def run(cases: list[Case], impls: list[str], reps: int, use_torch: bool,
@@ -294,27 +296,38 @@ def _cpu_model() -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--small', action='store_true',
-                 help='small shapes (3D 1x1x32^3, 2D 2x1x64^2), 3 rounds')
+                 help='quick run: 3D 1x1x32^3 and 2D 2x1x64^2 U-Nets with '
+                 'features 8-16-32, no stride-2 rows, lax and the CPU '
+                 'defaults only (unless --impls), 3 rounds')
   p.add_argument('--dims', default='3,2', help='spatial ranks to run')
-  p.add_argument('--impls', default=','.join(conv_lib.CONV_IMPLS),
-                 help='comma-separated keys of CONV_IMPLS')
+  p.add_argument('--impls', default=None,
+                 help='comma-separated keys of CONV_IMPLS (default: all)')
   p.add_argument('--reps', type=int, default=None, help='timed rounds')
   p.add_argument('--no-torch', action='store_true')
   p.add_argument('--out', default=str(DEFAULT_OUT))
   args = p.parse_args(argv)
-  impls = args.impls.split(',')
+  dims = [int(d) for d in args.dims.split(',')]
+  if args.impls:
+    impls = args.impls.split(',')
+  elif args.small:
+    impls = ['lax'] + sorted({conv_lib.default_conv_impl('cpu', nd)
+                              for nd in dims})
+  else:
+    impls = list(conv_lib.CONV_IMPLS)
   for impl in impls:
     if impl not in conv_lib.CONV_IMPLS:
       p.error(f'unknown impl {impl!r}; choose from {list(conv_lib.CONV_IMPLS)}')
   reps = args.reps or (3 if args.small else 5)
-  dims = [int(d) for d in args.dims.split(',')]
   shapes = {3: (1, 32) if args.small else (2, 64),
             2: (2, 64) if args.small else (8, 256)}
+  features = (8, 16, 32) if args.small else (16, 32, 64, 128)
   cases = []
   for nd in dims:
-    cases += unet_cases(nd, *shapes[nd])
+    cases += unet_cases(nd, *shapes[nd], features=features,
+                        strided=not args.small)
   load_before = os.getloadavg()
   start = time.time()
+  date = datetime.datetime.now().isoformat(timespec='seconds')
   print(f'{len(cases)} convolutions x {impls}, {reps} rounds; '
         f'jax backend {jax.default_backend()}, load {load_before}')
   timing = run(cases, impls, reps, not args.no_torch)
@@ -334,13 +347,14 @@ def main(argv=None):
     versions['torch'] = torch.__version__
     versions['torch_threads'] = torch.get_num_threads()
   result = {
-      'date': datetime.datetime.now().isoformat(timespec='seconds'),
+      'date': date,
       'machine': {'cpu': _cpu_model(), 'cores': os.cpu_count(),
                   'backend': jax.default_backend(),
                   'load_before': load_before, 'load_after': os.getloadavg()},
       'versions': versions,
       'settings': {'small': args.small, 'reps': reps, 'dims': dims,
                    'shapes': {f'{nd}d': shapes[nd] for nd in dims},
+                   'features': features,
                    'wall_s': time.time() - start},
       'default_conv_impl': default,
       **summary,

@@ -27,8 +27,10 @@ Array = jax.Array
 Padding = str | int | Sequence[int | tuple[int, int]]
 Pads = tuple[tuple[int, int], ...]
 
-# Bytes of one chunk of patches in the looped GEMM: small enough to stay in
-# cache and be reused every iteration, large enough for an efficient GEMM.
+# Bytes of patches per chunk of the looped impls. Full-size patches are 9-27x
+# the input; XLA:CPU allocates temporaries afresh on every call and the
+# first touch of each page cost ~0.6 ms/MB here, more than the GEMM itself.
+# A few MB are reused by every iteration of the loop and stay in cache.
 _CHUNK_BYTES = 4 << 20
 
 
@@ -363,12 +365,19 @@ def _make_custom_vjp(fwd: str, dx: str, dw: str):
 
 
 def _conv_lax(x, kernel, strides, pads, precision):
+  """XLA's convolution; autodiff gives XLA's input and filter gradients."""
   return lax.conv_general_dilated(
       x, kernel, strides, pads, precision=precision,
       dimension_numbers=_dimension_numbers(kernel.ndim - 2))
 
 
 def _conv_gemm(x, kernel, strides, pads, precision):
+  """Full im2col and one dot; plain autodiff (also GEMMs).
+
+  The simple GEMM route: it materialises all patches (27x the input for a
+  3x3x3 kernel) and autodiff keeps them for the backward pass, so it is only
+  fast for small inputs; 'gemm_split' is the looped, memory-light version.
+  """
   nd = kernel.ndim - 2
   ks, (cin, cout) = kernel.shape[:nd], kernel.shape[nd:]
   xp = _pad(x, pads)
@@ -377,41 +386,16 @@ def _conv_gemm(x, kernel, strides, pads, precision):
   return jnp.dot(p, kernel.reshape(-1, cout), precision=precision)
 
 
-def _conv_depth2d(x, kernel, strides, pads, precision):
-  """3D convolution as one 2D convolution to (k_depth * C_out) channels.
-
-  Depth is folded into the batch, XLA's 2D convolution (much faster than its
-  3D one on CPU) produces every depth tap at once, and shifted slices of the
-  result are summed over depth. Plain autodiff; other ranks use 'lax'.
-  """
-  if kernel.ndim != 5:
-    return _conv_lax(x, kernel, strides, pads, precision)
-  kd, cout = kernel.shape[0], kernel.shape[-1]
-  xp = _pad_axis(x, 1, *pads[0])
-  n, dp = xp.shape[:2]
-  w2 = jnp.moveaxis(kernel, 0, -2).reshape(kernel.shape[1:3]
-                                           + (kernel.shape[3], kd * cout))
-  z = lax.conv_general_dilated(
-      xp.reshape((n * dp,) + xp.shape[2:]), w2, strides[1:], pads[1:],
-      precision=precision, dimension_numbers=_dimension_numbers(2))
-  z = z.reshape((n, dp) + z.shape[1:-1] + (kd, cout))
-  dout = (dp - kd) // strides[0] + 1
-  y = None
-  for j in range(kd):
-    part = lax.slice_in_dim(z, j, j + (dout - 1) * strides[0] + 1,
-                            strides[0], axis=1)[..., j, :]
-    y = part if y is None else y + part
-  return y
-
-
 # name -> f(x, kernel, strides, pads, precision); all compute the same thing.
+# 'gemm_split': forward, input and filter gradient are loops of GEMMs over
+# chunks of output planes (custom_vjp; residuals are just x and the kernel).
+# 'lax_gemm_dw': XLA's forward and input gradient, looped-GEMM filter
+# gradient (in 2D only XLA's filter gradient is slow).
 CONV_IMPLS: dict[str, Callable[..., Array]] = {
     'lax': _conv_lax,
     'gemm': _conv_gemm,
-    'gemm_looped': _make_custom_vjp('im2col', 'im2col', 'im2col'),
     'gemm_split': _make_custom_vjp('split', 'split', 'split'),
     'lax_gemm_dw': _make_custom_vjp('lax', 'lax', 'im2col'),
-    'depth2d': _conv_depth2d,
 }
 
 
@@ -419,8 +403,9 @@ def _resolve_impl(impl: str, spatial_dims: int) -> str:
   if impl == 'auto':
     return default_conv_impl(jax.default_backend(), spatial_dims)
   if impl not in CONV_IMPLS:
+    choices = ', '.join(repr(k) for k in ('auto',) + tuple(CONV_IMPLS))
     raise ValueError(f'unknown convolution impl {impl!r}; valid choices: '
-                     + ', '.join(repr(k) for k in ('auto',) + tuple(CONV_IMPLS)))
+                     f'{choices}')
   return impl
 
 
@@ -454,11 +439,14 @@ def conv(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
     strides: int or one int per spatial dim.
     padding: 'SAME', 'VALID', an int, or per dim an int or (low, high) pair.
     impl: a key of `CONV_IMPLS`, or 'auto' for
-      ``default_conv_impl(jax.default_backend())``.
+      ``default_conv_impl(jax.default_backend(), spatial_dims)``.
     precision: passed to the underlying conv / dot.
 
   Returns:
     (N, *out_spatial, C_out), with the dtype of ``x`` and ``kernel``.
+
+  The custom_vjp impls ('gemm_split', 'lax_gemm_dw') support reverse-mode
+  differentiation (grad, vjp) but not forward mode (jvp, jacfwd).
   """
   fn = CONV_IMPLS[_resolve_impl(impl, kernel.ndim - 2)]
   nd = _check(x, kernel)
@@ -470,6 +458,8 @@ def conv(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
 
 
 def _conv_transpose_lax(x, kernel, strides, precision):
+  """What flax.linen.ConvTranspose computes (its forward and filter gradient
+  ran at <1 GFLOP/s on XLA:CPU here)."""
   nd = kernel.ndim - 2
   return lax.conv_transpose(x, kernel, strides, 'VALID', precision=precision,
                             dimension_numbers=_dimension_numbers(nd))
@@ -645,6 +635,7 @@ class Conv(nn.Module):
     ks = ((self.kernel_size,) if isinstance(self.kernel_size, int)
           else tuple(self.kernel_size))
     nd = len(ks)
+    impl = _resolve_impl(self.impl, nd)
     x, batch_shape = _flatten_batch(x, nd)
     padding = self.padding
     if isinstance(padding, str) and padding in ('CIRCULAR', 'REFLECT',
@@ -667,8 +658,8 @@ class Conv(nn.Module):
                        self.param_dtype) if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    y = conv(x, kernel, strides=self.strides, padding=padding,
-             impl=self.impl, precision=self.precision)
+    y = conv(x, kernel, strides=self.strides, padding=padding, impl=impl,
+             precision=self.precision)
     if bias is not None:
       y += bias
     return y.reshape(batch_shape + y.shape[1:])
@@ -686,6 +677,7 @@ class ConvTranspose(nn.Module):
     features: number of output channels.
     kernel_size: one int per spatial dim (an int means 1D, as in Flax).
     strides: None (= kernel_size) or equal to kernel_size.
+    padding: only 'VALID' (accepted for drop-in use).
     use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as in
       `Conv`.
     impl: as for `conv_transpose`: 'auto', a key of `CONV_TRANSPOSE_IMPLS`,
@@ -694,6 +686,7 @@ class ConvTranspose(nn.Module):
   features: int
   kernel_size: int | Sequence[int]
   strides: int | Sequence[int] | None = None
+  padding: str = 'VALID'
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -710,6 +703,10 @@ class ConvTranspose(nn.Module):
     nd = len(ks)
     strides = ks if self.strides is None else _as_tuple(self.strides, nd,
                                                         'strides')
+    impl = _resolve_transpose_impl(self.impl)
+    if self.padding != 'VALID':
+      raise ValueError(f"ConvTranspose supports padding='VALID' only, got "
+                       f'{self.padding!r}')
     x, batch_shape = _flatten_batch(x, nd)
     kernel = self.param('kernel', self.kernel_init, ks + (x.shape[-1],
                                                           self.features),
@@ -718,7 +715,7 @@ class ConvTranspose(nn.Module):
                        self.param_dtype) if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    y = conv_transpose(x, kernel, strides=strides, impl=self.impl,
+    y = conv_transpose(x, kernel, strides=strides, impl=impl,
                        precision=self.precision)
     if bias is not None:
       y += bias

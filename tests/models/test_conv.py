@@ -1,0 +1,232 @@
+"""Every convolution implementation against lax and flax.linen."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseg.models import conv as conv_lib
+
+# 'lax' is the reference itself; it is exercised through the module tests.
+IMPLS = [k for k in conv_lib.CONV_IMPLS if k != 'lax']
+
+# (x shape, kernel shape, strides, padding, chunk bytes): 2D and 3D, stride 1
+# and 2, odd and even sizes, 2 to 16 channels, a 1x1 head, an even kernel,
+# explicit pads. Chunk bytes force the looped impls through one GEMM (None),
+# one plane per chunk (500), several planes or several batch entries per
+# chunk (see test_chunking).
+CASES = [
+    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), 1, 'SAME', 500),
+    ((1, 8, 9, 6, 5), (3, 3, 3, 5, 8), 2, 'SAME', None),
+    ((4, 5, 6, 7, 2), (3, 3, 3, 2, 3), (2, 1, 2), 'VALID', 13_000),
+    ((1, 6, 5, 6, 4), (2, 2, 2, 4, 2), 1, 'SAME', 500),
+    ((2, 4, 6, 4, 16), (1, 1, 1, 16, 2), 1, 'SAME', None),
+    ((4, 9, 8, 16), (3, 3, 16, 16), 1, 'SAME', 38_400),
+    ((3, 11, 9, 3), (3, 3, 3, 4), (2, 1), ((1, 2), (0, 1)), 500),
+]
+
+
+def _case_id(case):
+  x_shape, k_shape, strides, padding, chunk = case
+  pad = padding if isinstance(padding, str) else 'explicit'
+  return (f'{len(k_shape) - 2}d-x{"x".join(map(str, x_shape))}-'
+          f'k{k_shape[0]}-s{strides}-{pad}-chunk{chunk}')
+
+
+def _random(x_shape, k_shape, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = rng.standard_normal(k_shape) / np.sqrt(np.prod(k_shape[:-1]))
+  return x, jnp.asarray(w, jnp.float32), rng
+
+
+def _reference(x, w, strides, padding):
+  nd = w.ndim - 2
+  if isinstance(strides, int):
+    strides = (strides,) * nd
+  spec = ('NHWC', 'HWIO', 'NHWC') if nd == 2 else ('NDHWC', 'DHWIO', 'NDHWC')
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, spec)
+  return lax.conv_general_dilated(x, w, strides, padding,
+                                  dimension_numbers=dn)
+
+
+def _value_and_grads(fn, x, w, dy):
+  y, vjp = jax.vjp(fn, x, w)
+  return (y,) + vjp(dy)
+
+
+def _assert_close(got, want):
+  """Values within 1e-4; gradients within 1e-4 of their largest entry."""
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+  for g, r in zip(got[1:], want[1:]):
+    assert g.shape == r.shape
+    err = float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r)))
+    assert err < 1e-4, f'relative gradient error {err:.2e}'
+
+
+@pytest.mark.parametrize('case,impl', [
+    pytest.param(case, impl, id=f'{_case_id(case)}-{impl}')
+    for case in CASES for impl in IMPLS
+    # 'gemm' has no loop and plain autodiff: a few shapes suffice.
+    if impl != 'gemm' or case in (CASES[0], CASES[1], CASES[-1])])
+def test_conv_matches_lax_under_jit(case, impl, monkeypatch):
+  x_shape, k_shape, strides, padding, chunk = case
+  if chunk is not None:
+    monkeypatch.setattr(conv_lib, '_CHUNK_BYTES', chunk)
+  x, w, rng = _random(x_shape, k_shape)
+  want_y = _reference(x, w, strides, padding)
+  dy = jnp.asarray(rng.standard_normal(want_y.shape), jnp.float32)
+  ref = functools.partial(_reference, strides=strides, padding=padding)
+  f = functools.partial(conv_lib.conv, strides=strides, padding=padding,
+                        impl=impl)
+  got = jax.jit(functools.partial(_value_and_grads, f))(x, w, dy)
+  _assert_close(got, jax.jit(functools.partial(_value_and_grads, ref))(x, w,
+                                                                      dy))
+
+
+@pytest.mark.parametrize('impl', ['gemm_split'])
+def test_conv_matches_lax_without_jit(impl, monkeypatch):
+  monkeypatch.setattr(conv_lib, '_CHUNK_BYTES', 500)
+  x, w, _ = _random((2, 5, 6, 3), (3, 3, 3, 4), seed=1)
+  f = functools.partial(conv_lib.conv, strides=1, impl=impl)
+  ref = functools.partial(_reference, strides=1, padding='SAME')
+  loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(fn(x, w)))
+  _assert_close((f(x, w),) + jax.grad(loss(f), (0, 1))(x, w),
+                (ref(x, w),) + jax.grad(loss(ref), (0, 1))(x, w))
+
+
+TRANSPOSE_CASES = [
+    ((2, 4, 5, 3, 6), (2, 2, 2)),
+    ((3, 7, 4, 8), (2, 3)),
+]
+
+
+@pytest.mark.parametrize('x_shape,strides,impl', [
+    pytest.param(x_shape, strides, impl, id=f'x{x_shape}-s{strides}-{impl}')
+    for x_shape, strides in TRANSPOSE_CASES
+    for impl in conv_lib.CONV_TRANSPOSE_IMPLS
+    # 'lax' is what flax runs; checking its dimension numbers once is enough.
+    if impl != 'lax' or x_shape == TRANSPOSE_CASES[0][0]])
+def test_conv_transpose_matches_flax(x_shape, strides, impl):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  ref = nn.ConvTranspose(5, kernel_size=strides, strides=strides,
+                         padding='VALID', use_bias=False)
+  params = ref.init(jax.random.key(0), x)
+  kernel = params['params']['kernel']
+  want_y = ref.apply(params, x)
+  dy = jnp.asarray(rng.standard_normal(want_y.shape), jnp.float32)
+  f = functools.partial(conv_lib.conv_transpose, strides=strides, impl=impl)
+  flax_fn = lambda x, k: ref.apply({'params': {'kernel': k}}, x)
+  got = jax.jit(functools.partial(_value_and_grads, f))(x, kernel, dy)
+  want = jax.jit(functools.partial(_value_and_grads, flax_fn))(x, kernel, dy)
+  _assert_close(got, want)
+
+
+MODULE_CASES = [
+    (nn.Conv, conv_lib.Conv, dict(features=8, kernel_size=(3, 3, 3))),
+    (nn.Conv, conv_lib.Conv,
+     dict(features=6, kernel_size=(3, 3, 3), strides=2, use_bias=False)),
+    (nn.Conv, conv_lib.Conv,
+     dict(features=4, kernel_size=(3, 3), padding='CIRCULAR')),
+    (nn.Conv, conv_lib.Conv,
+     dict(features=4, kernel_size=(3, 3), strides=(2, 1))),
+    (functools.partial(nn.ConvTranspose, strides=(2, 2, 2), padding='VALID'),
+     conv_lib.ConvTranspose, dict(features=3, kernel_size=(2, 2, 2))),
+]
+
+
+def _random_params(module, x):
+  """Random values in the parameter tree `module.init` would create."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+  rng = np.random.default_rng(3)
+  return jax.tree.map(
+      lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+@pytest.mark.parametrize('flax_cls,own_cls,kwargs', MODULE_CASES,
+                         ids=lambda v: str(v) if isinstance(v, dict) else '')
+def test_module_matches_flax(flax_cls, own_cls, kwargs):
+  nd = len(kwargs['kernel_size'])
+  x = jax.random.normal(jax.random.key(1), (2,) + (7, 6, 5)[:nd] + (3,))
+  ref = flax_cls(**kwargs)
+  # Same names and shapes: checkpoints are interchangeable.
+  own_shapes = jax.eval_shape(own_cls(**kwargs).init, jax.random.key(0), x)
+  assert own_shapes == jax.eval_shape(ref.init, jax.random.key(0), x)
+  params = _random_params(ref, x)
+  want = jax.jit(ref.apply)(params, x)
+  lax_apply = jax.jit(own_cls(**kwargs, impl='lax').apply)
+  np.testing.assert_allclose(lax_apply(params, x), want, rtol=1e-4, atol=1e-4)
+  auto = jax.jit(own_cls(**kwargs, impl='auto').apply)
+  np.testing.assert_allclose(auto(params, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_module_init_equals_flax():
+  x = jnp.ones((1, 5, 4, 3))
+  own = conv_lib.Conv(4, (3, 3), impl='lax')
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.jit(own.init)(jax.random.key(0), x),
+               jax.jit(nn.Conv(4, (3, 3)).init)(jax.random.key(0), x))
+
+
+def test_modules_take_batch_dims_like_flax():
+  for ref, own, shape in [
+      (nn.Conv(4, (3, 3)), conv_lib.Conv(4, (3, 3), impl='lax'), (7, 6, 3)),
+      (nn.Conv(4, (3, 3)), conv_lib.Conv(4, (3, 3), impl='lax'),
+       (2, 3, 7, 6, 3)),
+      (nn.ConvTranspose(4, (2, 2), strides=(2, 2)),
+       conv_lib.ConvTranspose(4, (2, 2), impl='lax'), (2, 3, 7, 6, 3))]:
+    x = jax.random.normal(jax.random.key(0), shape)
+    params = _random_params(ref, x)
+    np.testing.assert_allclose(jax.jit(own.apply)(params, x),
+                               jax.jit(ref.apply)(params, x),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_impl_names_the_choices():
+  x = jnp.ones((1, 4, 4, 2))
+  with pytest.raises(ValueError, match="'lax'.*'gemm_split'"):
+    conv_lib.conv(x, jnp.ones((3, 3, 2, 2)), impl='cudnn')
+  with pytest.raises(ValueError, match="'lax', 'gemm'"):
+    conv_lib.conv_transpose(x, jnp.ones((2, 2, 2, 2)), strides=2,
+                            impl='cudnn')
+  with pytest.raises(ValueError, match='valid choices'):
+    conv_lib.Conv(2, (3, 3), impl='nope').init(jax.random.key(0), x)
+
+
+def test_conv_transpose_needs_kernel_equal_to_stride():
+  with pytest.raises(ValueError, match='kernel size == strides'):
+    conv_lib.conv_transpose(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)),
+                            strides=2)
+
+
+def test_chunking():
+  # pylint: disable-next=protected-access
+  chunks = lambda *a: dataclasses.astuple(conv_lib._chunking(*a))
+  # (out, batch entries per chunk, planes per chunk, chunks)
+  # CASES[2] forward: 2 batch entries per chunk.
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(conv_lib, '_CHUNK_BYTES', 13_000)
+    assert chunks(4, (2, 4, 3), 27 * 2 * 4) == ((2, 4, 3), 2, 2, 2)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(conv_lib, '_CHUNK_BYTES', 38_400)
+    # CASES[5]: gemm_split forward 2 entries per chunk; im2col filter
+    # gradient 3 planes per chunk.
+    assert chunks(4, (9, 8), 3 * 16 * 4 * 10 / 8) == ((9, 8), 2, 9, 2)
+    assert chunks(4, (9, 8), 9 * 16 * 4) == ((9, 8), 1, 3, 12)
+    assert chunks(1, (7, 8), 1e9) == ((7, 8), 1, 1, 7)
+
+
+def test_default_impl_per_backend():
+  for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
+    assert conv_lib.default_conv_impl(backend) == 'lax'
+    assert conv_lib.default_conv_impl(backend, 2) == 'lax'
+    assert conv_lib.default_conv_transpose_impl(backend) == 'lax'
+  for nd in (1, 2, 3):
+    assert conv_lib.default_conv_impl('cpu', nd) in conv_lib.CONV_IMPLS
+  assert conv_lib.default_conv_transpose_impl('cpu') == 'gemm'
