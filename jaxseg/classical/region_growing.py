@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from jaxseg.classical import _common
+from jaxseg.classical import _df
 from jaxseg.classical import _flood
 
 
@@ -241,30 +242,57 @@ def region_grow(image, seeds, *, lower=None, upper=None, tolerance=None,
 
 
 def _region_stats(x, mask, shift):
-  """(n, sum(x - shift), sum((x - shift)^2), min, max) over `mask`, one reduce."""
+  """(n, sum(x - shift), sum((x - shift)^2), min, max) over `mask`.
+
+  Sums are plain float32 along the last axis, then double-float across rows
+  (`_df.sum_pairs`): ITK accumulates in double, and the window bounds are
+  compared with voxel values to the last float32 bit.
+  """
   d = jnp.where(mask, x - shift, 0)
   inf = jnp.asarray(jnp.inf, x.dtype)
-  return lax.reduce(
-      (mask.astype(jnp.int32), d, d * d, jnp.where(mask, x, inf),
-       jnp.where(mask, x, -inf)),
-      (jnp.int32(0), jnp.zeros((), x.dtype), jnp.zeros((), x.dtype), inf,
-       -inf),
-      lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2],
-                    jnp.minimum(a[3], b[3]), jnp.maximum(a[4], b[4])),
-      tuple(range(x.ndim)))
+  s1 = jnp.sum(d, axis=-1)
+  s2 = jnp.sum(d * d, axis=-1)
+  n = jnp.sum(mask, dtype=jnp.int32)
+  lo = jnp.min(jnp.where(mask, x, inf))
+  hi = jnp.max(jnp.where(mask, x, -inf))
+  axes = tuple(range(s1.ndim))
+  return n, _df.sum_pairs(s1, axes), _df.sum_pairs(s2, axes), lo, hi
+
+
+def _window_bounds(mean, var, mult, lowest, highest, dtype):
+  """ITK's window: mean -+ mult * sqrt(var), widened to the seed values,
+  clamped to the dtype and cast to it; mean/var/mult are double-float pairs."""
+  sd = _df.sqrt(var)
+  lo = _df.sub(mean, _df.mul(mult, sd))
+  hi = _df.add(mean, _df.mul(mult, sd))
+  ct = lowest.dtype
+  low, high = _df.make(lowest), _df.make(highest)
+  lo = _df.select(_df.less(low, lo), low, lo)
+  hi = _df.select(_df.less(hi, high), high, hi)
+  dmin, dmax = _common.dtype_limits(dtype)
+  if jnp.issubdtype(dtype, jnp.integer):
+    lo = _df.trunc(_df.select(_df.less(lo, _df.make(dmin, ct)),
+                              _df.make(dmin, ct), lo))
+    hi = _df.trunc(_df.select(_df.less(_df.make(dmax, ct), hi),
+                              _df.make(dmax, ct), hi))
+    return lo, hi
+  # Rounding the pair once gives the float32 of ITK's double bound.
+  return _df.to_float(lo).astype(dtype), _df.to_float(hi).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("initial_radius", "connectivity"))
-def _confidence_core(image, coords, multiplier, iterations, *, initial_radius,
-                     connectivity):
+def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
+                     initial_radius, connectivity):
   ct = _common.compute_dtype(image.dtype)
   x = image.astype(ct)
   shape = image.shape
   valid = _inside(coords, shape)
   num = valid.sum()
-  numf = num.astype(ct)
+  numf = _df.make(num.astype(ct))
   values = _seed_values(x, coords)
   shift = values[jnp.argmax(valid)]  # sums relative to a seed value
+  mult = (mult_hi.astype(ct), mult_lo.astype(ct))
+  one = _df.make(jnp.ones((), ct))
   if initial_radius > 0:
     r = initial_radius
     offsets = jnp.asarray(list(itertools.product(range(-r, r + 1),
@@ -272,59 +300,62 @@ def _confidence_core(image, coords, multiplier, iterations, *, initial_radius,
     # ITK's neighbourhood range clamps indices at the border.
     idx = jnp.clip(coords[:, None, :] + offsets[None], 0,
                    jnp.asarray(shape) - 1)
-    patch = x[tuple(jnp.moveaxis(idx, -1, 0))] - shift  # (k, P)
+    patch = _df.two_sum(x[tuple(jnp.moveaxis(idx, -1, 0))], -shift)  # (k, P)
     size = offsets.shape[0]
-    seed_mean = jnp.where(valid, patch.sum(1) / size, 0)
-    sumsq = jnp.where(valid, (patch * patch).sum(1), 0).sum()
-    mean = seed_mean.sum() / numf
-    total = numf * size
-    var = (sumsq - mean * mean * total) / (total - 1)
+    w = valid[:, None].astype(ct)
+    d = (patch[0] * w, patch[1] * w)
+    sq = _df.mul(d, d)
+    total_d = _df.add(_df.sum_pairs(d[0], (0, 1)), _df.sum_pairs(d[1], (0, 1)))
+    sumsq = _df.add(_df.sum_pairs(sq[0], (0, 1)), _df.sum_pairs(sq[1], (0, 1)))
+    # ITK: mean of the per-seed means; variance over all num * size values.
+    mean = _df.div(total_d, _df.mul(numf, _df.make(jnp.asarray(size, ct))))
+    total = _df.mul(numf, _df.make(jnp.asarray(size, ct)))
+    var = _df.div(_df.sub(sumsq, _df.mul(_df.mul(mean, mean), total)),
+                  _df.sub(total, one))
   else:
-    d = jnp.where(valid, values - shift, 0)
-    s1 = d.sum()
-    mean = s1 / numf
-    var = ((d * d).sum() - s1 * s1 / numf) / (numf - 1)
-  mean = mean + shift
+    d = _df.two_sum(values, -shift)
+    w = valid.astype(ct)
+    d = (d[0] * w, d[1] * w)
+    s1 = _df.add(_df.sum_pairs(d[0], (0,)), _df.sum_pairs(d[1], (0,)))
+    sq = _df.mul(d, d)
+    s2 = _df.add(_df.sum_pairs(sq[0], (0,)), _df.sum_pairs(sq[1], (0,)))
+    mean = _df.div(s1, numf)
+    var = _df.div(_df.sub(s2, _df.div(_df.mul(s1, s1), numf)),
+                  _df.sub(numf, one))
+  mean = _df.add(mean, _df.make(shift))
   lowest = jnp.min(jnp.where(valid, values, jnp.inf))
   highest = jnp.max(jnp.where(valid, values, -jnp.inf))
-  dmin, dmax = _common.dtype_limits(image.dtype)
   seeds_p = _packed_seeds(coords, valid, shape)
 
   def grow(mean, var):
-    sd = jnp.sqrt(var)
-    lo = mean - multiplier * sd
-    hi = mean + multiplier * sd
-    lo = jnp.where(lo > lowest, lowest, lo)
-    hi = jnp.where(hi < highest, highest, hi)
-    lo = jnp.where(lo < dmin, dmin, lo)
-    hi = jnp.where(hi > dmax, dmax, hi)
-    lo = _cast_bound(lo, image.dtype)
-    hi = _cast_bound(hi, image.dtype)
+    lo, hi = _window_bounds(mean, var, mult, lowest, highest, image.dtype)
     allowed = _flood.pack(_window(image, lo, hi))
     return _flood.flood_packed(seeds_p, allowed, connectivity)
 
   def body(i, state):
-    packed, done, prev_mean = state
+    packed, done, prev_shift = state
     mask = _flood.unpack(packed, shape[-1])
-    n, s1, s2, vmin, vmax = _region_stats(x, mask, prev_mean)
-    nf = n.astype(ct)
-    m = prev_mean + s1 / nf
-    v = (s2 - s1 * s1 / nf) / (nf - 1)
+    n, s1, s2, vmin, vmax = _region_stats(x, mask, prev_shift)
+    nf = _df.make(n.astype(ct))
+    m = _df.add(_df.div(s1, nf), _df.make(prev_shift))
+    v = _df.div(_df.sub(s2, _df.div(_df.mul(s1, s1), nf)), _df.sub(nf, one))
     # Round 0 grows from the seed statistics. Later rounds use the region's
     # mean and sample variance; ITK stops once that variance is zero, and a
     # one-voxel region gives 0/0 = NaN bounds in ITK, hence an empty region
     # (here too).
     first = i == 0
-    m = jnp.where(first, mean, m)
-    v = jnp.where(first, var, v)
+    m = _df.select(first, mean, m)
+    v = _df.select(first, var, v)
     stop = done | (~first & (n >= 2) & (vmin == vmax))
     new = grow(m, v)
-    return jnp.where(stop, packed, new), stop, jnp.where(stop, prev_mean, m)
+    return (jnp.where(stop, packed, new), stop,
+            jnp.where(stop, prev_shift, _df.to_float(m)))
 
   nw = -(-shape[-1] // 32)
   packed = jnp.zeros((nw,) + shape[:-1], jnp.uint32)
   packed, _, _ = lax.fori_loop(
-      0, iterations + 1, body, (packed, jnp.asarray(False), mean))
+      0, iterations + 1, body, (packed, jnp.asarray(False),
+                                _df.to_float(mean)))
   packed = jnp.where(num > 0, packed, jnp.zeros_like(packed))
   return _flood.unpack(packed, shape[-1])
 
@@ -351,8 +382,9 @@ def confidence_connected(image, seeds, *, multiplier: float = 2.5,
     connectivity: 1 (faces, as ITK) .. ndim.
 
   Returns:
-    bool mask identical to SimpleITK's (statistics in float32 instead of
-    double; relevant only when a bound lands within ~1e-6 of a voxel value).
+    bool mask identical to SimpleITK's. The statistics and the window are
+    computed in double-float (see `_df`) and rounded once, as ITK rounds its
+    double bounds, so boundary voxels agree to the last bit.
 
   Edge cases follow ITK: no seed inside the image, a single seed with
   `initial_radius=0`, or a one-voxel region during the iterations (0/0
@@ -369,10 +401,16 @@ def confidence_connected(image, seeds, *, multiplier: float = 2.5,
                      f"{initial_radius!r}")
   _, coords = _parse_seeds(seeds, image, allow_mask=False,
                            func="confidence_connected")
-  if _common.is_concrete(multiplier) and not np.isfinite(
-      np.asarray(multiplier)).all():
-    raise ValueError("confidence_connected: `multiplier` must be finite")
-  mult = jnp.asarray(multiplier)
-  return _confidence_core(image, coords, mult, jnp.int32(iterations),
+  if _common.is_concrete(multiplier):
+    # ITK takes a double: split it into float32 hi + lo (see _df).
+    mult = float(np.asarray(multiplier))
+    if not np.isfinite(mult):
+      raise ValueError("confidence_connected: `multiplier` must be finite")
+    mult_hi = np.float32(mult)
+    mult_lo = np.float32(mult - float(mult_hi))
+  else:
+    mult_hi, mult_lo = multiplier, jnp.zeros_like(multiplier)
+  return _confidence_core(image, coords, mult_hi, mult_lo,
+                          jnp.int32(iterations),
                           initial_radius=int(initial_radius),
                           connectivity=connectivity)
