@@ -33,6 +33,16 @@ def enable_compilation_cache(workdir: pathlib.Path) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def conv_impl_name(model_config) -> str:
+  """The convolution implementation the model will use, 'auto' resolved for this backend."""
+  from jaxseg.models import conv as conv_lib
+  impl = model_config.get("conv_impl", "auto")
+  if impl != "auto":
+    return impl
+  return (f"{conv_lib.default_conv_impl(jax.default_backend(), model_config.spatial_dims)}"
+          f"/{conv_lib.default_conv_transpose_impl(jax.default_backend())}")
+
+
 def init_state(model, tx, *, seed: int, in_channels: int, mesh) -> TrainState:
   """Parameters from a minimal input (the smallest size the network accepts), replicated.
 
@@ -127,6 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   num_steps = config.train.num_steps
   log(f"jaxseg: {config.get('name', 'run')} | model={config.model.name} {config.model.spatial_dims}D "
       f"| devices={jax.device_count()} ({jax.default_backend()}) x {jax.process_count()} process(es) "
+      f"| conv={conv_impl_name(config.model)} "
       f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={workdir}")
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.get("keep_checkpoints", 2))
