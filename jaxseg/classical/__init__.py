@@ -1,10 +1,16 @@
-"""Classical segmentation kernels: jitted, vmappable, N-D, equal to their references."""
+"""Classical segmentation kernels: jitted, vmappable, N-D, equal to their references.
+
+Thresholds (skimage / SimpleITK), seeded region growing (SimpleITK /
+skimage), connected components (scipy) and fuzzy C-means (scikit-fuzzy), each
+a function of arrays with keyword-only options; see the module docstrings for
+the algorithms and the deliberate differences from the references.
+"""
 
 from jaxseg.classical.components import label
-from jaxseg.classical.fuzzy_cmeans import fuzzy_cmeans
-from jaxseg.classical.fuzzy_cmeans import spatial_fuzzy_cmeans
 from jaxseg.classical.components import largest_component
 from jaxseg.classical.components import remove_small_components
+from jaxseg.classical.fuzzy_cmeans import fuzzy_cmeans
+from jaxseg.classical.fuzzy_cmeans import spatial_fuzzy_cmeans
 from jaxseg.classical.region_growing import confidence_connected
 from jaxseg.classical.region_growing import region_grow
 from jaxseg.classical.threshold import apply_threshold
