@@ -23,7 +23,8 @@ Algorithm (union-find style label propagation on runs)
 
 K is 32 (or half the row length if smaller). A row with more than K runs
 switches, via `lax.cond`, to a table of ceil(X / 2) slots that is always
-large enough (slower; under `jax.vmap` both branches run).
+large enough (slower). Under `jax.vmap` the switch is made once for the whole
+batch (a custom batching rule), not by running both branches.
 """
 
 import functools
@@ -252,8 +253,6 @@ def _tables(mask, connectivity):
   k_fast = min(_K_FAST, k_full)
   if k_fast == k_full:
     return _label_tables(mask, connectivity, k_full)
-  starts, _ = _run_bits(_row_words(mask))
-  overflow = _popc(starts).sum(-1).max() > k_fast
 
   def fast(m):
     s, e, labels, valid = _label_tables(m, connectivity, k_fast)
@@ -263,8 +262,27 @@ def _tables(mask, connectivity):
     return tuple(_pad_k(a, k_full, f) for a, f in zip(
         (s, e, labels, valid), (_NONE, -_NONE, _BIG, False)))
 
-  return lax.cond(overflow,
-                  lambda m: _label_tables(m, connectivity, k_full), fast, mask)
+  def full(m):
+    return _label_tables(m, connectivity, k_full)
+
+  def overflow(m):
+    starts, _ = _run_bits(_row_words(m))
+    return _popc(starts).sum(-1).max() > k_fast
+
+  @jax.custom_batching.custom_vmap
+  def run(m):
+    return lax.cond(overflow(m), full, fast, m)
+
+  @run.def_vmap
+  def _run_batched(axis_size, in_batched, m):
+    # Under vmap a per-image cond would run both branches for every image;
+    # take the fast one for the whole batch unless some image overflows.
+    del axis_size, in_batched
+    any_overflow = jnp.any(jax.vmap(overflow)(m))
+    out = lax.cond(any_overflow, jax.vmap(full), jax.vmap(fast), m)
+    return out, (True,) * 4
+
+  return run(mask)
 
 
 def _pad_k(a, k, fill):

@@ -241,22 +241,33 @@ def region_grow(image, seeds, *, lower=None, upper=None, tolerance=None,
 # ----------------------------------------------------------------------------
 
 
-def _region_stats(x, mask, shift):
-  """(n, sum(x - shift), sum((x - shift)^2), min, max) over `mask`.
+_STATS_BLOCK = 4096
 
-  Sums are plain float32 along the last axis, then double-float across rows
-  (`_df.sum_pairs`): ITK accumulates in double, and the window bounds are
-  compared with voxel values to the last float32 bit.
+
+def _region_stats(x, mask, shift, seed_value):
+  """(n, sum(x - shift), sum((x - shift)^2), constant?) over `mask`.
+
+  One variadic `lax.reduce` over blocks of 4096 voxels (XLA:CPU evaluates
+  separate masked reductions ~8x slower), then the block sums are added in
+  double-float (`_df.sum_pairs`): ITK accumulates in double, and the window
+  bounds are compared with voxel values to the last float32 bit. The region
+  is constant iff sum((x - seed value)^2) is exactly 0 (a sum of non-negative
+  terms; the seed lies in every non-empty region).
   """
-  d = jnp.where(mask, x - shift, 0)
-  inf = jnp.asarray(jnp.inf, x.dtype)
-  s1 = jnp.sum(d, axis=-1)
-  s2 = jnp.sum(d * d, axis=-1)
-  n = jnp.sum(mask, dtype=jnp.int32)
-  lo = jnp.min(jnp.where(mask, x, inf))
-  hi = jnp.max(jnp.where(mask, x, -inf))
-  axes = tuple(range(s1.ndim))
-  return n, _df.sum_pairs(s1, axes), _df.sum_pairs(s2, axes), lo, hi
+  m = mask.astype(x.dtype).reshape(-1)
+  xf = x.reshape(-1)
+  pad = (-xf.size) % _STATS_BLOCK
+  m = jnp.pad(m, (0, pad)).reshape(-1, _STATS_BLOCK)
+  xf = jnp.pad(xf, (0, pad)).reshape(-1, _STATS_BLOCK)
+  d = (xf - shift) * m
+  e = (xf - seed_value) * m
+  zero = jnp.zeros((), x.dtype)
+  s1, s2, cnt, dev = lax.reduce(
+      (d, d * d, m, e * e), (zero,) * 4,
+      lambda a, b: tuple(p + q for p, q in zip(a, b)), (1,))
+  n = jnp.sum(cnt.astype(jnp.int32))  # each block count is exact
+  return (n, _df.sum_pairs(s1, (0,)), _df.sum_pairs(s2, (0,)),
+          jnp.sum(dev) == 0)
 
 
 def _window_bounds(mean, var, mult, lowest, highest, dtype):
@@ -327,15 +338,20 @@ def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
   highest = jnp.max(jnp.where(valid, values, -jnp.inf))
   seeds_p = _packed_seeds(coords, valid, shape)
 
-  def grow(mean, var):
+  def grow(mean, var, packed, prev_lo, prev_hi):
     lo, hi = _window_bounds(mean, var, mult, lowest, highest, image.dtype)
     allowed = _flood.pack(_window(image, lo, hi))
-    return _flood.flood_packed(seeds_p, allowed, connectivity)
+    # A window containing the previous one gives a region containing the
+    # previous region (connected to the seeds): flood on from it, same result
+    # in fewer rounds.
+    wider = (lo <= prev_lo) & (hi >= prev_hi)
+    start = jnp.where(wider, packed | seeds_p, seeds_p)
+    return _flood.flood_packed(start, allowed, connectivity), lo, hi
 
   def body(i, state):
-    packed, done, prev_shift = state
+    packed, done, prev_shift, prev_lo, prev_hi = state
     mask = _flood.unpack(packed, shape[-1])
-    n, s1, s2, vmin, vmax = _region_stats(x, mask, prev_shift)
+    n, s1, s2, constant = _region_stats(x, mask, prev_shift, shift)
     nf = _df.make(n.astype(ct))
     m = _df.add(_df.div(s1, nf), _df.make(prev_shift))
     v = _df.div(_df.sub(s2, _df.div(_df.mul(s1, s1), nf)), _df.sub(nf, one))
@@ -346,16 +362,19 @@ def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
     first = i == 0
     m = _df.select(first, mean, m)
     v = _df.select(first, var, v)
-    stop = done | (~first & (n >= 2) & (vmin == vmax))
-    new = grow(m, v)
+    stop = done | (~first & (n >= 2) & constant)
+    new, lo, hi = grow(m, v, packed, prev_lo, prev_hi)
     return (jnp.where(stop, packed, new), stop,
-            jnp.where(stop, prev_shift, _df.to_float(m)))
+            jnp.where(stop, prev_shift, _df.to_float(m)),
+            jnp.where(stop, prev_lo, lo), jnp.where(stop, prev_hi, hi))
 
   nw = -(-shape[-1] // 32)
   packed = jnp.zeros((nw,) + shape[:-1], jnp.uint32)
-  packed, _, _ = lax.fori_loop(
+  # Round 0 starts from an empty region and an empty (inverted) window.
+  big = jnp.asarray(jnp.inf, ct)
+  packed, _, _, _, _ = lax.fori_loop(
       0, iterations + 1, body, (packed, jnp.asarray(False),
-                                _df.to_float(mean)))
+                                _df.to_float(mean), big, -big))
   packed = jnp.where(num > 0, packed, jnp.zeros_like(packed))
   return _flood.unpack(packed, shape[-1])
 

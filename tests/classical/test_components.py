@@ -74,6 +74,14 @@ def test_overflow_table_branch():
   mask &= rng.random(mask.shape) < 0.9
   mask[:, :, 1::2] |= rng.random((6, 7, 40)) < 0.2
   _assert_same_labels(mask)
+  # Under vmap the table size is chosen once for the whole batch.
+  calm = np.zeros_like(mask)
+  calm[:, :, 10:30] = True
+  labels, n = jax.vmap(C.label)(np.stack([calm, mask]))
+  for i, m in enumerate((calm, mask)):
+    ref, n_ref = ndi.label(m)
+    np.testing.assert_array_equal(np.asarray(labels[i]), ref)
+    assert int(n[i]) == n_ref
 
 
 def test_int_and_float_input():
