@@ -239,6 +239,9 @@ def save_npz_atomic(path, **arrays) -> None:
   os.close(fd)
   try:
     np.savez(tmp, **arrays)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -5,8 +5,10 @@ their order, probabilities and ranges follow `nnUNetTrainer.get_training_transfo
 (batchgeneratorsv2): spatial (rotation, scaling, optional elastic deformation) -> Gaussian
 noise -> Gaussian blur -> multiplicative brightness -> contrast -> low-resolution simulation
 -> inverted gamma -> gamma -> mirroring. Images are interpolated linearly and labels by
-nearest neighbour (`jax.scipy.ndimage.map_coordinates`), on the same coordinates, so they stay
-aligned.
+nearest neighbour (`jax.scipy.ndimage.map_coordinates`, edge values outside the patch), on the
+same coordinates, so they stay aligned. Not reproduced: nnU-Net's "dummy 2D" spatial
+augmentation for anisotropic 3D patches (in-plane rotation only) and its smaller rotation range
+for elongated 2D patches; the label is resampled by nearest neighbour, not one-hot linear.
 
 Cost: under `vmap` a per-example `cond` would evaluate both branches, so each transform is a
 batch-level `lax.cond` that runs it (vmapped) only on steps where at least one example of the

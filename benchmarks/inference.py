@@ -1,0 +1,169 @@
+"""Sliding-window inference throughput, single pass vs 8-flip mirror TTA, and MONAI on the same net.
+
+    python benchmarks/inference.py                         # 128^3 and 256^3, config unet3d
+    python benchmarks/inference.py --sizes 128 --tta-sizes 128 --patch 64 --no-monai
+
+For each volume size: seconds for `jaxseg.inference.sliding_window` (Gaussian blending, step
+0.5 x patch, tiles batched) without TTA and with the 8 mirror flips folded into the batch.
+Reported as voxels/s and, for TTA, voxel-passes/s (8 x voxels / s): batched TTA should give at
+least the single pass's rate (so it costs no more than 8x). Where PyTorch and MONAI are
+installed, the same sizes through `monai.inferers.sliding_window_inference` with a DynUNet of the
+same stages, features, kernels, norm and activation, TTA as the usual loop over the 8 flips.
+Parameters are random (throughput does not depend on them). Prints a table and writes JSON to
+benchmarks/results/inference_<backend>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+sys.path.insert(0, str(REPO))
+
+from jaxseg import inference, report  # noqa: E402
+from jaxseg.models import build_model  # noqa: E402
+
+FLIPS = (0, 1, 2)
+
+
+def jax_runner(config, num_classes, in_channels):
+  model = build_model(config.model, num_classes=num_classes)
+  x = jnp.zeros((1,) + (model.downsampling,) * 3 + (in_channels,))
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+  @jax.jit
+  def apply(p, tiles):
+    out = model.apply({"params": p}, tiles)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    return jax.nn.softmax(out.astype(jnp.float32), axis=-1)
+
+  def run(volume, patch, batch, tta):
+    return inference.sliding_window(apply, params, volume, patch=patch, overlap=0.5,
+                                    batch_size=batch, mirror_axes=FLIPS if tta else ())
+  return run, n_params
+
+
+def monai_runner(config, num_classes, in_channels, threads):
+  try:
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.networks.nets import DynUNet
+  except ImportError as e:
+    return None, f"skipped: {e}"
+  torch.set_num_threads(threads)
+  stages = config.model.num_stages
+  feats = [min(config.model.base_features * 2 ** i, config.model.max_features) for i in range(stages)]
+  net = DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+                kernel_size=[3] * stages, strides=[1] + [2] * (stages - 1),
+                upsample_kernel_size=[2] * (stages - 1), filters=feats, norm_name="instance",
+                act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+                deep_supervision=False, res_block=False).eval()
+  n_params = sum(p.numel() for p in net.parameters())
+
+  def predictor(x):
+    return torch.softmax(net(x), dim=1)
+
+  def run(volume, patch, batch, tta):
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, -1, 0)))[None]
+    flips = inference.mirror_combinations(FLIPS) if tta else [()]
+    out = 0
+    with torch.inference_mode():
+      for f in flips:
+        dims = [a + 2 for a in f]
+        xi = torch.flip(x, dims) if f else x
+        p = sliding_window_inference(xi, roi_size=patch, sw_batch_size=batch, predictor=predictor,
+                                     overlap=0.5, mode="gaussian", sigma_scale=0.125)
+        out = out + (torch.flip(p, dims) if f else p)
+    return (out / len(flips))[0].numpy()
+  return (run, n_params), None
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="unet3d")
+  p.add_argument("--arg", default=None)
+  p.add_argument("--sizes", type=int, nargs="*", default=[128, 256])
+  p.add_argument("--tta-sizes", type=int, nargs="*", default=None,
+                 help="sizes also timed with TTA (default: all --sizes)")
+  p.add_argument("--patch", type=int, default=0, help="cubic tile size (default: the config's patch)")
+  p.add_argument("--batch", type=int, default=4, help="tiles per forward pass")
+  p.add_argument("--tta-batch", type=int, default=0,
+                 help="tiles per forward pass with TTA (each brings its 8 flips; default --batch)")
+  p.add_argument("--classes", type=int, default=4)
+  p.add_argument("--no-monai", action="store_true")
+  p.add_argument("--out", default=None)
+  a = p.parse_args()
+  config = importlib.import_module(a.config).get_config(a.arg)
+  patch = (a.patch,) * 3 if a.patch else tuple(config.data.patch_size)
+  tta_sizes = a.sizes if a.tta_sizes is None else a.tta_sizes
+  threads = len(os.sched_getaffinity(0))
+  runners = {}
+  run, n = jax_runner(config, a.classes, 1)
+  runners["jaxseg"] = (run, n)
+  monai_note = "disabled (--no-monai)"
+  if not a.no_monai:
+    got, monai_note = monai_runner(config, a.classes, 1, threads)
+    if got is not None:
+      runners["monai"] = got
+      monai_note = "ok"
+  rows = []
+  rng = np.random.default_rng(0)
+  warm = rng.normal(size=tuple(2 * s for s in patch) + (1,)).astype(np.float32)
+  tta_batch = a.tta_batch or a.batch
+  for name, (run, n_params) in runners.items():
+    for tta in (False, True):
+      run(warm, patch, tta_batch if tta else a.batch, tta)  # compile / warm up both shapes
+    for size in a.sizes:
+      volume = rng.normal(size=(size,) * 3 + (1,)).astype(np.float32)
+      for tta in (False, True) if size in tta_sizes else (False,):
+        t0 = time.perf_counter()
+        batch = tta_batch if tta else a.batch
+        out = run(volume, patch, batch, tta)
+        sec = time.perf_counter() - t0
+        assert out.shape[:3] == (size,) * 3 or out.shape[1:] == (size,) * 3
+        vox = size ** 3
+        passes = 8 if tta else 1
+        rows.append({"impl": name, "size": size, "tta": tta, "seconds": sec,
+                     "voxels_per_s": vox / sec, "voxel_passes_per_s": passes * vox / sec,
+                     "params": n_params, "patch": list(patch), "batch": batch})
+        print(f"{name:<7} {size}^3 tta={tta!s:<5} {sec:8.1f} s", flush=True)
+  print(f"\nconfig={a.config} patch={patch} tile batch={a.batch} backend={jax.default_backend()} "
+        f"devices={jax.device_count()} cpus={threads} machine={platform.machine()} MONAI: {monai_note}")
+  print(f"{'impl':<8}{'volume':>8}{'TTA':>6}{'tiles/call':>11}{'seconds':>10}{'Mvox/s':>10}"
+        f"{'Mvox-passes/s':>15}{'params':>10}")
+  for r in rows:
+    print(f"{r['impl']:<8}{r['size']:>7}^3{'8x' if r['tta'] else '-':>5}{r['batch']:>11}"
+          f"{r['seconds']:>10.1f}{r['voxels_per_s'] / 1e6:>10.3f}{r['voxel_passes_per_s'] / 1e6:>15.3f}"
+          f"{r['params']:>10}")
+  ratios = {}
+  for r in rows:
+    if r["tta"]:
+      single = next(s for s in rows if s["impl"] == r["impl"] and s["size"] == r["size"] and not s["tta"])
+      ratios[f"{r['impl']}_{r['size']}"] = r["voxel_passes_per_s"] / single["voxels_per_s"]
+  for k, v in ratios.items():
+    print(f"TTA voxel-passes/s over single-pass voxels/s, {k}: {v:.2f} (>= 1: TTA costs <= 8x)")
+  out = pathlib.Path(a.out or REPO / "benchmarks" / "results" / f"inference_{jax.default_backend()}.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  meta = {"config": a.config, "arg": a.arg, "patch": list(patch), "batch": a.batch,
+          "tta_batch": tta_batch,
+          "classes": a.classes, "backend": jax.default_backend(), "devices": jax.device_count(),
+          "cpus": threads, "jax": jax.__version__, "monai": monai_note,
+          "date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg()}
+  report.write_json_atomic(out, {"meta": meta, "rows": rows, "tta_ratio": ratios})
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
