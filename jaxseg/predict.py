@@ -132,15 +132,16 @@ _CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 def find_cases(path, num_channels: int, channel_names=()) -> dict[str, list[pathlib.Path]]:
   """Input files grouped by case: {case: [channel 0 path, channel 1 path, ...]}.
 
-  `path` is a folder (every supported file in it) or one file (its sibling channel files are
-  added). Raises PredictError for a missing path, an empty folder or a case whose channel files
+  `path` is a folder (every supported file in it but hidden ones, such as temporary files of
+  an interrupted write) or one file (its sibling channel files are added). Raises PredictError for a missing path, an empty folder or a case whose channel files
   do not match the model's `num_channels`.
   """
   path = pathlib.Path(path)
   if not path.exists():
     raise PredictError(f"--input {path}: no such file or directory")
   if path.is_dir():
-    files = sorted(p for p in path.iterdir() if p.is_file() and _ending(p))
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and _ending(p) and not p.name.startswith("."))
     if not files:
       raise PredictError(f"--input {path} holds no {'/'.join(io.SUPPORTED_ENDINGS)} files")
   else:
