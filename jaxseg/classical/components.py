@@ -79,18 +79,36 @@ def _take_lowest(bits):
   return pos, bits
 
 
+def _select_bits(bits, k):
+  """Positions of the first k set bits of every packed row (-1 if fewer).
+
+  Rank/select on the words: the word holding the j-th set bit is found from
+  prefix popcounts, and the bit inside it by a 5-step binary search on
+  popcounts of its low bits; everything is elementwise on (rows, k).
+  """
+  nw = bits.shape[-1]
+  count = _popc(bits)
+  before = jnp.cumsum(count, -1) - count  # set bits in earlier words
+  j = jnp.arange(k, dtype=jnp.int32)
+  w = jnp.sum(before[..., None, :] <= j[:, None], -1, dtype=jnp.int32) - 1
+  w = jnp.clip(w, 0, nw - 1)
+  word = jnp.take_along_axis(bits, w, -1)
+  rank = j - jnp.take_along_axis(before, w, -1)  # wanted bit's rank in word
+  lo = jnp.zeros_like(rank)
+  for step in (16, 8, 4, 2, 1):
+    mask = (_U32(1) << (lo + step).astype(_U32)) - _U32(1)
+    below = _popc(word & mask)
+    lo = jnp.where(below <= rank, lo + step, lo)
+  total = count.sum(-1, keepdims=True)
+  return jnp.where(j < total, w * 32 + lo, -1)
+
+
 def _run_table(words, k):
   """(start, end) of the first k runs of every row; empty slots get _NONE/-_NONE."""
-
-  def one(carry, _):
-    s_bits, e_bits = carry
-    ps, s_bits = _take_lowest(s_bits)
-    pe, e_bits = _take_lowest(e_bits)
-    return (s_bits, e_bits), (jnp.where(ps >= 0, ps, _NONE),
-                              jnp.where(pe >= 0, pe, -_NONE))
-
-  _, (s, e) = lax.scan(one, _run_bits(words), None, length=k)
-  return jnp.moveaxis(s, 0, -1), jnp.moveaxis(e, 0, -1)
+  starts, ends = _run_bits(words)
+  s = _select_bits(starts, k)
+  e = _select_bits(ends, k)
+  return jnp.where(s >= 0, s, _NONE), jnp.where(e >= 0, e, -_NONE)
 
 
 def _shift_rows(a, offset, fill):
@@ -246,24 +264,26 @@ def _as_rows(mask):
   return mask.reshape((1,) + mask.shape) if mask.ndim == 1 else mask
 
 
-def _tables(mask, connectivity):
-  """Converged run tables, switching to the full-size table on overflow."""
+def _label_rows(mask, connectivity, k):
+  """Voxel labels and count with a run table of k slots per row."""
+  _, _, labels, valid = _label_tables(mask, connectivity, k)
+  number, n = _rank_roots(labels, valid)
+  return _paint(mask, number, 0), n
+
+
+def _label_any(mask, connectivity):
+  """Labels with the 32-slot table, or the always-sufficient one on overflow."""
   x = mask.shape[-1]
   k_full = max(1, -(-x // 2))
   k_fast = min(_K_FAST, k_full)
   if k_fast == k_full:
-    return _label_tables(mask, connectivity, k_full)
+    return _label_rows(mask, connectivity, k_full)
 
   def fast(m):
-    s, e, labels, valid = _label_tables(m, connectivity, k_fast)
-    # Table ids r * k_fast + slot -> r * k_full + slot (order preserved).
-    labels = jnp.where(valid, labels // k_fast * k_full + labels % k_fast,
-                       _BIG)
-    return tuple(_pad_k(a, k_full, f) for a, f in zip(
-        (s, e, labels, valid), (_NONE, -_NONE, _BIG, False)))
+    return _label_rows(m, connectivity, k_fast)
 
   def full(m):
-    return _label_tables(m, connectivity, k_full)
+    return _label_rows(m, connectivity, k_full)
 
   def overflow(m):
     starts, _ = _run_bits(_row_words(m))
@@ -280,24 +300,17 @@ def _tables(mask, connectivity):
     del axis_size, in_batched
     any_overflow = jnp.any(jax.vmap(overflow)(m))
     out = lax.cond(any_overflow, jax.vmap(full), jax.vmap(fast), m)
-    return out, (True,) * 4
+    return out, (True, True)
 
   return run(mask)
-
-
-def _pad_k(a, k, fill):
-  pad = [(0, 0)] * (a.ndim - 1) + [(0, k - a.shape[-1])]
-  return jnp.pad(a, pad, constant_values=fill)
 
 
 @functools.partial(jax.jit, static_argnames=("connectivity",))
 def _label_core(mask, *, connectivity):
   mask = _foreground(mask)
   shape = mask.shape
-  m = _as_rows(mask)
-  _, _, labels, valid = _tables(m, connectivity)
-  number, n = _rank_roots(labels, valid)
-  return _paint(m, number, 0).reshape(shape), n
+  labels, n = _label_any(_as_rows(mask), connectivity)
+  return labels.reshape(shape), n
 
 
 def _sizes(labels):
