@@ -17,6 +17,7 @@ def write_json_atomic(path, obj) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       json.dump(obj, f, indent=2, default=_jsonable)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
