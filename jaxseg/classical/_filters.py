@@ -126,7 +126,6 @@ def filter_axis(x, weights: tuple, axis: int, *, mode: str, cval):
   post = math.prod(x.shape[axis + 1:])
   last = axis == x.ndim - 1
   x3 = x.reshape((pre, n) if last else (pre, n, post))
-  cut = 1
   parts = [(0, n, 0, n)]
   if n >= _BLOCKED_MIN and len(weights) - 1 + _BLOCK <= n // 2:
     parts = _blocks(m, _BLOCK)
@@ -134,8 +133,8 @@ def filter_axis(x, weights: tuple, axis: int, *, mode: str, cval):
     y = _apply(x3, m, dt, last)
   else:
     y = jnp.concatenate(
-        [_apply(lax.slice_in_dim(x3, i0, i1, axis=cut), m[i0:i1, j0:j1], dt,
-                last) for j0, j1, i0, i1 in parts], axis=cut)
+        [_apply(lax.slice_in_dim(x3, i0, i1, axis=1), m[i0:i1, j0:j1], dt,
+                last) for j0, j1, i0, i1 in parts], axis=1)
   y = y.reshape(x.shape)
   if mode == "constant":
     shape = [1] * x.ndim
