@@ -67,10 +67,10 @@ def run(config, repeats: int):
     rows.append({"stage": name, "s_per_batch": seconds, "patches_per_s": per_call / seconds,
                  "first_call_s": first, "note": note})
 
-  sample_s, _ = _timed(lambda i: t.sampler.batch(1000 + i, b), repeats * 4)
+  sample_s, _ = _timed(lambda i: t.batch_fn(1000 + i, range(b)), repeats * 4)
   row("sampler (host)", sample_s, note="PatchSampler.batch, one process")
 
-  host = t.sampler.batch(0, b)
+  host = t.batch_fn(0, range(b))
   batch = sharding.global_batch(host, t.mesh)
   # nnU-Net v2's probabilities (configs/common.py) whatever the config picked (the CPU configs
   # switch all but mirroring off), with the config's mirror axes.

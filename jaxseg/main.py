@@ -20,8 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 def _runner(name: str):
   """The function that runs a config's `runner` ('train' or 'classical')."""
   if name == "train":
-    from jaxseg import train
-    return train.run
+    from jaxseg import paradigms
+    return paradigms.run
   if name == "classical":
     from jaxseg.classical import pipeline
     return pipeline.run

@@ -18,7 +18,6 @@ import numpy as np
 from jaxseg import checkpoint, inference, metrics, optim, report, sharding, steps, validate
 from jaxseg.data import pipeline, sampling
 from jaxseg.models import build_model
-from jaxseg.paradigms import PARADIGMS
 from jaxseg.state import TrainState
 
 
@@ -43,17 +42,27 @@ def conv_impl_name(model_config) -> str:
           f"/{conv_lib.default_conv_transpose_impl(jax.default_backend())}")
 
 
-def init_state(model, tx, *, seed: int, in_channels: int, mesh) -> TrainState:
-  """Parameters from a minimal input (the smallest size the network accepts), replicated.
+def init_params(model, *, seed: int, in_channels: int):
+  """Parameters from a minimal input (the smallest size the network accepts).
 
   Parameter shapes do not depend on the spatial size, so initialising on a tiny input keeps
   start-up short (a full-patch init compiles far longer).
   """
   shape = (1,) + (model.downsampling,) * model.spatial_dims + (in_channels,)
+  return model.init(jax.random.key(seed), jnp.zeros(shape, jnp.float32))["params"]
 
-  def init():
-    params = model.init(jax.random.key(seed), jnp.zeros(shape, jnp.float32))["params"]
+
+def init_state(model, tx, *, seed: int, in_channels: int, mesh, params=None) -> TrainState:
+  """A fresh TrainState (parameters from `init_params` unless `params` is given), replicated."""
+
+  def init(params):
+    if params is None:
+      params = init_params(model, seed=seed, in_channels=in_channels)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  if params is not None:
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(params)
+  return jax.jit(lambda: init(None), out_shardings=sharding.replicated(mesh))()
 
   return jax.jit(init, out_shardings=sharding.replicated(mesh))()
 
@@ -80,7 +89,11 @@ def evaluate(predict_fn, params, data: pipeline.SegData, config, *, keep_predict
 
 @dataclasses.dataclass
 class Trainer:
-  """Everything a run needs, built from a config (see `setup`)."""
+  """Everything a run needs, built from a config (see `setup`).
+
+  `batch_fn(step, indices)` returns examples `indices` of the global batch of `step` as a dict
+  of NumPy arrays with a leading batch axis ('image', 'label' and whatever the loss reads).
+  """
   config: ml_collections.ConfigDict
   data: pipeline.SegData
   model: Any
@@ -89,63 +102,75 @@ class Trainer:
   state: TrainState
   train_step: Any
   predict_fn: Any
-  sampler: sampling.PatchSampler
+  batch_fn: Any
   key: jax.Array
 
   def batch(self, step: int) -> dict:
     """This process's share of the global batch of `step`, as global sharded arrays."""
     b = self.config.train.batch_size
     local = sharding.local_batch_slice(b, self.mesh)
-    return sharding.global_batch(self.sampler.batch(step, b, range(local.start, local.stop)), self.mesh)
+    return sharding.global_batch(self.batch_fn(step, range(local.start, local.stop)), self.mesh)
 
 
-def setup(config: ml_collections.ConfigDict, *, devices=None) -> Trainer:
+def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=None, loss_fn=None,
+          batch_fn=None, params=None) -> Trainer:
   """Validates the config, loads the data and builds model, optimiser, state and steps.
 
   `devices` (default: all) restricts the mesh, e.g. to compare 1 and 8 devices in a test.
+  Paradigms replace parts: `data` (a `SegData`, default `pipeline.load_cases(config)`),
+  `model` (default from `config.model`), `loss_fn` (params, batch, key) -> (loss, aux) (default
+  supervised Dice + CE), `batch_fn` (default: patches of `data` with foreground oversampling)
+  and `params` (initial parameters, e.g. a previous stage's; default: a fresh init).
   """
   sharding.maybe_initialize_distributed(config.get("distributed"))
   mesh = sharding.make_mesh(devices)
   validate.check_train_config(config, device_count=mesh.size)
-  data = pipeline.load_cases(config)
-  model = build_model(config.model, num_classes=data.num_classes)
+  data = data if data is not None else pipeline.load_cases(config)
+  model = model if model is not None else build_model(config.model, num_classes=data.num_classes)
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  loss_fn = PARADIGMS[config.get("paradigm", "supervised")].make_loss_fn(model, config, data.num_classes)
-  state = init_state(model, tx, seed=config.seed, in_channels=data.in_channels, mesh=mesh)
-  sampler = sampling.PatchSampler(data.train_images, data.train_labels,
-                                  patch_size=config.data.patch_size,
-                                  foreground_fraction=config.data.foreground_fraction, seed=config.seed)
+  if loss_fn is None:
+    from jaxseg.paradigms import supervised  # noqa: PLC0415
+    loss_fn = supervised.make_loss_fn(model, config, data.num_classes)
+  state = init_state(model, tx, seed=config.seed, in_channels=data.in_channels, mesh=mesh,
+                     params=params)
+  if batch_fn is None:
+    sampler = sampling.PatchSampler(data.train_images, data.train_labels,
+                                    patch_size=config.data.patch_size,
+                                    foreground_fraction=config.data.foreground_fraction,
+                                    seed=config.seed)
+    b = config.train.batch_size
+    batch_fn = lambda step, indices: sampler.batch(step, b, indices)  # noqa: E731
   key = jax.make_array_from_process_local_data(
       sharding.replicated(mesh), np.asarray(jax.random.key_data(jax.random.key(config.seed))))
   return Trainer(config=config, data=data, model=model, mesh=mesh, tx=tx, state=state,
                  train_step=steps.make_train_step(loss_fn, tx, mesh, config.augment),
-                 predict_fn=steps.make_predict_fn(model), sampler=sampler, key=key)
+                 predict_fn=steps.make_predict_fn(model), batch_fn=batch_fn, key=key)
 
 
-def run(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Trains the configured model in `workdir`, resuming from its latest checkpoint.
+def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "") -> tuple[TrainState, dict]:
+  """The training loop of one phase in `workdir`: resume from its latest checkpoint, step to
+  `config.train.num_steps`, log progress, evaluate every `eval_every` steps, checkpoint.
 
-  Returns the report dict also written to `workdir/report.json`.
+  `evaluate_fn(params) -> summary` (default: sliding-window Dice on `t.data`'s validation
+  cases) must return a dict with 'mean_dice'; the best state by it is kept in `workdir/best`.
+  `tag` prefixes the progress lines (e.g. a stage name). Appends to `workdir/metrics.jsonl`.
+  Returns (final state, stats: steps, steps_this_run, first_step_s, steps_per_s, last_eval).
   """
-  t_start = time.time()
+  config = t.config
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  enable_compilation_cache(workdir)
-  t = setup(config)
-  pipeline.write_plan(workdir, config, t.data)  # what jaxseg.predict needs to rebuild the run
-  data, model, state = t.data, t.model, t.state
-  num_steps = config.train.num_steps
-  log(f"jaxseg: {config.get('name', 'run')} | model={config.model.name} {config.model.spatial_dims}D "
-      f"| devices={jax.device_count()} ({jax.default_backend()}) x {jax.process_count()} process(es) "
-      f"| conv={conv_impl_name(config.model)} "
-      f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={workdir}")
-
+  if evaluate_fn is None:
+    evaluate_fn = lambda params: evaluate(t.predict_fn, params, t.data, config)[0]  # noqa: E731
+  prefix = f"[{tag}] " if tag else ""
+  t_start = time.time()
+  state = t.state
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.get("keep_checkpoints", 2))
   restored = ckpt.restore_latest(checkpoint.abstract_like(state))
   if restored is not None:
     state = restored
-    log(f"resumed from checkpoint at step {int(state.step)}")
+    log(f"{prefix}resumed from checkpoint at step {int(state.step)}")
   start_step = int(state.step)
+  num_steps = config.train.num_steps
   voxels_per_step = config.train.batch_size * int(np.prod(config.data.patch_size))
   metrics_path = workdir / "metrics.jsonl"
   last_eval = None
@@ -160,7 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     if first_step_s is None:
       jax.block_until_ready(m["loss"])
       first_step_s = time.time() - t_start
-      log(f"first step finished {first_step_s:.1f} s after start (compilation included)")
+      log(f"{prefix}first step finished {first_step_s:.1f} s after start (compilation included)")
       t_window, steps_window = time.time(), 0
     if done % config.train.log_every == 0 or done == num_steps:
       loss = float(m["loss"])
@@ -170,17 +195,20 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       dt = max(time.time() - t_window, 1e-9)
       rate = steps_window / dt if steps_window else float("nan")
       eta = (num_steps - done) / rate if rate > 0 else float("nan")
-      log(f"step {done:>6}/{num_steps} | loss {loss:.4f} | {rate:.2f} steps/s | "
+      extra = "".join(f" | {k} {float(v):.4f}" for k, v in m.items() if k not in ("loss", "grad_norm"))
+      log(f"{prefix}step {done:>6}/{num_steps} | loss {loss:.4f}{extra} | {rate:.2f} steps/s | "
           f"{rate * voxels_per_step / 1e6:.2f} Mvox/s | ETA {eta / 60:.1f} min")
       if jax.process_index() == 0:
-        report.append_jsonl(metrics_path, {"split": "train", "step": done, "loss": loss,
-                                           "grad_norm": float(m["grad_norm"]), "steps_per_s": rate})
+        report.append_jsonl(metrics_path, {"split": "train", "step": done, "steps_per_s": rate,
+                                           **{k: float(v) for k, v in m.items()}})
       t_window, steps_window = time.time(), 0
     if done % config.train.eval_every == 0 or done == num_steps:
-      summary, _, _ = evaluate(t.predict_fn, state.params, data, config)
+      summary = evaluate_fn(state.params)
       last_eval = (done, summary)
-      log(f"eval  {done:>6} | mean Dice {summary['mean_dice']:.4f} | mean IoU {summary['mean_iou']:.4f} | "
-          + " ".join(f"{k} {v:.3f}" for k, v in summary["dice_per_class"].items()))
+      per_class = summary.get("dice_per_class", {})
+      log(f"{prefix}eval  {done:>6} | mean Dice {summary['mean_dice']:.4f}"
+          + (f" | mean IoU {summary['mean_iou']:.4f}" if "mean_iou" in summary else "")
+          + (" | " + " ".join(f"{k} {v:.3f}" for k, v in per_class.items()) if per_class else ""))
       if jax.process_index() == 0:
         report.append_jsonl(metrics_path, {"split": "val", "step": done, **summary})
       ckpt.save_best(done, state, {"mean_dice": summary["mean_dice"]})
@@ -188,19 +216,41 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     if done % config.train.checkpoint_every == 0 or done == num_steps:
       ckpt.save(done, state)
   loop_s = time.time() - t_loop
+  ckpt.close()
   steps_run = num_steps - start_step
+  return state, {"steps": num_steps, "steps_this_run": steps_run, "first_step_s": first_step_s,
+                 "steps_per_s": steps_run / loop_s if steps_run else None, "last_eval": last_eval}
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Supervised training of the configured model in `workdir`, resuming from its latest
+  checkpoint. Returns the report dict also written to `workdir/report.json`.
+  """
+  t_start = time.time()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  enable_compilation_cache(workdir)
+  t = setup(config)
+  pipeline.write_plan(workdir, config, t.data)  # what jaxseg.predict needs to rebuild the run
+  data = t.data
+  num_steps = config.train.num_steps
+  log(f"jaxseg: {config.get('name', 'run')} | model={config.model.name} {config.model.spatial_dims}D "
+      f"| devices={jax.device_count()} ({jax.default_backend()}) x {jax.process_count()} process(es) "
+      f"| conv={conv_impl_name(config.model)} "
+      f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={workdir}")
+  state, stats = fit(t, workdir)
+  metrics_path = workdir / "metrics.jsonl"
 
   summary, per_case, preds = evaluate(t.predict_fn, state.params, data, config, keep_predictions=True)
-  if last_eval is None or last_eval[0] != num_steps:
+  if stats["last_eval"] is None or stats["last_eval"][0] != num_steps:
     report.append_jsonl(metrics_path, {"split": "val", "step": num_steps, **summary})
-  ckpt.close()
   result = {
       "config": config.to_dict(),
       "steps": num_steps,
-      "steps_this_run": steps_run,
+      "steps_this_run": stats["steps_this_run"],
       "wall_time_s": time.time() - t_start,
-      "first_step_s": first_step_s,
-      "steps_per_s": steps_run / loop_s if steps_run else None,
+      "first_step_s": stats["first_step_s"],
+      "steps_per_s": stats["steps_per_s"],
       "backend": jax.default_backend(),
       "device_count": jax.device_count(),
       "metrics": summary,

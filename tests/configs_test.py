@@ -36,6 +36,13 @@ def test_config_builds_and_steps(name, arg, tmp_path):
     assert 0.0 <= result["metrics"]["mean_dice"] <= 1.0
     return
   assert runner == "train"
+  paradigm = config.get("paradigm", "supervised")
+  if paradigm != "supervised":
+    # Paradigm configs run end to end on tiny shapes in their own test file.
+    test_file = pathlib.Path(__file__).parent / "paradigms" / f"test_{paradigm}.py"
+    assert test_file.exists() and f"{name}.py" in test_file.read_text(), (
+        f"configs/{name}.py (paradigm={paradigm!r}) must be run by {test_file}")
+    return
   dims = config.model.spatial_dims
   helpers.tiny(config, tmp_path, dims=dims)
   t = train.setup(config)

@@ -17,3 +17,9 @@ def make_loss_fn(model, config, num_classes: int):
     return loss, {}
 
   return loss_fn
+
+
+def run(config, workdir) -> dict:
+  """`jaxseg.train.run`: one supervised training run."""
+  from jaxseg import train  # noqa: PLC0415
+  return train.run(config, workdir)
