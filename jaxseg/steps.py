@@ -10,28 +10,39 @@ from jaxseg import sharding
 from jaxseg.data import augment
 
 
-def make_train_step(loss_fn, tx, mesh, aug_config):
+def make_train_step(loss_fn, tx, mesh, aug_config, *, loss_consts=None):
   """Jitted train step with the state donated, batch split over the mesh, state replicated.
 
   `key_data` is raw key data (uint32, replicated). Randomness: the step's key is
   `fold_in(key, state.step)`, split for augmentation and loss,
   so a resumed run draws the same numbers as an uninterrupted one.
+  With `loss_consts` (a pytree of arrays the loss reads but does not train, e.g. a previous
+  model's parameters), the loss is `loss_fn(params, batch, key, loss_consts)`; they enter the
+  jitted step as a replicated argument (not as constants baked into the program), and the
+  returned `train_step(state, batch, key_data)` has the usual signature.
   """
   repl = sharding.replicated(mesh)
 
-  def train_step(state, batch, key_data):
+  def train_step(state, batch, key_data, consts=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
     aug_key, loss_key = jax.random.split(key)
     batch = augment.augment_batch(aug_key, batch, aug_config)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, loss_key)
+    args = (state.params, batch, loss_key) + (() if consts is None else (consts,))
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(*args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(train_step, donate_argnums=(0,),
-                 in_shardings=(repl, sharding.batch_sharding(mesh), repl),
+  if loss_consts is None:
+    return jax.jit(train_step, donate_argnums=(0,),
+                   in_shardings=(repl, sharding.batch_sharding(mesh), repl),
+                   out_shardings=(repl, repl))
+  step = jax.jit(train_step, donate_argnums=(0,),
+                 in_shardings=(repl, sharding.batch_sharding(mesh), repl, repl),
                  out_shardings=(repl, repl))
+  consts = jax.device_put(loss_consts, repl)
+  return lambda state, batch, key_data: step(state, batch, key_data, consts)
 
 
 def make_predict_fn(model):

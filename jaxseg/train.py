@@ -113,14 +113,15 @@ class Trainer:
 
 
 def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=None, loss_fn=None,
-          batch_fn=None, params=None) -> Trainer:
+          batch_fn=None, params=None, loss_consts=None) -> Trainer:
   """Validates the config, loads the data and builds model, optimiser, state and steps.
 
   `devices` (default: all) restricts the mesh, e.g. to compare 1 and 8 devices in a test.
   Paradigms replace parts: `data` (a `SegData`, default `pipeline.load_cases(config)`),
   `model` (default from `config.model`), `loss_fn` (params, batch, key) -> (loss, aux) (default
   supervised Dice + CE), `batch_fn` (default: patches of `data` with foreground oversampling)
-  and `params` (initial parameters, e.g. a previous stage's; default: a fresh init).
+  and `params` (initial parameters, e.g. a previous stage's; default: a fresh init);
+  `loss_consts`: arrays passed to `loss_fn` as a fourth argument (see `steps.make_train_step`).
   """
   sharding.maybe_initialize_distributed(config.get("distributed"))
   mesh = sharding.make_mesh(devices)
@@ -143,7 +144,8 @@ def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=N
   key = jax.make_array_from_process_local_data(
       sharding.replicated(mesh), np.asarray(jax.random.key_data(jax.random.key(config.seed))))
   return Trainer(config=config, data=data, model=model, mesh=mesh, tx=tx, state=state,
-                 train_step=steps.make_train_step(loss_fn, tx, mesh, config.augment),
+                 train_step=steps.make_train_step(loss_fn, tx, mesh, config.augment,
+                                                    loss_consts=loss_consts),
                  predict_fn=steps.make_predict_fn(model), batch_fn=batch_fn, key=key)
 
 
