@@ -48,17 +48,18 @@ def _blob(grid, centre, radii, field, roughness):
   return np.sqrt(r2) + roughness * field < 1.0
 
 
-def make_phantom(seed: int, index: int, shape=(48, 48, 48)):
-  """One phantom case, a pure function of (seed, index, shape).
+TISSUES = ("air", "body", "fat", "muscle", "liver", "kidney", "spleen")  # values of the tissue map
 
-  Returns:
-    image: float32 array of `shape` in Hounsfield-like units.
-    label: uint8 array of `shape` with values in `LABELS`.
-  """
+
+def _check_shape(shape):
   shape = tuple(int(s) for s in shape)
   if len(shape) != 3 or min(shape) < 16:
     raise ValueError(f"phantom shape must be 3D with every side >= 16, got {shape}")
-  rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
+  return shape
+
+
+def _tissue_map(rng, shape):
+  """Tissue map (int8, indices into `TISSUES`) and label map (uint8) drawn from `rng`."""
   grid = np.meshgrid(*[np.linspace(-1.0, 1.0, s) for s in shape], indexing="ij")
   sig = max(shape) / 10
   tissue = np.zeros(shape, np.int8)  # 0 air, 1 body, 2 fat, 3 muscle, then organs
@@ -95,15 +96,53 @@ def make_phantom(seed: int, index: int, shape=(48, 48, 48)):
   spleen = body & ~fat & (label == 0) & _blob(grid, c, r, _smooth_field(rng, shape, sig / 2), 0.1)
   label[spleen] = LABELS["spleen"]
   tissue[spleen] = 6
+  return tissue, label
 
-  means = np.array([_AIR, _BODY, _FAT, _MUSCLE, _LIVER, _KIDNEY, _SPLEEN])
-  # Per-case intensity shift of each tissue (scanner/contrast variation).
-  centre = means[:, 0] + rng.normal(0.0, 6.0, len(means)) * (np.arange(len(means)) > 0)
-  image = centre[tissue] + means[tissue, 1] * _smooth_field(rng, shape, 1.5) * 0.6
-  image = ndimage.gaussian_filter(image, 0.8)  # partial volume at edges
-  bias = 1.0 + 0.08 * _smooth_field(rng, shape, max(shape) / 3)
+
+def make_tissue_map(seed: int, index: int, shape=(48, 48, 48)):
+  """The anatomy of phantom (seed, index, shape) before any intensities are drawn.
+
+  Returns:
+    tissue: int8 array of `shape`, indices into `TISSUES` (air, body, fat, muscle, liver,
+      kidney, spleen).
+    label: uint8 array of `shape` with values in `LABELS` (the same as `make_phantom`'s).
+  """
+  shape = _check_shape(shape)
+  return _tissue_map(np.random.default_rng([seed, index, GENERATOR_VERSION]), shape)
+
+
+def render_tissues(rng, tissue, table, *, shift_std, texture_sigma=1.5, texture_scale=0.6,
+                   partial_volume_sigma=0.8, bias_amplitude, noise_std):
+  """Intensities of a tissue map: one scanner's view of the anatomy.
+
+  Each tissue t gets the mean `table[t, 0]` shifted per case by N(0, shift_std) (not air, t=0),
+  a smooth texture of amplitude `texture_scale * table[t, 1]`, partial-volume blurring, a smooth
+  multiplicative bias field of relative amplitude `bias_amplitude` inside the body and additive
+  Gaussian noise of `noise_std`. Draws from `rng` in that order. Returns float64 `tissue.shape`.
+  """
+  shape = tissue.shape
+  table = np.asarray(table, np.float64)
+  centre = table[:, 0] + rng.normal(0.0, shift_std, len(table)) * (np.arange(len(table)) > 0)
+  image = centre[tissue] + table[tissue, 1] * _smooth_field(rng, shape, texture_sigma) * texture_scale
+  image = ndimage.gaussian_filter(image, partial_volume_sigma)
+  bias = 1.0 + bias_amplitude * _smooth_field(rng, shape, max(shape) / 3)
   image = image * np.where(tissue > 0, bias, 1.0)
-  image = image + rng.normal(0.0, 12.0, shape)
+  return image + rng.normal(0.0, noise_std, shape)
+
+
+def make_phantom(seed: int, index: int, shape=(48, 48, 48)):
+  """One phantom case, a pure function of (seed, index, shape).
+
+  Returns:
+    image: float32 array of `shape` in Hounsfield-like units.
+    label: uint8 array of `shape` with values in `LABELS`.
+  """
+  shape = _check_shape(shape)
+  rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
+  tissue, label = _tissue_map(rng, shape)
+  table = np.array([_AIR, _BODY, _FAT, _MUSCLE, _LIVER, _KIDNEY, _SPLEEN])
+  # Per-case intensity shift of each tissue: scanner/contrast variation.
+  image = render_tissues(rng, tissue, table, shift_std=6.0, bias_amplitude=0.08, noise_std=12.0)
   return image.astype(np.float32), label
 
 
