@@ -54,8 +54,9 @@ class PatchSampler:
     self.fg_fraction = float(foreground_fraction)
     self.seed = int(seed)
 
-  def example(self, step: int, index: int, batch_size: int):
-    """Example `index` of the batch of `step`: (image (*patch, C), label (*patch))."""
+  def example(self, step: int, index: int, batch_size: int, *, return_case: bool = False):
+    """Example `index` of the batch of `step`: (image (*patch, C), label (*patch)), and with
+    `return_case` the index of the case it was cut from."""
     rng = np.random.default_rng([self.seed, step, index])
     case = int(rng.integers(len(self.images)))
     image, label = self.images[case], self.labels[case]
@@ -73,6 +74,8 @@ class PatchSampler:
     lab = label[sl]
     if self.slices:
       img, lab = img[..., 0], lab[..., 0]
+    if return_case:
+      return np.moveaxis(img, 0, -1), lab, case
     return np.moveaxis(img, 0, -1), lab
 
   def batch(self, step: int, batch_size: int, indices=None):
