@@ -37,6 +37,7 @@ import dataclasses
 import json
 import pathlib
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -288,7 +289,8 @@ def evaluate_stage(model, params, stage: Stage, stages_seen, data: pipeline.SegD
       ref = restrict_labels(label, stage.active)
       d, _ = metrics.dice_iou(jnp.asarray(pred)[None], jnp.asarray(ref)[None], num_classes=k)
       dices.append(np.asarray(d)[0])
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # a class absent from every case and prediction: NaN
+      warnings.simplefilter("ignore", RuntimeWarning)
       mean = np.nanmean(np.stack(dices), axis=0)
     per_domain[domain] = {data.class_names[c]: float(mean[c]) for c in stage.active[1:]}
   per_stage = [float(np.mean([per_domain[s.domain][data.class_names[c]] for c in s.classes]))
