@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import re
 import sys
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
+from jaxseg import atomic
 from jaxseg.data import io
 from jaxseg.data.errors import InvalidDatasetError
 
@@ -235,19 +234,8 @@ def predict_case(run: Run, paths, *, tta: bool = True, keep_largest: bool = Fals
 
 def save_npz_atomic(path, **arrays) -> None:
   """np.savez to a temporary file next to `path`, then renamed over it."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-  os.close(fd)
-  try:
+  with atomic.atomic_path(path, suffix=".npz") as tmp:
     np.savez(tmp, **arrays)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def predict(workdir, input_path, output_dir, *, tta: bool = True, keep_largest: bool = False,

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
+
+from jaxseg import atomic
 
 
 def write_json_atomic(path, obj) -> None:
   """Writes JSON to a temporary file in the same folder, then renames it over `path`."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, default=_jsonable)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic.atomic_path(path) as tmp, open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=_jsonable)
 
 
 def _jsonable(x):
@@ -54,11 +45,11 @@ def read_jsonl(path):
 
 def _savefig(fig, path):
   import matplotlib.pyplot as plt
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with atomic.atomic_path(path, suffix=".png") as tmp:
+      fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  finally:
+    plt.close(fig)
 
 
 def plot_curves(records, path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import tempfile
 from typing import Any, Callable
 
 import nibabel as nib
@@ -23,6 +22,7 @@ import numpy as np
 from nibabel import orientations
 from PIL import Image
 
+from jaxseg import atomic
 from jaxseg.data.errors import InvalidDatasetError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -274,16 +274,8 @@ def _atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
   """Calls ``write(tmp)`` on a temporary name next to ``path``, then renames."""
   ending = "".join(path.suffixes[-2:]) if path.name.lower().endswith(
       ".nii.gz") else path.suffix
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ending}",
-                             dir=path.parent)
-  os.close(fd)
-  try:
+  with atomic.atomic_path(path, suffix=ending) as tmp:
     write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _frozen(a) -> np.ndarray:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import inference, losses, metrics, report, train
+from jaxseg import inference, metrics, report, train
 from jaxseg.data import pipeline, sampling
 from jaxseg.models import build_model
 from jaxseg.paradigms import continual
