@@ -237,6 +237,14 @@ def make_loss_fn(model, stage: Stage, method: str, config, prev: Stage | None):
   return loss_fn
 
 
+def fisher_batch(config, stage: Stage, cases, num_classes: int) -> dict:
+  """`incremental.fisher_examples` patches of a stage's training cases (drawn as one batch of
+  a step no training run reaches, so they differ from the training batches)."""
+  cfg = _stage_config(config, stage)
+  cfg.train.batch_size = config.incremental.fisher_examples
+  return make_batch_fn(cfg, stage, cases, [], num_classes)(10**9, range(cfg.train.batch_size))
+
+
 def stage_fisher(model, params, stage: Stage, batch: dict):
   """Normalised diagonal Fisher of the stage's (naive) loss at `params` over `batch`'s examples."""
   active = jnp.asarray(stage.active)
@@ -396,10 +404,8 @@ def run(config, workdir) -> dict:
       if method == "distill":
         consts = {"old_params": params}
       if method == "ewc":
-        fisher_batch = make_batch_fn(_stage_config(config, prev), prev,
-                                     stage_cases(prev, groups[prev.index]), [], k)(
-                                         10**6, range(inc.fisher_examples))
-        f = stage_fisher(model, params, prev, fisher_batch)
+        f = stage_fisher(model, params, prev,
+                         fisher_batch(config, prev, stage_cases(prev, groups[prev.index]), k))
         fisher = f if fisher is None else jax.tree.map(jnp.add, fisher, f)
         consts = {"anchor": params, "fisher": fisher}
       buf_cases = []

@@ -201,3 +201,26 @@ def test_incremental_config_end_to_end_and_resume(tmp_path):
   assert len(_train_lines(work / "distill" / "stage1_spleen" / "metrics.jsonl")) == 4
   np.testing.assert_allclose(out2["incremental"]["methods"]["distill"]["matrix"][1],
                              res["methods"]["distill"]["matrix"][1], atol=1e-6)
+
+
+def test_ewc_fisher_from_a_stage_batch(tmp_path):
+  """The Fisher batch holds `fisher_examples` patches (more than a training batch) of the stage's
+  cases, and the stage Fisher covers every parameter with mean 1."""
+  from jaxseg.models import build_model
+  c = _tiny_config(tmp_path)
+  with c.unlocked():
+    c.incremental.fisher_examples = 3
+  stage = incremental.Stage(0, "liver", (1,), "ct", 4, (0, 1))
+  rng = np.random.default_rng(0)
+  img = rng.normal(size=(1, 16, 16, 16)).astype(np.float32)
+  lab = (rng.random((16, 16, 16)) > 0.7).astype(np.uint8)
+  batch = incremental.fisher_batch(c, stage, [(img, lab, (1,))], 4)
+  assert batch["image"].shape == (3, 16, 16, 16, 1)
+  model = build_model(c.model, num_classes=4)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)))["params"]
+  fisher = incremental.stage_fisher(model, params, stage, batch)
+  leaves = jax.tree.leaves(fisher)
+  assert jax.tree.structure(fisher) == jax.tree.structure(params)
+  np.testing.assert_allclose(sum(float(f.sum()) for f in leaves) / sum(f.size for f in leaves), 1.0,
+                             rtol=1e-5)
+  assert all(float(f.min()) >= 0 for f in leaves)
