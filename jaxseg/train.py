@@ -132,6 +132,11 @@ def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=N
   if loss_fn is None:
     from jaxseg.paradigms import supervised  # noqa: PLC0415
     loss_fn = supervised.make_loss_fn(model, config, data.num_classes)
+  if params is None and config.get("init_from"):
+    from jaxseg import init_from  # noqa: PLC0415
+    fresh = init_state(model, tx, seed=config.seed, in_channels=data.in_channels, mesh=mesh).params
+    params = init_from.load_pretrained(fresh, config.init_from,
+                                       part=config.get("init_from_part", init_from.DEFAULT_PART))
   state = init_state(model, tx, seed=config.seed, in_channels=data.in_channels, mesh=mesh,
                      params=params)
   if batch_fn is None:

@@ -18,6 +18,9 @@ class UNet(nn.Module):
   Input (N, *spatial, C_in) with every spatial size divisible by 2**(num_stages - 1).
   Returns logits (N, *spatial, num_classes), or with `deep_supervision` a list of logits at
   full, 1/2, 1/4, ... resolution (one per decoder stage, highest resolution first).
+  With `return_features=True` the call returns `(that output, bottleneck)`, the deepest
+  encoder stage's features (N, *spatial / 2**(num_stages - 1), F) (self-supervised pretraining
+  pools them); parameters are the same either way.
   """
   num_classes: int
   spatial_dims: int = 3
@@ -29,7 +32,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, return_features: bool = False):
     feats = layers.stage_features(self.base_features, self.max_features, self.num_stages)
     kw = dict(spatial_dims=self.spatial_dims, conv_impl=self.conv_impl, dtype=self.dtype)
     x = x.astype(self.dtype)
@@ -37,6 +40,7 @@ class UNet(nn.Module):
     for i, f in enumerate(feats):
       x = layers.Stage(f, strides=1 if i == 0 else 2, name=f"enc{i}", **kw)(x)
       skips.append(x)
+    bottleneck = x
     outputs = []
     for i in reversed(range(self.num_stages - 1)):
       x = layers.upsample(feats[i], self.spatial_dims, 2, self.conv_impl, self.dtype, name=f"up{i}")(x)
@@ -45,7 +49,8 @@ class UNet(nn.Module):
       if self.deep_supervision or i == 0:
         outputs.append(layers.head(self.num_classes, self.spatial_dims, self.conv_impl, self.dtype,
                                    name=f"head{i}")(x).astype(jnp.float32))
-    return outputs[::-1] if self.deep_supervision else outputs[-1]
+    out = outputs[::-1] if self.deep_supervision else outputs[-1]
+    return (out, bottleneck) if return_features else out
 
   @property
   def downsampling(self) -> int:

@@ -1,0 +1,129 @@
+"""Fine-tuning from a pretrained run: copy the matching U-Net parameters out of its checkpoint.
+
+`config.init_from` names the checkpoint, as any of
+  - a step directory (`<workdir>/checkpoints/<step>`, or its item folder `.../<step>/default`),
+  - a directory of steps (`<workdir>/checkpoints` or `<workdir>/best`): its highest step,
+  - a run's workdir: its latest checkpoint in `checkpoints/`,
+  - a self_supervised paradigm's workdir: the latest checkpoint of its `pretrain/` phase.
+The U-Net parameters are the checkpoint's `params['unet']` (the self-supervised pretraining
+network holds the U-Net under that name, beside its projection head) or, failing that, its
+`params` (a supervised run).
+
+`config.init_from_part` says which of the segmentation U-Net's top-level subtrees are loaded:
+  - 'encoder': `enc*` (the encoder stages); decoder (`up*`, `dec*`) and heads stay fresh;
+  - 'all_but_head' (default): everything but the 1x1 output heads `head*` (encoder, upsampling
+    and decoder stages), as Models Genesis transfers its whole encoder-decoder.
+Every parameter in the part must be in the checkpoint with the model's shape; the heads, whose
+shape (classes) differs between pretext and segmentation, always keep their fresh init.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+
+from jaxseg.validate import ConfigError
+
+PARTS = {
+    "encoder": lambda name: name.startswith("enc"),
+    "all_but_head": lambda name: not name.startswith("head"),
+}
+DEFAULT_PART = "all_but_head"
+_ITEM = "default"  # orbax's folder for the single unnamed item of a CheckpointManager step
+
+
+def _steps(folder: pathlib.Path) -> list[pathlib.Path]:
+  """Complete numbered step directories in `folder` (orbax renames them when finished)."""
+  return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()
+                 and (p / _ITEM).is_dir()), key=lambda p: int(p.name))
+
+
+def resolve_checkpoint(path) -> pathlib.Path:
+  """The orbax item directory that `path` names (see the module docstring).
+
+  Raises ConfigError naming `init_from` when `path` does not exist or holds no checkpoint.
+  """
+  path = pathlib.Path(path).expanduser()
+  if not path.exists():
+    raise ConfigError(f"init_from={str(path)!r} does not exist")
+  if (path / "_METADATA").exists() or (path / "manifest.ocdbt").exists():
+    return path
+  if (path / _ITEM).is_dir():
+    return path / _ITEM
+  for folder in (path, path / "checkpoints", path / "pretrain" / "checkpoints"):
+    if folder.is_dir():
+      steps = _steps(folder)
+      if steps:
+        return steps[-1] / _ITEM
+  raise ConfigError(f"init_from={str(path)!r} holds no orbax checkpoint: expected a step "
+                    f"directory, a directory of steps, a workdir with checkpoints/ or a "
+                    f"self_supervised workdir with pretrain/checkpoints/")
+
+
+def read_unet_params(path) -> dict:
+  """The U-Net parameter tree (NumPy arrays) of the checkpoint that `path` names."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  item = resolve_checkpoint(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    tree = dict(checkpointer.metadata(item).item_metadata)
+  except (OSError, ValueError, KeyError) as e:
+    raise ConfigError(f"init_from={str(path)!r}: cannot read the checkpoint at {item}: {e}") from e
+  if "params" not in tree:
+    raise ConfigError(f"init_from={str(path)!r}: the checkpoint at {item} has no 'params' "
+                      f"(entries: {sorted(tree)})")
+  meta = tree["params"]
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+      item={"params": meta}, restore_args={"params": restore_args}, partial_restore=True))
+  params = restored["params"]
+  return params["unet"] if isinstance(params.get("unet"), dict) else params
+
+
+def _path_name(keypath) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in keypath)
+
+
+def _flatten(tree) -> dict:
+  return {_path_name(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_pretrained(params, path, *, part: str = DEFAULT_PART):
+  """`params` (a segmentation U-Net's parameter tree) with the leaves of `part` replaced by the
+  checkpoint's at the same path; every other leaf (the heads at least) is returned unchanged.
+
+  Raises ConfigError naming `init_from` when the path or checkpoint is missing, when the
+  checkpoint holds none of the part's parameters, or when any of them is missing or has
+  another shape there; naming `init_from_part` when `part` is not one of `PARTS`.
+  """
+  if part not in PARTS:
+    raise ConfigError(f"init_from_part={part!r} is not valid; choose one of {sorted(PARTS)}")
+  source = _flatten(read_unet_params(path))
+  in_part = PARTS[part]
+  wanted = {name: leaf for name, leaf in _flatten(params).items() if in_part(name.split("/")[0])}
+  if not wanted:
+    raise ConfigError(f"init_from_part={part!r} selects no parameter of the model")
+  found = [name for name in wanted if name in source]
+  if not found:
+    raise ConfigError(
+        f"init_from={str(path)!r}: none of the model's {len(wanted)} '{part}' parameters is in "
+        f"the checkpoint (model: {sorted({n.split('/')[0] for n in wanted})}; checkpoint: "
+        f"{sorted({n.split('/')[0] for n in source})})")
+  for name, leaf in wanted.items():
+    if name not in source:
+      raise ConfigError(f"init_from={str(path)!r}: parameter {name} of part '{part}' is not in "
+                        f"the checkpoint")
+    if tuple(source[name].shape) != tuple(leaf.shape):
+      raise ConfigError(f"init_from={str(path)!r}: parameter {name} has shape "
+                        f"{tuple(source[name].shape)} in the checkpoint but {tuple(leaf.shape)} "
+                        f"in the model (part '{part}'; model sizes must match the pretraining's)")
+
+  def pick(keypath, leaf):
+    name = _path_name(keypath)
+    if name in wanted:
+      return jax.numpy.asarray(source[name], dtype=leaf.dtype)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(pick, params)
