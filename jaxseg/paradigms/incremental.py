@@ -332,6 +332,46 @@ def _stage_config(config, stage: Stage) -> ml_collections.ConfigDict:
   return c
 
 
+_METHOD_FIELDS = {"finetune": (), "replay": ("replay_capacity", "replay_fraction"),
+                  "distill": ("distill_weight",), "ewc": ("ewc_weight", "fisher_examples")}
+
+
+def stage_settings(stage_config, method) -> dict:
+  """The settings a stage's result depends on, flattened to {'field.path': value}: the stage's
+  config without the list of methods, the other methods' fields and the logging interval."""
+  others = {f for m, fields in _METHOD_FIELDS.items() if m != method for f in fields}
+  out = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(f"{prefix}{k}.", v)
+      else:
+        out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+
+  walk("", stage_config.to_dict())
+  for f in ["incremental.methods", "train.log_every"] + [f"incremental.{f}" for f in others]:
+    out.pop(f, None)
+  out["method"] = method
+  return out
+
+
+def check_stage_settings(stage_dir: pathlib.Path, settings: dict) -> None:
+  """Records `settings` in a new stage directory; in an existing one, ConfigError naming the
+  first field that differs (resuming would silently reuse a stage trained otherwise)."""
+  path = stage_dir / "settings.json"
+  if path.exists():
+    old = json.loads(path.read_text())
+    for key in sorted(set(old) | set(settings)):
+      if old.get(key) != json.loads(json.dumps(settings.get(key))):
+        raise ConfigError(f"{stage_dir} was trained with {key}={old.get(key)!r} but the config now "
+                          f"says {settings.get(key)!r}; use another --workdir or delete {stage_dir}")
+    return
+  stage_dir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    report.write_json_atomic(path, settings)
+
+
 def _stage_dir(workdir, method, stage: Stage) -> pathlib.Path:
   name = f"stage{stage.index}_{stage.name.replace('+', '-')}"
   return workdir / name if method is None else workdir / method / name
@@ -374,6 +414,7 @@ def run(config, workdir) -> dict:
                     batch_fn=make_batch_fn(cfg, stage, stage_cases(stage, groups[stage.index]), buffer, k),
                     params=params, loss_consts=loss_consts)
     sdir = _stage_dir(workdir, method, stage)
+    check_stage_settings(sdir, stage_settings(cfg, method))
     seen = stages[:stage.index + 1]
     state, stats = train.fit(t, sdir, tag=f"{method or 'all'} {stage.index}:{stage.name}",
                              evaluate_fn=lambda p: evaluate_stage(model, p, stage, seen, data, cfg))

@@ -202,6 +202,12 @@ def test_incremental_config_end_to_end_and_resume(tmp_path):
   np.testing.assert_allclose(out2["incremental"]["methods"]["distill"]["matrix"][1],
                              res["methods"]["distill"]["matrix"][1], atol=1e-6)
 
+  # Changed settings do not silently reuse the stages trained with the old ones.
+  with c.unlocked():
+    c.incremental.distill_weight = 1.0
+  with pytest.raises(ConfigError, match=r"stage1_spleen was trained with incremental.distill_weight=10.0"):
+    paradigms.run(c, work)
+
 
 def test_ewc_fisher_from_a_stage_batch(tmp_path):
   """The Fisher batch holds `fisher_examples` patches (more than a training batch) of the stage's
