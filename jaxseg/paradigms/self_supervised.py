@@ -92,9 +92,11 @@ def nt_xent(z1, z2, *, temperature: float):
 
 class PretrainNet(nn.Module):
   """The U-Net (`unet`, its own parameter subtree 'unet', num_classes = input channels: the
-  reconstruction) and an MLP projection head ('projection') on its spatially averaged bottleneck.
+  reconstruction) and an MLP projection head ('projection_*') on its pooled bottleneck.
 
-  Returns (reconstruction (N, *S, C_in), projected features (N, projection_features)).
+  The bottleneck is pooled by spatial mean and max, concatenated: after InstanceNorm every
+  channel has zero mean and unit variance over the patch, so its mean alone says little about
+  the content. Returns (reconstruction (N, *S, C_in), projections (N, projection_features)).
   """
   unet: nn.Module
   projection_hidden: int = 128
@@ -103,8 +105,11 @@ class PretrainNet(nn.Module):
   @nn.compact
   def __call__(self, x):
     reconstruction, bottleneck = self.unet(x, return_features=True)
-    pooled = jnp.mean(bottleneck.astype(jnp.float32), axis=tuple(range(1, bottleneck.ndim - 1)))
-    h = nn.relu(nn.Dense(self.projection_hidden, name="projection_0")(pooled))
+    axes = tuple(range(1, bottleneck.ndim - 1))
+    f = bottleneck.astype(jnp.float32)
+    pooled = jnp.concatenate([jnp.mean(f, axis=axes), jnp.max(f, axis=axes)], axis=-1)
+    h = nn.Dense(self.projection_hidden, name="projection_0")(pooled)
+    h = nn.relu(nn.LayerNorm(name="projection_norm")(h))
     return reconstruction, nn.Dense(self.projection_features, name="projection_1")(h)
 
   @property
