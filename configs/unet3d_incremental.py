@@ -35,6 +35,6 @@ def get_config(arg=None):
   c.incremental.replay_capacity = 4  # cases
   c.incremental.replay_fraction = 0.5  # of each batch
   c.incremental.distill_weight = 10.0  # MiB's lambda for the unbiased distillation term
-  c.incremental.ewc_weight = 1.0
+  c.incremental.ewc_weight = 1000.0  # with the Fisher normalised to mean 1 (see continual.diagonal_fisher)
   c.incremental.fisher_examples = 8
   return c
