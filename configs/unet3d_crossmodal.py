@@ -16,7 +16,22 @@ sliding-window inference. Network, patch and optimiser as configs/unet3d.py's cp
 (4 stages, 8..64 features, 32^3 patches, batch 2, Adam 3e-3, mirroring only), 300 steps per
 setting.
 
-Measured: see the end of this docstring (filled in from the run's report.json).
+Measured 2026-11-24, jax 0.10.2, `python -m jaxseg.main --config=configs/unet3d_crossmodal.py`
+on a 2-core x86-64 CPU container shared with other jobs (load average 4-6 during the run):
+wall 894 s for the 4 settings (~1.2-1.5 steps/s for HeMIS, 1.5-2.7 for the single U-Nets while
+shared), peak RSS 1.7 GB. Validation mean Dice (liver / kidney / spleen) of 4 held-out phantoms:
+
+| setting \ given at test | CT | MR | CT+MR |
+|---|---|---|---|
+| single_CT (U-Net on CT) | 0.849 (0.900 / 0.935 / 0.713) | 0.010 | 0.849 |
+| single_MR (U-Net on MR) | 0.053 | 0.613 (0.681 / 0.226 / 0.934) | 0.613 |
+| hemis_dropout_0 | 0.217 | 0.127 | 0.948 (0.931 / 0.950 / 0.963) |
+| hemis_dropout_0.3 | 0.697 (0.770 / 0.853 / 0.468) | 0.499 (0.609 / 0.018 / 0.870) | 0.913 (0.892 / 0.912 / 0.937) |
+
+CT alone loses the spleen (0.713), MR alone the kidneys (0.226). Fused beats the best single
+modality on the full input: 0.948 (no dropout) and 0.913 (dropout) vs 0.849 (single_CT).
+Modality dropout shrinks the worst missing-modality loss (full minus worst subset, MR only in
+both) from 0.821 to 0.414, at a cost of 0.035 on the full input after 300 steps.
 """
 
 import pathlib

@@ -28,11 +28,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 
 import numpy as np
 
+from jaxseg import atomic
 from jaxseg.data import synthetic
 
 GENERATOR_VERSION = 1
@@ -123,14 +122,6 @@ def load_multimodal_phantoms(*, num_cases: int, shape, seed: int, modalities=DEF
   images = np.stack([im for im, _ in cases])
   labels = np.stack([lb for _, lb in cases])
   root.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp_", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, images=images, labels=labels)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic.atomic_path(path, suffix=".npz") as tmp:
+    np.savez(tmp, images=images, labels=labels)
   return images, labels

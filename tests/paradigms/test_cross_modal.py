@@ -102,21 +102,20 @@ def tiny_hemis(shared_encoder=False):
 
 def test_hemis_model_masked_modalities_do_not_change_the_output():
   model = tiny_hemis()
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8, 3))
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 3))
   params = model.init(jax.random.key(1), x)["params"]
   assert {"mod0_enc0", "mod2_enc1", "up0", "dec0", "head0"} <= set(params)
   available = jnp.array([[1, 0, 1], [0, 1, 0]], bool)
   other = x.at[0, ..., 1].set(100.0).at[1, ..., 0].set(-7.0).at[1, ..., 2].set(3.0)
-  a = model.apply({"params": params}, x, available)
-  b = model.apply({"params": params}, other, available)
+  changed = x.at[0, ..., 0].add(1.0)
+  a, b, c = (model.apply({"params": params}, im, available) for im in (x, other, changed))
   np.testing.assert_array_equal(a, b)
-  # ... but a present modality does.
-  assert not np.allclose(a, model.apply({"params": params}, x.at[0, ..., 0].add(1.0), available))
+  assert not np.allclose(a[0], c[0])  # ... but a present modality does change it
 
 
 def test_hemis_shared_encoder_is_invariant_to_the_order_of_modalities():
   model = tiny_hemis(shared_encoder=True)
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8, 3))
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 3))
   params = model.init(jax.random.key(1), x)["params"]
   available = jnp.array([[1, 1, 0], [1, 1, 1]], bool)
   perm = jnp.array([1, 2, 0])
@@ -128,12 +127,12 @@ def test_early_fusion_zeroes_missing_channels():
   cfg = ml_collections.ConfigDict(dict(spatial_dims=3, base_features=4, max_features=8, num_stages=2,
                                        deep_supervision=False, conv_impl="lax"))
   model = cross_modal.build_model(cfg, fusion="early", num_classes=3)
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8, 2))
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 2))
   params = model.init(jax.random.key(1), x)["params"]
   available = jnp.array([[1, 0], [1, 1]], bool)
   out = cross_modal.apply_model(model, "early", params, x, available)
-  zeroed = x.at[0, ..., 1].set(0.0)
-  np.testing.assert_array_equal(out, model.apply({"params": params}, zeroed))
+  ref = model.apply({"params": params}, x.at[0, ..., 1].set(0.0))
+  np.testing.assert_array_equal(out, ref)
 
 
 # Subsets, settings and configuration errors.
@@ -220,7 +219,7 @@ def test_multimodal_phantoms_are_cached(tmp_path):
                                                        modalities=("MR", "CT"), cache_dir=tmp_path)
   assert images.shape == (2, 2, 16, 16, 16) and labels.shape == (2, 16, 16, 16)
   files = list(tmp_path.glob("multimodal_*.npz"))
-  assert len(files) == 1 and not list(tmp_path.glob(".tmp_*"))
+  assert len(files) == 1 and not list(tmp_path.glob(".*tmp*"))
   again = multimodal.load_multimodal_phantoms(num_cases=2, shape=(16, 16, 16), seed=4,
                                               modalities=("MR", "CT"), cache_dir=tmp_path)
   np.testing.assert_array_equal(images, again[0])
@@ -235,9 +234,12 @@ def test_multimodal_phantoms_are_cached(tmp_path):
 
 
 def test_unet3d_crossmodal_runs_end_to_end(tmp_path):
-  config = helpers.tiny(load_config(), tmp_path / "cache", steps=2)
+  config = helpers.tiny(load_config(), tmp_path / "cache", steps=3)
   with config.unlocked():
     config.cross_modal.baselines = ()  # one setting keeps the test short; the rest is unit-tested
+    config.model.num_stages = 2
+    config.train.checkpoint_every = 3
+    config.eval.batch_size = 1  # one 16^3 tile per case
   result = paradigms.run(config, tmp_path / "run")
   cm = result["cross_modal"]
   assert cm["modalities"] == ["CT", "MR"] and cm["subsets"] == ["CT", "MR", "CT+MR"]
@@ -250,8 +252,18 @@ def test_unet3d_crossmodal_runs_end_to_end(tmp_path):
     assert row["channels_given"] == subset.split("+")
     per_class = [v for v in row["dice_per_class"].values() if not math.isnan(v)]
     assert row["mean_dice"] == pytest.approx(np.mean(per_class))
-  assert setting["steps"] == 2 and setting["dropout_prob"] == 0.3
-  assert 0.0 <= setting["measured_drop_rate"] <= 0.5  # 2 steps x 2 examples x 2 modalities
+  assert setting["steps"] == 3 and setting["dropout_prob"] == 0.3
+  # The reported rate replays the masks training drew: they match the logged per-step rates.
+  masks = cross_modal.training_masks(jax.random.key_data(jax.random.key(config.seed)), num_steps=3,
+                                     batch_size=2, num_modalities=2, rate=0.3)
+  logged = [r for r in map(json.loads, (tmp_path / "run" / "hemis_dropout_0.3" / "metrics.jsonl")
+                           .read_text().splitlines()) if r["split"] == "train"]
+  assert [r["step"] for r in logged] == [1, 2, 3]
+  for r in logged:
+    assert r["modality_drop_rate"] == pytest.approx(1 - masks[r["step"] - 1].mean(), abs=1e-6)
+  assert any(r["modality_drop_rate"] > 0 for r in logged)
+  assert setting["measured_drop_rate"] == pytest.approx(list(1 - masks.mean(axis=(0, 1))))
+  assert setting["measured_all_missing_rate"] == 0.0
   assert result["metrics"] == setting["table"]["CT+MR"]
   on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
   assert on_disk["cross_modal"]["settings"]["hemis_dropout_0.3"]["table"] == json.loads(
