@@ -7,8 +7,9 @@
     python benchmarks/vs_pytorch.py --dims 2 --issue-size  # issue 6: 16-32-64-128, 8x1x256^2
     python benchmarks/vs_pytorch.py --profile --dims 3 --issue-size  # where the step's time goes
 
-Three contestants, each measured in its own fresh subprocess (clean peak RSS, first-step time
-from process start), interleaved round by round (jax, torch, monai, jax, torch, monai, ...):
+Three contestants, each in its own worker process (its own peak RSS; first-step time from
+process start, compilation included), started one after the other, then driven in interleaved
+rounds (jax, torch, monai, jax, torch, monai, ...; `--steps` steps each per round):
 
 - `jax`: jaxseg's own train step (`steps.make_train_step` with the config's Dice + CE loss and
   optimiser; augmentation switched off) on `model.name='unet'`, convolution implementations as
@@ -28,14 +29,14 @@ Same for all: random image and labels from one seed, batch and patch, Dice + CE 
 one-hot, per-case Dice without background, smooth 1e-5, summed 1:1 with mean CE), Adam with
 the config's learning rate, L2 weight decay added to the gradient, global-norm clipping and
 polynomial decay, fp32, all cores (torch threads = os.cpu_count(); OMP_WAIT_POLICY=PASSIVE
-unless set by the caller, see README_conv.md). Per process: one warm-up step (the first-step
-time, compilation included) and `--steps` timed steps; then sliding-window inference of a
-`--infer-size` volume (same patch, overlap 0.5, Gaussian weighting with sigma = patch / 8, tile
-batch = the config's eval batch): `jaxseg.inference.sliding_window` for jax, MONAI's
-`sliding_window_inference` for torch and monai, timed after a warm-up on a patch-sized volume.
-Reported: medians over rounds of seconds/step, steps/s, voxels/s, peak RSS, first-step time and
-inference voxels/s, plus the median over rounds of each round's speed ratio. Results are merged
-into benchmarks/results/vs_pytorch_cpu.json under the setting's key.
+unless set by the caller, see README_conv.md). After the training rounds (peak RSS is read
+then), interleaved rounds of sliding-window inference of one volume (`spec.infer_size`; same
+patch, overlap 0.5, Gaussian weighting with sigma = patch / 8, tile batch = the config's eval
+batch): `jaxseg.inference.sliding_window` for jax, MONAI's `sliding_window_inference` for torch
+and monai, after a warm-up on a patch-sized volume. Reported: medians over rounds (of each
+round's median step) of seconds/step, steps/s, voxels/s, inference voxels/s; the median over
+rounds of each round's speed ratio; peak RSS; first-step time (one per process). Results are
+merged into benchmarks/results/vs_pytorch_cpu.json under the setting's key.
 
 PyTorch and MONAI are benchmark-only dependencies; the jaxseg package never imports them.
 """
@@ -133,8 +134,11 @@ def _jax_config(spec: dict):
   return config
 
 
-def run_jax(spec: dict, t_launch: float, steps: int) -> dict:
-  """jaxseg's train step and sliding-window inference; returns the measurements."""
+def setup_jax(spec: dict, t_launch: float):
+  """jaxseg's train step and sliding-window inference, after one (compiling) step.
+
+  Returns (info: first-step time from `t_launch`, params, loss, ...; step() -> seconds of one
+  step; infer(volume) -> probabilities)."""
   sys.path.insert(0, str(REPO))
   import jax
   import jax.numpy as jnp
@@ -149,50 +153,52 @@ def run_jax(spec: dict, t_launch: float, steps: int) -> dict:
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
   loss_fn = supervised.make_loss_fn(model, config, spec["classes"])
   state = train.init_state(model, tx, seed=0, in_channels=1, mesh=mesh)
-  step = steps_lib.make_train_step(loss_fn, tx, mesh, config.augment)
+  train_step = steps_lib.make_train_step(loss_fn, tx, mesh, config.augment)
   image, label = make_data(spec)
   batch = sharding.global_batch({"image": image, "label": label}, mesh)
   key = jax.device_put(jax.random.key_data(jax.random.key(0)), sharding.replicated(mesh))
-  state, m = step(state, batch, key)
-  first_loss = float(m["loss"])
-  first_step_s = time.time() - t_launch
-  times = []
-  for _ in range(steps):
+  box = {}
+  box["state"], m = train_step(state, batch, key)
+  box["loss"] = float(m["loss"])
+  info = {"first_step_s": time.time() - t_launch, "first_loss": box["loss"],
+          "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(box["state"].params)),
+          "conv_impl": train.conv_impl_name(config.model), "net": "jaxseg.models.UNet",
+          "versions": {"jax": jax.__version__,
+                       "flax": importlib.import_module("flax").__version__}}
+
+  def step() -> float:
     t0 = time.perf_counter()
-    state, m = step(state, batch, key)
+    box["state"], m = train_step(box["state"], batch, key)
     jax.block_until_ready(m["loss"])
-    times.append(time.perf_counter() - t0)
-  rss = peak_rss_mb()
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    sec = time.perf_counter() - t0
+    box["loss"] = float(m["loss"])
+    return sec
 
   @jax.jit
   def apply(p, tiles):
     return jax.nn.softmax(model.apply({"params": p}, tiles).astype(jnp.float32), axis=-1)
 
-  patch = tuple(spec["patch"])
-
   def infer(volume):
-    return inference.sliding_window(apply, state.params, volume, patch=patch, overlap=0.5,
-                                    batch_size=spec["eval_batch"])
+    return inference.sliding_window(apply, box["state"].params, volume, patch=tuple(spec["patch"]),
+                                    overlap=0.5, batch_size=spec["eval_batch"])
 
-  infer_s = _time_inference(infer, spec)
-  return {"first_step_s": first_step_s, "step_s": times, "peak_rss_mb": rss, "params": n_params,
-          "first_loss": first_loss, "last_loss": float(m["loss"]), "infer_s": infer_s,
-          "conv_impl": train.conv_impl_name(config.model), "versions": {
-              "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "",
-              "flax": importlib.import_module("flax").__version__}}
+  return info, step, infer, lambda: box["loss"]
 
 
-def _time_inference(infer, spec: dict) -> float:
-  """Seconds for one sliding-window prediction of the `infer_size` volume (after a warm-up)."""
-  infer(make_volume(spec, spec["patch"][0]))  # compile / create primitives for the tile batch
+def time_inference(infer, spec: dict) -> float:
+  """Seconds for one sliding-window prediction of the `infer_size` volume (the tile batch's
+  shape compiled / primitives created by an earlier call of `warm_inference`)."""
   volume = make_volume(spec, spec["infer_size"])
   t0 = time.perf_counter()
   out = infer(volume)
   sec = time.perf_counter() - t0
-  assert tuple(out.shape[:spec["dims"]]) == (spec["infer_size"],) * spec["dims"] or \
-      tuple(out.shape[-spec["dims"]:]) == (spec["infer_size"],) * spec["dims"], out.shape
+  size = (spec["infer_size"],) * spec["dims"]
+  assert tuple(out.shape[:spec["dims"]]) == size or tuple(out.shape[-spec["dims"]:]) == size, out.shape
   return sec
+
+
+def warm_inference(infer, spec: dict) -> None:
+  infer(make_volume(spec, spec["patch"][0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +300,9 @@ def jax_param_count(spec: dict) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
 
 
-def run_torch(spec: dict, t_launch: float, steps: int, which: str, monai_name: str) -> dict:
-  """PyTorch train step (identical UNet or a MONAI net) and MONAI sliding-window inference."""
+def setup_torch(spec: dict, t_launch: float, which: str, monai_name: str):
+  """PyTorch train step (TorchUNet or a MONAI net) and MONAI sliding-window inference, after
+  one step; returns (info, step, infer, last loss) as `setup_jax`."""
   import torch
   from monai.inferers import sliding_window_inference
   torch.set_num_threads(os.cpu_count())
@@ -304,15 +311,15 @@ def run_torch(spec: dict, t_launch: float, steps: int, which: str, monai_name: s
     net = torch_unet_class()(spec["dims"], 1, spec["classes"], spec["features"])
   else:
     net = monai_net(monai_name, spec)
-  n_params = sum(p.numel() for p in net.parameters())
   o = spec["optimizer"]
   opt = torch.optim.Adam(net.parameters(), lr=o["learning_rate"], weight_decay=o["weight_decay"])
   sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=spec["num_steps"], power=o["poly_power"])
   image, label = make_data(spec)
   x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 1)))
   y = torch.from_numpy(label.astype(np.int64))
+  box = {}
 
-  def step():
+  def train_step():
     opt.zero_grad(set_to_none=True)
     loss = torch_dice_ce(net(x), y, spec["classes"])
     loss.backward()
@@ -320,35 +327,56 @@ def run_torch(spec: dict, t_launch: float, steps: int, which: str, monai_name: s
       torch.nn.utils.clip_grad_norm_(net.parameters(), o["clip_norm"])
     opt.step()
     sched.step()
-    return float(loss)
+    box["loss"] = float(loss)
 
   net.train()
-  first_loss = step()
-  first_step_s = time.time() - t_launch
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    last_loss = step()
-    times.append(time.perf_counter() - t0)
-  rss = peak_rss_mb()
-  net.eval()
-  patch = tuple(spec["patch"])
-
-  def infer(volume):
-    v = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, -1, 0)))[None]
-    with torch.inference_mode():
-      return sliding_window_inference(
-          v, roi_size=patch, sw_batch_size=spec["eval_batch"], overlap=0.5, mode="gaussian",
-          sigma_scale=0.125, predictor=lambda t: torch.softmax(net(t), dim=1))[0].numpy()
-
-  infer_s = _time_inference(infer, spec)
+  train_step()
   import monai
-  return {"first_step_s": first_step_s, "step_s": times, "peak_rss_mb": rss, "params": n_params,
-          "first_loss": first_loss, "last_loss": last_loss if steps else first_loss,
-          "infer_s": infer_s, "net": "TorchUNet" if which == "torch" else f"monai.{type(net).__name__}",
+  info = {"first_step_s": time.time() - t_launch, "first_loss": box["loss"],
+          "params": sum(p.numel() for p in net.parameters()),
+          "net": "TorchUNet" if which == "torch" else f"monai.{type(net).__name__}",
           "versions": {"torch": torch.__version__, "monai": monai.__version__,
                        "torch_threads": torch.get_num_threads(),
                        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")}}
+
+  def step() -> float:
+    net.train()
+    t0 = time.perf_counter()
+    train_step()
+    return time.perf_counter() - t0
+
+  def infer(volume):
+    net.eval()
+    v = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, -1, 0)))[None]
+    with torch.inference_mode():
+      return sliding_window_inference(
+          v, roi_size=tuple(spec["patch"]), sw_batch_size=spec["eval_batch"], overlap=0.5,
+          mode="gaussian", sigma_scale=0.125, predictor=lambda t: torch.softmax(net(t), dim=1))[0].numpy()
+
+  return info, step, infer, lambda: box["loss"]
+
+
+def serve(framework: str, spec: dict, t_launch: float, monai_name: str) -> None:
+  """Worker process: sets up, reports the first step, then answers one JSON command per stdin
+  line ('steps' n, 'warm_infer', 'infer', 'quit') with one 'RESULT {json}' line."""
+  if framework == "jax":
+    info, step, infer, loss = setup_jax(spec, t_launch)
+  else:
+    info, step, infer, loss = setup_torch(spec, t_launch, framework, monai_name)
+  info["peak_rss_mb"] = peak_rss_mb()
+  print("RESULT " + json.dumps(info), flush=True)
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] == "steps":
+      res = {"step_s": [step() for _ in range(cmd["n"])], "loss": loss(), "peak_rss_mb": peak_rss_mb()}
+    elif cmd["cmd"] == "warm_infer":
+      warm_inference(infer, spec)
+      res = {}
+    elif cmd["cmd"] == "infer":
+      res = {"infer_s": time_inference(infer, spec)}
+    else:
+      return
+    print("RESULT " + json.dumps(res), flush=True)
 
 
 def count_torch_unet_params(spec: dict) -> int:
@@ -750,49 +778,66 @@ def profile_main(spec: dict, key: str, a) -> None:
 # Driver
 
 
-def spawn(framework: str, spec: dict, steps: int, monai_name: str) -> dict:
-  """Runs one worker in a fresh process; returns its measurements (first-step time counted
-  from just before the process is started)."""
-  env = dict(os.environ)
-  env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-  t_launch = time.time()
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", framework,
-         "--spec", json.dumps(spec), "--t-launch", repr(t_launch), "--steps", str(steps),
-         "--monai-net", monai_name]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-  if proc.returncode != 0 or not lines:
-    raise RuntimeError(f"{framework} worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
+class Worker:
+  """One framework's benchmark process, started now (first-step time counted from just before
+  the process starts) and driven by `ask`."""
+
+  def __init__(self, framework: str, spec: dict, monai_name: str):
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    t_launch = time.time()
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", framework,
+           "--spec", json.dumps(spec), "--t-launch", repr(t_launch), "--monai-net", monai_name]
+    self.framework = framework
+    self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+    self.info = self._read()
+
+  def _read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith("RESULT "):
+        return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{self.framework} worker exited (rc {self.proc.wait()})")
+
+  def ask(self, **cmd) -> dict:
+    self.proc.stdin.write(json.dumps(cmd) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    try:
+      self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+      self.proc.stdin.close()
+    except OSError:
+      pass
+    self.proc.wait(timeout=60)
 
 
-def summarise(spec: dict, runs: dict) -> dict:
-  """Medians over rounds of every measurement, and medians of the per-round speed ratios."""
+def summarise(spec: dict, workers: dict, runs: dict, infers: dict) -> dict:
+  """Medians over rounds (of each round's median step) and medians of per-round speed ratios."""
   vox = spec["batch"] * int(np.prod(spec["patch"]))
   infer_vox = spec["infer_size"] ** spec["dims"]
   out = {}
   for fw, rs in runs.items():
+    info = workers[fw].info
     step_s = float(np.median([np.median(r["step_s"]) for r in rs]))
-    infer_s = float(np.median([r["infer_s"] for r in rs]))
-    out[fw] = {"params": rs[0]["params"], "step_s": step_s, "steps_per_s": 1 / step_s,
-               "voxels_per_s": vox / step_s,
-               "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in rs])),
-               "first_step_s": float(np.median([r["first_step_s"] for r in rs])),
-               "infer_s": infer_s, "infer_voxels_per_s": infer_vox / infer_s,
-               "loss_first_last": [rs[0]["first_loss"], rs[0]["last_loss"]],
-               "net": rs[0].get("net", "jaxseg.models.UNet"),
-               "conv_impl": rs[0].get("conv_impl")}
+    infer_s = float(np.median(infers[fw]))
+    out[fw] = {"params": info["params"], "step_s": step_s, "steps_per_s": 1 / step_s,
+               "voxels_per_s": vox / step_s, "peak_rss_mb": rs[-1]["peak_rss_mb"],
+               "first_step_s": info["first_step_s"], "infer_s": infer_s,
+               "infer_voxels_per_s": infer_vox / infer_s,
+               "loss_first_last": [info["first_loss"], rs[-1]["loss"]], "net": info["net"],
+               "conv_impl": info.get("conv_impl")}
   ratios = {}
-  n = min(len(rs) for rs in runs.values())
   for other in ("torch", "monai"):
     if "jax" in runs and other in runs:
-      per_round = [np.median(runs[other][i]["step_s"]) / np.median(runs["jax"][i]["step_s"])
-                   for i in range(n)]
-      inf_round = [runs[other][i]["infer_s"] / runs["jax"][i]["infer_s"] for i in range(n)]
+      per_round = [float(np.median(o["step_s"]) / np.median(j["step_s"]))
+                   for o, j in zip(runs[other], runs["jax"])]
+      inf_round = [float(o / j) for o, j in zip(infers[other], infers["jax"])]
       ratios[f"jax_speed_vs_{other}"] = {"train_median": float(np.median(per_round)),
-                                         "train_rounds": [float(r) for r in per_round],
+                                         "train_rounds": per_round,
                                          "inference_median": float(np.median(inf_round)),
-                                         "inference_rounds": [float(r) for r in inf_round]}
+                                         "inference_rounds": inf_round}
   return {"frameworks": out, "ratios": ratios}
 
 
@@ -847,9 +892,11 @@ def main():
   p.add_argument("--dims", type=int, choices=(2, 3), default=3)
   p.add_argument("--issue-size", action="store_true",
                  help="issue 6's sizes: features 16-32-64-128, 2x1x64^3 (3D) or 8x1x256^2 (2D)")
-  p.add_argument("--quick", action="store_true", help="smoke test: 3 stages, patch 16^3 / 32^2, 1 round of 2 steps")
-  p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--steps", type=int, default=0, help="timed steps per process (default 5; issue size 3)")
+  p.add_argument("--quick", action="store_true", help="smoke test: 3 stages, patch 16^3 / 32^2, 2 rounds of 1 step")
+  p.add_argument("--rounds", type=int, default=0,
+                 help="interleaved rounds (default 5; issue size 3; quick 2)")
+  p.add_argument("--steps", type=int, default=0,
+                 help="timed steps per framework per round (default 3; issue size 2; quick 1)")
   p.add_argument("--frameworks", nargs="*", default=list(FRAMEWORKS), choices=FRAMEWORKS)
   p.add_argument("--monai-net", default="unet", choices=("unet", "basicunet", "dynunet"))
   p.add_argument("--profile", action="store_true",
@@ -861,50 +908,57 @@ def main():
   a = p.parse_args()
 
   if a.worker:
-    spec = json.loads(a.spec)
-    if a.worker == "jax":
-      res = run_jax(spec, a.t_launch, a.steps)
-    else:
-      res = run_torch(spec, a.t_launch, a.steps, a.worker, a.monai_net)
-    print("RESULT " + json.dumps(res), flush=True)
-    return
+    return serve(a.worker, json.loads(a.spec), a.t_launch, a.monai_net)
 
   spec = make_spec(a.dims, a.issue_size, a.quick)
   key = setting_key(a.dims, a.issue_size, a.quick)
   if a.profile:
     return profile_main(spec, key, a)
-  rounds = 1 if a.quick else a.rounds
-  steps = a.steps or (2 if a.quick else 3 if a.issue_size else 5)
+  rounds = a.rounds or (2 if a.quick else 3 if a.issue_size else 5)
+  steps = a.steps or (1 if a.quick else 2 if a.issue_size else 3)
 
   n_jax, n_torch = jax_param_count(spec), count_torch_unet_params(spec)
   assert n_jax == n_torch, f"parameter counts differ: jaxseg {n_jax}, TorchUNet {n_torch}"
   print(f"setting {key}: parameters jaxseg UNet {n_jax} == TorchUNet {n_torch}; "
-        f"{rounds} rounds x {steps} timed steps; load average {os.getloadavg()}", flush=True)
+        f"{rounds} rounds x {steps} steps; load average {os.getloadavg()}", flush=True)
   load_before = os.getloadavg()
   t_start = time.time()
-  runs = {fw: [] for fw in a.frameworks}
-  for r in range(rounds):
-    for fw in a.frameworks:
-      res = spawn(fw, spec, steps, a.monai_net)
-      runs[fw].append(res)
-      print(f"round {r + 1}/{rounds} {fw:<6} first step {res['first_step_s']:6.1f} s | step "
-            f"{np.median(res['step_s']):7.3f} s | peak {res['peak_rss_mb']:6.0f} MB | inference "
-            f"{res['infer_s']:6.2f} s | loss {res['first_loss']:.4f} -> {res['last_loss']:.4f}",
-            flush=True)
-  summary = summarise(spec, runs)
+  workers = {}
+  try:
+    for fw in a.frameworks:  # started one after the other: first-step times do not overlap
+      workers[fw] = w = Worker(fw, spec, a.monai_net)
+      print(f"{fw:<6} first step {w.info['first_step_s']:6.1f} s from process start "
+            f"(compilation included) | loss {w.info['first_loss']:.4f} | {w.info['net']}", flush=True)
+    runs = {fw: [] for fw in a.frameworks}
+    for r in range(rounds):
+      for fw, w in workers.items():
+        res = w.ask(cmd="steps", n=steps)
+        runs[fw].append(res)
+        print(f"round {r + 1}/{rounds} {fw:<6} step {np.median(res['step_s']):7.3f} s | "
+              f"peak {res['peak_rss_mb']:6.0f} MB | loss {res['loss']:.4f}", flush=True)
+    infers = {fw: [] for fw in a.frameworks}
+    for w in workers.values():
+      w.ask(cmd="warm_infer")
+    for r in range(rounds):
+      for fw, w in workers.items():
+        infers[fw].append(w.ask(cmd="infer")["infer_s"])
+        print(f"round {r + 1}/{rounds} {fw:<6} inference {infers[fw][-1]:7.2f} s", flush=True)
+  finally:
+    for w in workers.values():
+      w.close()
+  summary = summarise(spec, workers, runs, infers)
   print_table(key, spec, summary)
   versions = {}
-  for rs in runs.values():
-    versions.update(rs[0]["versions"])
+  for w in workers.values():
+    versions.update(w.info["versions"])
   meta = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_start)),
-          "wall_s": time.time() - t_start, "rounds": rounds, "timed_steps_per_process": steps,
+          "wall_s": time.time() - t_start, "rounds": rounds, "timed_steps_per_round": steps,
           "load_average_before": load_before, "load_average_after": os.getloadavg(),
           "cpus": os.cpu_count(), "cpu": cpu_model(), "machine": platform.machine(),
           "python": platform.python_version(), "git_commit": git_commit(),
           "monai_net": a.monai_net, **versions}
   entry = {"meta": meta, "spec": spec, **summary,
-           "raw": {fw: [{k: v for k, v in r.items() if k != "versions"} for r in rs]
-                   for fw, rs in runs.items()}}
+           "raw": {fw: {"steps": runs[fw], "infer_s": infers[fw]} for fw in runs}}
   merge_results(pathlib.Path(a.out), key, entry)
   print(f"wrote {a.out} [{key}]")
 
