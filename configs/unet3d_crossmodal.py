@@ -1,4 +1,4 @@
-"""Cross-modal 3D U-Net: CT + MR phantoms, HeMIS fusion, modality dropout, missing-modality table.
+r"""Cross-modal 3D U-Net: CT + MR phantoms, HeMIS fusion, modality dropout, missing-modality table.
 
     python -m jaxseg.main --config=configs/unet3d_crossmodal.py
     python -m jaxseg.main --config=configs/unet3d_crossmodal.py --config.cross_modal.fusion=early
@@ -21,7 +21,7 @@ on a 2-core x86-64 CPU container shared with other jobs (load average 4-6 during
 wall 894 s for the 4 settings (~1.2-1.5 steps/s for HeMIS, 1.5-2.7 for the single U-Nets while
 shared), peak RSS 1.7 GB. Validation mean Dice (liver / kidney / spleen) of 4 held-out phantoms:
 
-| setting \ given at test | CT | MR | CT+MR |
+| setting, modalities given at test: | CT | MR | CT+MR |
 |---|---|---|---|
 | single_CT (U-Net on CT) | 0.849 (0.900 / 0.935 / 0.713) | 0.010 | 0.849 |
 | single_MR (U-Net on MR) | 0.053 | 0.613 (0.681 / 0.226 / 0.934) | 0.613 |
