@@ -164,6 +164,10 @@ def make_pretrain_loss_fn(model: PretrainNet, ss):
 
 def check_config(config) -> None:
   """ConfigError for a `selfsup` field the run cannot use."""
+  from jaxseg import init_from  # noqa: PLC0415
+  part = config.get("init_from_part", init_from.DEFAULT_PART)
+  if part not in init_from.PARTS:  # checked before pretraining spends its time
+    raise ConfigError(f"init_from_part={part!r} is not valid; choose one of {sorted(init_from.PARTS)}")
   ss = config.selfsup
   for field in ("pretrain_steps", "pretrain_batch_size", "pretrain_eval_every", "mask_block",
                 "num_eval_patches", "projection_hidden", "projection_features"):
@@ -313,7 +317,7 @@ def run(config, workdir) -> dict:
   check_config(config)
   data = pipeline.load_cases(config)
   ss = config.selfsup
-  part = config.get("init_from_part", "all_but_head")
+  part = config.get("init_from_part", "all_but_head")  # validated by check_config
   train.log(f"jaxseg: {config.get('name', 'run')} | self-supervised pretraining + fine-tuning "
             f"| train={len(data.train_ids)} val={len(data.val_ids)} labelled cases | "
             f"conv={train.conv_impl_name(config.model)} | workdir={workdir}")
@@ -388,7 +392,7 @@ def plot_study(table, pre, path) -> None:
                [f"{100 * f:g}% ({next(r['labelled_cases'] for r in table if r['fraction'] == f)} cases)"
                 for f in fractions])
   a.set(ylabel="validation mean Dice", ylim=(0, 1), title="Fine-tuning: pretrained vs random init")
-  a.legend(fontsize=8, loc="lower right")
+  a.legend(fontsize=8, loc="upper left")
   a.grid(alpha=0.3, axis="y")
   if pre and pre["train_curve"]:
     curve = pre["train_curve"]

@@ -210,6 +210,11 @@ def test_bad_selfsup_fields_raise_config_error(tmp_path):
   config = tiny_selfsup(tmp_path, fractions=(0.0,))
   with pytest.raises(ConfigError, match="selfsup.fractions"):
     ss.check_config(config)
+  config = tiny_selfsup(tmp_path)
+  with config.unlocked():
+    config.init_from_part = "decoder"
+  with pytest.raises(ConfigError, match="init_from_part='decoder'"):
+    ss.check_config(config)
 
 
 # End to end.
