@@ -327,7 +327,7 @@ def setup_torch(spec: dict, t_launch: float, which: str, monai_name: str):
       torch.nn.utils.clip_grad_norm_(net.parameters(), o["clip_norm"])
     opt.step()
     sched.step()
-    box["loss"] = float(loss)
+    box["loss"] = float(loss.detach())
 
   net.train()
   train_step()
@@ -902,6 +902,7 @@ def main():
   p.add_argument("--profile", action="store_true",
                  help="per-op profile of the jax train step (and torch's) instead of the comparison")
   p.add_argument("--out", default=str(RESULTS))
+  p.add_argument("--tag", default="", help="suffix of the setting's key in the JSON (repeat runs)")
   p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
   p.add_argument("--spec", help=argparse.SUPPRESS)
   p.add_argument("--t-launch", type=float, help=argparse.SUPPRESS)
@@ -911,7 +912,7 @@ def main():
     return serve(a.worker, json.loads(a.spec), a.t_launch, a.monai_net)
 
   spec = make_spec(a.dims, a.issue_size, a.quick)
-  key = setting_key(a.dims, a.issue_size, a.quick)
+  key = setting_key(a.dims, a.issue_size, a.quick) + (f"_{a.tag}" if a.tag else "")
   if a.profile:
     return profile_main(spec, key, a)
   rounds = a.rounds or (2 if a.quick else 3 if a.issue_size else 5)
