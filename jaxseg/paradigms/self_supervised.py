@@ -403,7 +403,7 @@ def plot_study(table, pre, path) -> None:
       b.plot([r["step"] for r in pre["held_out"]], [r["pretext_loss"] for r in pre["held_out"]],
              "ko-", label="held-out loss")
     b.set_yscale("log")
-    b.legend(fontsize=8)
+    b.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
   b.set(xlabel="pretraining step", ylabel="pretext loss", title="Pretext losses")
   b.grid(alpha=0.3)
   path = pathlib.Path(path)
