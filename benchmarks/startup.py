@@ -23,6 +23,7 @@ import os
 import pathlib
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,16 +95,17 @@ def main():
       shutil.rmtree(root, ignore_errors=True)
 
   def med(kind, field):
-    vals = sorted(r[field] for r in runs if r["kind"] == kind)
-    return vals[len(vals) // 2] if len(vals) % 2 else sum(vals[len(vals) // 2 - 1:len(vals) // 2 + 1]) / 2
+    return statistics.median(r[field] for r in runs if r["kind"] == kind)
 
   summary = {k: {"wall_s_median": med(k, "wall_s"), "logged_s_median": med(k, "logged_s")}
              for k in ("fresh", "resumed")}
-  print(f"\n{a.config}: first finished step, median of {a.pairs} (from process start / by the log line)")
+  print(f"\n{a.config}: first finished step, median of {a.pairs} "
+        "(from process start / by the log line)")
   for k, v in summary.items():
     print(f"  {k:<8} {v['wall_s_median']:6.1f} s / {v['logged_s_median']:6.1f} s")
   import jax  # noqa: PLC0415  (versions only, after the runs)
-  meta = {"config": a.config, "pairs": a.pairs, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_start)),
+  meta = {"config": a.config, "pairs": a.pairs,
+          "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_start)),
           "load_average_before": load_before, "load_average_after": os.getloadavg(),
           "cpus": os.cpu_count(), "jax": jax.__version__, "python": sys.version.split()[0]}
   out = pathlib.Path(a.out)

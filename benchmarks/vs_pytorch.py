@@ -83,7 +83,8 @@ def make_spec(dims: int, issue_size: bool, quick: bool) -> dict:
     spec.update(base_features=16, max_features=128, num_stages=4)
     spec.update(batch=2, patch=[64] * 3) if dims == 3 else spec.update(batch=8, patch=[256] * 2)
     spec["eval_batch"] = spec["batch"]
-  spec["infer_size"] = {(3, False): 96, (3, True): 96, (2, False): 384, (2, True): 768}[(dims, issue_size)]
+  sizes = {(3, False): 96, (3, True): 96, (2, False): 384, (2, True): 768}
+  spec["infer_size"] = sizes[(dims, issue_size)]
   if quick:  # smoke test: a smaller network and patch (compilation dominates a quick run)
     spec.update(num_stages=3, patch=[16] * dims if dims == 3 else [32] * dims)
     spec["infer_size"] = 2 * spec["patch"][0]
@@ -313,7 +314,8 @@ def setup_torch(spec: dict, t_launch: float, which: str, monai_name: str):
     net = monai_net(monai_name, spec)
   o = spec["optimizer"]
   opt = torch.optim.Adam(net.parameters(), lr=o["learning_rate"], weight_decay=o["weight_decay"])
-  sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=spec["num_steps"], power=o["poly_power"])
+  sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=spec["num_steps"],
+                                                power=o["poly_power"])
   image, label = make_data(spec)
   x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 1)))
   y = torch.from_numpy(label.astype(np.int64))
@@ -351,7 +353,8 @@ def setup_torch(spec: dict, t_launch: float, which: str, monai_name: str):
     with torch.inference_mode():
       return sliding_window_inference(
           v, roi_size=tuple(spec["patch"]), sw_batch_size=spec["eval_batch"], overlap=0.5,
-          mode="gaussian", sigma_scale=0.125, predictor=lambda t: torch.softmax(net(t), dim=1))[0].numpy()
+          mode="gaussian", sigma_scale=0.125,
+          predictor=lambda t: torch.softmax(net(t), dim=1))[0].numpy()
 
   return info, step, infer, lambda: box["loss"]
 
@@ -498,7 +501,8 @@ def profile_pieces(spec: dict, reps: int) -> list[dict]:
     with torch.no_grad():
       t = _interleaved(fns, reps)
     n = len(layer["names"])
-    flops = 2 * int(np.prod(y.shape)) * k**dims * cin if not transposed else 2 * int(np.prod(x.shape)) * k**dims * cout
+    # multiply-adds x 2: per output voxel k^d * C_in (conv); per input voxel k^d * C_out (transposed)
+    flops = 2 * k**dims * (int(np.prod(x.shape)) * cout if transposed else int(np.prod(y.shape)) * cin)
     for part in ("fwd", "dx", "dw"):
       if f"jax_{part}" in t:
         rows.append({"piece": f"{'transposed conv' if transposed else 'conv'} {part}",
@@ -536,7 +540,8 @@ def profile_pieces(spec: dict, reps: int) -> list[dict]:
     for part, name in (("fwd", "norm+act fwd"), ("fb", "norm+act fwd+bwd")):
       rows.append({"piece": name, "x": list(shape), "count": count, "jax_s": t[f"jax_{part}"],
                    "torch_s": t[f"torch_{part}"]})
-    print(f"  norm+act {shape} x{count}: fwd jax {t['jax_fwd'] * 1e3:.1f} torch {t['torch_fwd'] * 1e3:.1f}"
+    print(f"  norm+act {shape} x{count}: fwd jax {t['jax_fwd'] * 1e3:.1f} "
+          f"torch {t['torch_fwd'] * 1e3:.1f}"
           f", fwd+bwd jax {t['jax_fb'] * 1e3:.1f} torch {t['torch_fb'] * 1e3:.1f} ms", flush=True)
 
   for i, f in enumerate(spec["features"][:-1]):  # skip concatenation, forward + backward
@@ -545,7 +550,8 @@ def profile_pieces(spec: dict, reps: int) -> list[dict]:
     cat = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.concatenate([a, b], -1) ** 2), argnums=(0, 1)))
     ta, tb = (to_torch(np.asarray(v)).requires_grad_(True) for v in (a_, b_))
     t = _interleaved({"jax": jblock(cat, a_, b_),
-                      "torch": lambda ta=ta, tb=tb: torch.cat([ta, tb], 1).pow(2).sum().backward()}, reps)
+                      "torch": lambda ta=ta, tb=tb: torch.cat([ta, tb], 1).pow(2).sum().backward()},
+                     reps)
     rows.append({"piece": "concat fwd+bwd", "x": list(shape), "count": 1, "jax_s": t["jax"],
                  "torch_s": t["torch"]})
 
@@ -584,7 +590,8 @@ def profile_pieces(spec: dict, reps: int) -> list[dict]:
     topt.step()
 
   t = _interleaved({"jax": jblock(jupdate, pj, opt_state, pj), "torch": t_update}, reps)
-  rows.append({"piece": "optimizer (clip + Adam)", "count": 1, "params": int(sum(p.size for p in params)),
+  rows.append({"piece": "optimizer (clip + Adam)", "count": 1,
+               "params": int(sum(p.size for p in params)),
                "jax_s": t["jax"], "torch_s": t["torch"]})
   return rows
 
@@ -645,7 +652,7 @@ def profile_jax_step(spec: dict, steps: int) -> dict:
           continue
         for e in line.events:
           name = e.name
-          if name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor")) or name.startswith("while"):
+          if name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor", "while")):
             continue
           op = op_names.get(name)
           cat = _categorise(op) if op is not None else "other (unmapped)"
@@ -748,12 +755,14 @@ def profile_main(spec: dict, key: str, a) -> None:
   print(f"profile {key}: load average {load_before}", flush=True)
   jstep = profile_jax_step(spec, steps)
   tstep = profile_torch_step(spec, steps)
-  print(f"jax step {jstep['step_wall_s']:.3f} s (under the profiler), torch step {tstep['step_wall_s']:.3f} s")
+  print(f"jax step {jstep['step_wall_s']:.3f} s (under the profiler), "
+        f"torch step {tstep['step_wall_s']:.3f} s")
   cats = sorted(set(jstep["op_seconds_per_step"]) | set(tstep["op_seconds_per_step"]),
                 key=lambda c: -jstep["op_seconds_per_step"].get(c, 0))
   print(f"{'category':<28}{'jax s/step':>11}{'torch s/step':>13}")
   for c in cats:
-    print(f"{c:<28}{jstep['op_seconds_per_step'].get(c, 0):>11.3f}{tstep['op_seconds_per_step'].get(c, float('nan')):>13.3f}")
+    j, t = jstep["op_seconds_per_step"].get(c, 0.0), tstep["op_seconds_per_step"].get(c, float("nan"))
+    print(f"{c:<28}{j:>11.3f}{t:>13.3f}")
   print("pieces, timed separately (interleaved jax / torch):", flush=True)
   rows = profile_pieces(spec, reps)
   totals = {}
@@ -892,7 +901,8 @@ def main():
   p.add_argument("--dims", type=int, choices=(2, 3), default=3)
   p.add_argument("--issue-size", action="store_true",
                  help="issue 6's sizes: features 16-32-64-128, 2x1x64^3 (3D) or 8x1x256^2 (2D)")
-  p.add_argument("--quick", action="store_true", help="smoke test: 3 stages, patch 16^3 / 32^2, 2 rounds of 1 step")
+  p.add_argument("--quick", action="store_true",
+                 help="smoke test: 3 stages, patch 16^3 / 32^2, 2 rounds of 1 step")
   p.add_argument("--rounds", type=int, default=0,
                  help="interleaved rounds (default 5; issue size 3; quick 2)")
   p.add_argument("--steps", type=int, default=0,
