@@ -43,7 +43,8 @@ def read_jsonl(path):
   return out
 
 
-def _savefig(fig, path):
+def save_figure(fig, path) -> None:
+  """Saves a matplotlib figure as PNG atomically and closes it."""
   import matplotlib.pyplot as plt
   try:
     with atomic.atomic_path(path, suffix=".png") as tmp:
@@ -72,7 +73,7 @@ def plot_curves(records, path) -> None:
     b.legend(fontsize=8)
   b.set(xlabel="step", ylabel="validation Dice", title="Validation Dice", ylim=(0, 1))
   b.grid(alpha=0.3)
-  _savefig(fig, path)
+  save_figure(fig, path)
 
 
 def plot_overlay(image, reference, prediction, class_names, path, *, title="") -> None:
@@ -104,4 +105,4 @@ def plot_overlay(image, reference, prediction, class_names, path, *, title="") -
   axes[2].legend(handles=handles, fontsize=8, loc="lower right")
   for ax in axes:
     ax.axis("off")
-  _savefig(fig, path)
+  save_figure(fig, path)

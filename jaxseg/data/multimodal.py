@@ -26,12 +26,9 @@ air does not dominate its statistics).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
 import numpy as np
 
-from jaxseg import atomic
 from jaxseg.data import synthetic
 
 GENERATOR_VERSION = 1
@@ -108,20 +105,11 @@ def load_multimodal_phantoms(*, num_cases: int, shape, seed: int, modalities=DEF
   if num_cases < 1:
     raise ValueError(f"data.num_cases must be >= 1, got {num_cases}")
   modalities = check_modalities(modalities)
-  key = json.dumps({"n": num_cases, "shape": [int(s) for s in shape], "seed": seed,
-                    "modalities": list(modalities), "v": [synthetic.GENERATOR_VERSION, GENERATOR_VERSION]})
-  root = synthetic._cache_root(cache_dir)  # noqa: SLF001  (the phantoms' cache folder)
-  path = root / ("multimodal_" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
-  if path.exists():
-    try:
-      with np.load(path) as f:
-        return f["images"], f["labels"]
-    except (OSError, ValueError, KeyError):
-      pass  # unreadable cache: regenerate below
-  cases = [make_multimodal_phantom(seed, i, shape, modalities) for i in range(num_cases)]
-  images = np.stack([im for im, _ in cases])
-  labels = np.stack([lb for _, lb in cases])
-  root.mkdir(parents=True, exist_ok=True)
-  with atomic.atomic_path(path, suffix=".npz") as tmp:
-    np.savez(tmp, images=images, labels=labels)
-  return images, labels
+
+  def generate():
+    cases = [make_multimodal_phantom(seed, i, shape, modalities) for i in range(num_cases)]
+    return np.stack([im for im, _ in cases]), np.stack([lb for _, lb in cases])
+
+  key = {"n": num_cases, "shape": [int(s) for s in shape], "seed": seed,
+         "modalities": list(modalities), "v": [synthetic.GENERATOR_VERSION, GENERATOR_VERSION]}
+  return synthetic.cached_cases("multimodal", key, generate, cache_dir)

@@ -19,10 +19,11 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 from scipy import ndimage
+
+from jaxseg import atomic
 
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
 GENERATOR_VERSION = 5
@@ -169,27 +170,31 @@ def load_phantoms(*, num_cases: int, shape, seed: int, cache_dir=None):
   """
   if num_cases < 1:
     raise ValueError(f"data.num_cases must be >= 1, got {num_cases}")
-  key = json.dumps({"n": num_cases, "shape": list(shape), "seed": seed, "v": GENERATOR_VERSION})
-  name = "phantoms_" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz"
+
+  def generate():
+    cases = [make_phantom(seed, i, shape) for i in range(num_cases)]
+    return (np.stack([normalise_ct(im)[None] for im, _ in cases]),
+            np.stack([lb for _, lb in cases]))
+
+  return cached_cases("phantoms", {"n": num_cases, "shape": list(shape), "seed": seed,
+                                   "v": GENERATOR_VERSION}, generate, cache_dir)
+
+
+def cached_cases(prefix: str, key: dict, generate, cache_dir=None):
+  """(images, labels) from `<cache>/<prefix>_<hash of key>.npz`, or from `generate()` then
+  written there atomically (a killed run never leaves a half-written cache; an unreadable
+  file is regenerated)."""
+  digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
   root = _cache_root(cache_dir)
-  path = root / name
+  path = root / f"{prefix}_{digest}.npz"
   if path.exists():
     try:
       with np.load(path) as f:
         return f["images"], f["labels"]
     except (OSError, ValueError, KeyError):
       pass  # unreadable cache: regenerate below
-  cases = [make_phantom(seed, i, shape) for i in range(num_cases)]
-  images = np.stack([normalise_ct(im)[None] for im, _ in cases])
-  labels = np.stack([lb for _, lb in cases])
+  images, labels = generate()
   root.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp_", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, images=images, labels=labels)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic.atomic_path(path, suffix=".npz") as tmp:
+    np.savez(tmp, images=images, labels=labels)
   return images, labels

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import atomic, inference, losses, metrics, report
+from jaxseg import inference, losses, metrics, report
 from jaxseg.data import multimodal, pipeline, synthetic
 from jaxseg.models import hemis, unet
 from jaxseg.validate import ConfigError
@@ -374,11 +374,7 @@ def plot_table(settings: dict, subsets, path) -> None:
   ax.set_xlabel("modalities given at test time")
   ax.set_title("Validation mean Dice per modality subset")
   fig.colorbar(im, ax=ax, fraction=0.05)
-  try:
-    with atomic.atomic_path(path, suffix=".png") as tmp:
-      fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  finally:
-    plt.close(fig)
+  report.save_figure(fig, path)
 
 
 def run(config, workdir) -> dict:

@@ -503,4 +503,4 @@ def plot_matrix(results: dict, stage_names, path) -> None:
   axes[0][0].set_ylabel("validation Dice")
   axes[0][-1].legend(fontsize=8)
   fig.tight_layout()
-  report._savefig(fig, path)  # noqa: SLF001
+  report.save_figure(fig, path)
