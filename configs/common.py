@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # Start from a pretrained run's U-Net (a workdir or checkpoint; see jaxseg/init_from.py).
   c.init_from = ""
-  c.init_from_part = "all_but_head"  # or 'encoder'
+  c.init_from_part = "encoder"  # or 'all_but_head'
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet"

@@ -317,7 +317,8 @@ def run(config, workdir) -> dict:
   check_config(config)
   data = pipeline.load_cases(config)
   ss = config.selfsup
-  part = config.get("init_from_part", "all_but_head")  # validated by check_config
+  from jaxseg import init_from  # noqa: PLC0415
+  part = config.get("init_from_part", init_from.DEFAULT_PART)  # validated by check_config
   train.log(f"jaxseg: {config.get('name', 'run')} | self-supervised pretraining + fine-tuning "
             f"| train={len(data.train_ids)} val={len(data.val_ids)} labelled cases | "
             f"conv={train.conv_impl_name(config.model)} | workdir={workdir}")

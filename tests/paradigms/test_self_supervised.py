@@ -249,7 +249,7 @@ def test_unet3d_selfsup_runs_end_to_end(study):
   rows = {r["init"]: r for r in s["table"]}
   assert s["pretrained_minus_random_dice"]["1"] == pytest.approx(
       rows["pretrained"]["mean_dice"] - rows["random"]["mean_dice"])
-  assert s["init_from"] == str(workdir / "pretrain") and s["init_from_part"] == "all_but_head"
+  assert s["init_from"] == str(workdir / "pretrain") and s["init_from_part"] == "encoder"
   assert (workdir / "finetune_100pct_pretrained" / "checkpoints" / "2").is_dir()
 
 
@@ -263,7 +263,7 @@ def test_setup_with_init_from_starts_from_the_pretrained_unet(study):
   started = flat(train.setup(cfg).state.params)
   assert sorted(started) == sorted(fresh)
   for name, value in started.items():
-    expected = fresh[name] if name.startswith("head") else pretrained[name]
+    expected = pretrained[name] if name.startswith("enc") else fresh[name]  # part 'encoder'
     np.testing.assert_array_equal(value, expected, err_msg=name)
   assert not np.array_equal(started["enc0/ConvNormAct_0/Conv_0/kernel"],
                             fresh["enc0/ConvNormAct_0/Conv_0/kernel"])
