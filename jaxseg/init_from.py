@@ -14,9 +14,9 @@ network holds the U-Net under that name, beside its projection head) or, failing
     fresh, as SimCLR- and MAE-style pretraining transfer their encoder;
   - 'all_but_head': everything but the 1x1 output heads `head*` (encoder, upsampling and
     decoder stages), as Models Genesis transfers its whole encoder-decoder.
-On the phantoms (configs/unet3d_selfsup.py) 'all_but_head' swung from +0.12 to -0.29 mean Dice
-against random init over two seeds at 10% labels, 'encoder' stayed within +-0.03: hence the
-default.
+On the phantoms (configs/unet3d_selfsup.py, 10% labels) 'all_but_head' swung from +0.12 to
+-0.29 mean Dice against random init over seeds 0 and 1, 'encoder' gave +0.03 and -0.03 (and
++0.27 on seed 2): hence the default.
 Every parameter in the part must be in the checkpoint with the model's shape; the heads, whose
 shape (classes) differs between pretext and segmentation, always keep their fresh init.
 """
