@@ -48,3 +48,19 @@ def test_main_prints_one_line_and_exits_2(tmp_path):
   assert r.returncode == 2
   assert "error: optimizer.name='lamb' is not valid" in r.stderr
   assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/unet3d.py:scale=huge"], "scale='huge' is not valid; choose 'cpu' or 'full'"),
+    (["--config=configs/unet3d.py:size=3"], "unknown config argument 'size'; valid: ['scale']"),
+    (["--config=configs/no_such_config.py"], "No such file or directory: 'configs/no_such_config.py'"),
+    (["--config=configs/unet3d.py", "--config.train.no_such_field=3"], "'no_such_field'"),
+])
+def test_bad_config_flag_is_one_line(args, message, tmp_path):
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "-m", "jaxseg.main", *args, f"--workdir={tmp_path}"],
+                     capture_output=True, text=True, cwd=helpers.REPO, timeout=300)
+  assert r.returncode == 2
+  assert r.stderr.startswith("error: ") and message in r.stderr
+  assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
