@@ -84,17 +84,9 @@ class HeMISUNet(nn.Module):
       per_stage = [jnp.stack([p[i] for p in per_mod], axis=1) for i in range(len(feats))]
     skips = [hemis_fuse(s, available).astype(self.dtype) for s in per_stage]
 
-    kw = dict(spatial_dims=self.spatial_dims, conv_impl=self.conv_impl, dtype=self.dtype)
-    h = skips[-1]
-    outputs = []
-    for i in reversed(range(self.num_stages - 1)):
-      h = layers.upsample(feats[i], self.spatial_dims, 2, self.conv_impl, self.dtype, name=f"up{i}")(h)
-      h = jnp.concatenate([h, skips[i]], axis=-1)
-      h = layers.Stage(feats[i], name=f"dec{i}", **kw)(h)
-      if self.deep_supervision or i == 0:
-        outputs.append(layers.head(self.num_classes, self.spatial_dims, self.conv_impl, self.dtype,
-                                   name=f"head{i}")(h).astype(jnp.float32))
-    return outputs[::-1] if self.deep_supervision else outputs[-1]
+    return layers.unet_decoder(skips[-1], skips, feats, num_classes=self.num_classes,
+                               spatial_dims=self.spatial_dims, conv_impl=self.conv_impl,
+                               dtype=self.dtype, deep_supervision=self.deep_supervision)
 
   @property
   def downsampling(self) -> int:

@@ -60,3 +60,24 @@ def upsample(features: int, spatial_dims: int, factor: int, conv_impl: str, dtyp
 def stage_features(base: int, cap: int, num_stages: int):
   """Features per stage: doubling from `base`, capped at `cap` (nnU-Net: 32 ... 320)."""
   return [min(base * 2**i, cap) for i in range(num_stages)]
+
+
+def unet_decoder(x, skips, feats, *, num_classes: int, spatial_dims: int, conv_impl: str, dtype,
+                 deep_supervision: bool):
+  """The U-Net decoder, called from a compact `__call__` (its layers belong to the caller).
+
+  From the deepest features `x`, per stage i (deepest first): transposed-conv upsampling
+  `up{i}`, concatenation with `skips[i]`, two conv-norm-act `dec{i}`, and a 1x1 head `head{i}`
+  (every stage with `deep_supervision`, else only the last). Returns logits (N, *S, num_classes)
+  in float32, or with `deep_supervision` the list at full, 1/2, 1/4, ... resolution.
+  """
+  kw = dict(spatial_dims=spatial_dims, conv_impl=conv_impl, dtype=dtype)
+  outputs = []
+  for i in reversed(range(len(feats) - 1)):
+    x = upsample(feats[i], spatial_dims, 2, conv_impl, dtype, name=f"up{i}")(x)
+    x = jnp.concatenate([x, skips[i]], axis=-1)
+    x = Stage(feats[i], name=f"dec{i}", **kw)(x)
+    if deep_supervision or i == 0:
+      outputs.append(head(num_classes, spatial_dims, conv_impl, dtype, name=f"head{i}")(x)
+                     .astype(jnp.float32))
+  return outputs[::-1] if deep_supervision else outputs[-1]

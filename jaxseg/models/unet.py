@@ -41,15 +41,8 @@ class UNet(nn.Module):
       x = layers.Stage(f, strides=1 if i == 0 else 2, name=f"enc{i}", **kw)(x)
       skips.append(x)
     bottleneck = x
-    outputs = []
-    for i in reversed(range(self.num_stages - 1)):
-      x = layers.upsample(feats[i], self.spatial_dims, 2, self.conv_impl, self.dtype, name=f"up{i}")(x)
-      x = jnp.concatenate([x, skips[i]], axis=-1)
-      x = layers.Stage(feats[i], name=f"dec{i}", **kw)(x)
-      if self.deep_supervision or i == 0:
-        outputs.append(layers.head(self.num_classes, self.spatial_dims, self.conv_impl, self.dtype,
-                                   name=f"head{i}")(x).astype(jnp.float32))
-    out = outputs[::-1] if self.deep_supervision else outputs[-1]
+    out = layers.unet_decoder(x, skips, feats, num_classes=self.num_classes,
+                              deep_supervision=self.deep_supervision, **kw)
     return (out, bottleneck) if return_features else out
 
   @property
