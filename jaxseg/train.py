@@ -26,10 +26,14 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def enable_compilation_cache(workdir: pathlib.Path) -> None:
-  """Persistent XLA cache in the workdir, so a resumed run skips compilation."""
+def open_workdir(workdir) -> pathlib.Path:
+  """Creates the run directory and points the persistent XLA cache into it (`xla_cache/`), so
+  a resumed run skips compilation. Returns the directory as a Path."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return workdir
 
 
 def conv_impl_name(model_config) -> str:
@@ -234,9 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   checkpoint. Returns the report dict also written to `workdir/report.json`.
   """
   t_start = time.time()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  enable_compilation_cache(workdir)
+  workdir = open_workdir(workdir)
   t = setup(config)
   pipeline.write_plan(workdir, config, t.data)  # what jaxseg.predict needs to rebuild the run
   data = t.data

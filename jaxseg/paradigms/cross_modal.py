@@ -382,9 +382,7 @@ def run(config, workdir) -> dict:
   `workdir/report.json` ("cross_modal") and `workdir/cross_modal.png`. Returns the report."""
   from jaxseg import train  # noqa: PLC0415
   t0 = time.time()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  train.enable_compilation_cache(workdir)
+  workdir = train.open_workdir(workdir)
   cm = config.cross_modal
   data = load_data(config)
   modalities = resolve_modalities(cm, data.channel_names)

@@ -380,9 +380,7 @@ def _stage_dir(workdir, method, stage: Stage) -> pathlib.Path:
 def run(config, workdir) -> dict:
   """Runs the configured stages for every method in `workdir`; see the module docstring."""
   t_start = time.time()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  train.enable_compilation_cache(workdir)
+  workdir = train.open_workdir(workdir)
   check_config(config)
   data = pipeline.load_cases(config)
   stages = parse_stages(config, data.class_names)

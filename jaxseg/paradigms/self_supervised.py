@@ -311,9 +311,7 @@ def run(config, workdir) -> dict:
   """
   from jaxseg import train  # noqa: PLC0415
   t_start = time.time()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  train.enable_compilation_cache(workdir)
+  workdir = train.open_workdir(workdir)
   check_config(config)
   data = pipeline.load_cases(config)
   ss = config.selfsup
