@@ -1,14 +1,19 @@
 """Fuzzy C-means (skfuzzy.cmeans) and spatial fuzzy C-means (Chuang et al. 2006).
 
 Design
-- Standard FCM never stores the membership matrix between iterations: the
-  memberships are a closed-form function of the centres, so one fused pass
-  over the data per iteration recomputes u_{k-1} = f(c_{k-1}) and
-  u_k = f(c_k), and accumulates, in one variadic `lax.reduce` (XLA would
-  otherwise re-read the data once per reduction), the weighted sums of the
-  next centres and the squared change ||u_k - u_{k-1}||^2 of skfuzzy's
-  stopping rule. The data are read once per iteration and nothing of size
-  (n_clusters, N) is written until the final memberships.
+- Standard FCM never carries the membership matrix between iterations: the
+  memberships are a closed-form function of the centres, so each iteration
+  recomputes u_{k-1} = f(c_{k-1}) and u_k = f(c_k) from the data. It runs
+  as two passes: one vectorised loop fusion evaluates, per sample, the
+  weights max(u_k, eps)^m of the next centres and the squared change
+  ||u_k - u_{k-1}||^2 of skfuzzy's stopping rule into one (c + 1, N)
+  buffer; one variadic `lax.reduce` (XLA would otherwise re-read the data
+  once per reduction) then sums the weights, the weighted data and the
+  change. Fusing the per-sample work straight into the reduction (the
+  earlier scheme, which wrote nothing of size N) was 2.6-3x slower per
+  iteration: XLA:CPU emits a reduction's fused producer as scalar code, and
+  the divides dominate, whereas the loop fusion is vectorised and shares
+  the distances and reciprocals between the c + 1 rows.
 - Iterations run in a `lax.while_loop` until the change drops below `tol` or
   `max_iter` is reached, as skfuzzy.
 - Precision: skfuzzy works in float64. With float64 input (inside
@@ -130,9 +135,24 @@ def _reduce_sums(x, um, extra=None):
   return w, wx, (out[-1] if extra is not None else None)
 
 
+def _materialise(rows):
+  """Writes a list of (N,) per-sample arrays to one (k, N) buffer.
+
+  XLA:CPU evaluates a reduction's fused producer one element at a time,
+  while a loop fusion that writes a stacked buffer is vectorised and
+  evaluates the shared subexpressions (distances, reciprocals) once per
+  sample for all rows. Computing the per-sample terms into such a buffer
+  and then summing it was 2.6x faster per FCM iteration on 128^3 than
+  fusing them into the reduction (the buffer round trip costs less than
+  the scalar code). The barrier keeps XLA from fusing the stack back into
+  the reduction.
+  """
+  return list(lax.optimization_barrier(jnp.stack(rows)))
+
+
 def _centres(x, u, m):
   """Centres from memberships u (list of c (N,) arrays or a (c, N) array)."""
-  w, wx, _ = _reduce_sums(x, _weights(list(u), m))
+  w, wx, _ = _reduce_sums(x, _materialise(_weights(list(u), m)))
   return wx / w[:, None]
 
 
@@ -156,6 +176,7 @@ def _fcm_core(x, u0, tol, *, m, max_iter):
   def pass_(c_prev, c_cur):
     u_cur, um = _memberships(_sq_dist(x, c_cur), m, with_weights=True)
     change = _sq_change(u_cur, f(c_prev))
+    *um, change = _materialise(um + [change])
     w, wx, err = _reduce_sums(x, um, change)
     return wx / w[:, None], err
 
