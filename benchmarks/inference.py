@@ -4,9 +4,11 @@
     python benchmarks/inference.py --sizes 128 --tta-sizes 128 --patch 64 --no-monai
 
 For each volume size: seconds for `jaxseg.inference.sliding_window` (Gaussian blending, step
-0.5 x patch, tiles batched) without TTA and with the 8 mirror flips folded into the batch.
-Reported as voxels/s and, for TTA, voxel-passes/s (8 x voxels / s): batched TTA should give at
-least the single pass's rate (so it costs no more than 8x). Where PyTorch and MONAI are
+0.5 x patch, accumulation on the device) without TTA and with the 8 mirror flips folded into the
+batch; both run `--batch` network inputs per call (8 tiles, or 1 tile x 8 flips). Single pass
+and TTA alternate, `--repeats` times, and the medians are reported as voxels/s and, for TTA,
+voxel-passes/s (8 x voxels / s): batched TTA should give at least the single pass's rate (so
+it costs no more than 8x). Where PyTorch and MONAI are
 installed, the same sizes through `monai.inferers.sliding_window_inference` with a DynUNet of the
 same stages, features, kernels, norm and activation, TTA as the usual loop over the 8 flips.
 Parameters are random (throughput does not depend on them). Prints a table and writes JSON to
@@ -98,9 +100,9 @@ def main():
   p.add_argument("--tta-sizes", type=int, nargs="*", default=None,
                  help="sizes also timed with TTA (default: all --sizes)")
   p.add_argument("--patch", type=int, default=0, help="cubic tile size (default: the config's patch)")
-  p.add_argument("--batch", type=int, default=4, help="tiles per forward pass")
-  p.add_argument("--tta-batch", type=int, default=0,
-                 help="tiles per forward pass with TTA (each brings its 8 flips; default --batch)")
+  p.add_argument("--batch", type=int, default=8,
+                 help="network inputs per call: tiles, or tiles x 8 flips with TTA")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
   p.add_argument("--classes", type=int, default=4)
   p.add_argument("--no-monai", action="store_true")
   p.add_argument("--out", default=None)
@@ -121,30 +123,34 @@ def main():
   rows = []
   rng = np.random.default_rng(0)
   warm = rng.normal(size=tuple(2 * s for s in patch) + (1,)).astype(np.float32)
-  tta_batch = a.tta_batch or a.batch
   for name, (run, n_params) in runners.items():
     for tta in (False, True):
-      run(warm, patch, tta_batch if tta else a.batch, tta)  # compile / warm up both shapes
+      run(warm, patch, a.batch, tta)  # compile / warm up
     for size in a.sizes:
       volume = rng.normal(size=(size,) * 3 + (1,)).astype(np.float32)
-      for tta in (False, True) if size in tta_sizes else (False,):
-        t0 = time.perf_counter()
-        batch = tta_batch if tta else a.batch
-        out = run(volume, patch, batch, tta)
-        sec = time.perf_counter() - t0
-        assert out.shape[:3] == (size,) * 3 or out.shape[1:] == (size,) * 3
+      settings = (False, True) if size in tta_sizes else (False,)
+      run(volume, patch, a.batch, False)  # compile the volume-shaped accumulation
+      times = {tta: [] for tta in settings}
+      for _ in range(a.repeats):
+        for tta in settings:
+          t0 = time.perf_counter()
+          out = run(volume, patch, a.batch, tta)
+          times[tta].append(time.perf_counter() - t0)
+          assert out.shape[:3] == (size,) * 3 or out.shape[1:] == (size,) * 3
+          print(f"{name:<7} {size}^3 tta={tta!s:<5} {times[tta][-1]:8.1f} s", flush=True)
+      for tta in settings:
+        sec = float(np.median(times[tta]))
         vox = size ** 3
         passes = 8 if tta else 1
-        rows.append({"impl": name, "size": size, "tta": tta, "seconds": sec,
+        rows.append({"impl": name, "size": size, "tta": tta, "seconds": sec, "runs": times[tta],
                      "voxels_per_s": vox / sec, "voxel_passes_per_s": passes * vox / sec,
-                     "params": n_params, "patch": list(patch), "batch": batch})
-        print(f"{name:<7} {size}^3 tta={tta!s:<5} {sec:8.1f} s", flush=True)
-  print(f"\nconfig={a.config} patch={patch} tile batch={a.batch} backend={jax.default_backend()} "
+                     "params": n_params, "patch": list(patch), "batch": a.batch})
+  print(f"\nconfig={a.config} patch={patch} inputs/call={a.batch} repeats={a.repeats} (median) backend={jax.default_backend()} "
         f"devices={jax.device_count()} cpus={threads} machine={platform.machine()} MONAI: {monai_note}")
-  print(f"{'impl':<8}{'volume':>8}{'TTA':>6}{'tiles/call':>11}{'seconds':>10}{'Mvox/s':>10}"
+  print(f"{'impl':<8}{'volume':>8}{'TTA':>6}{'inputs/call':>12}{'seconds':>10}{'Mvox/s':>10}"
         f"{'Mvox-passes/s':>15}{'params':>10}")
   for r in rows:
-    print(f"{r['impl']:<8}{r['size']:>7}^3{'8x' if r['tta'] else '-':>5}{r['batch']:>11}"
+    print(f"{r['impl']:<8}{r['size']:>7}^3{'8x' if r['tta'] else '-':>5}{r['batch']:>12}"
           f"{r['seconds']:>10.1f}{r['voxels_per_s'] / 1e6:>10.3f}{r['voxel_passes_per_s'] / 1e6:>15.3f}"
           f"{r['params']:>10}")
   ratios = {}
@@ -157,7 +163,7 @@ def main():
   out = pathlib.Path(a.out or REPO / "benchmarks" / "results" / f"inference_{jax.default_backend()}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   meta = {"config": a.config, "arg": a.arg, "patch": list(patch), "batch": a.batch,
-          "tta_batch": tta_batch,
+          "repeats": a.repeats,
           "classes": a.classes, "backend": jax.default_backend(), "devices": jax.device_count(),
           "cpus": threads, "jax": jax.__version__, "monai": monai_note,
           "date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg()}

@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.overlap = 0.5  # sliding-window step as a fraction of the patch
-  c.eval.batch_size = 4  # tiles per forward pass
+  c.eval.batch_size = 4  # network inputs per forward pass (tiles, or tiles x flips with TTA)
   c.eval.mirror_axes = ()  # mirror TTA axes, e.g. (0, 1, 2)
 
   c.train = ml_collections.ConfigDict()

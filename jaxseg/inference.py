@@ -2,8 +2,9 @@
 
 Tiles of the training patch size are cut at a step of `overlap` x patch, run through the
 network in batches, weighted by a Gaussian importance map (sigma = patch / 8, as nnU-Net) and
-accumulated. With TTA, every flip combination of every tile is folded into the same batch, so
-the 8 mirror passes of a 3D tile are one batched forward, not a Python loop over flips.
+accumulated on the device. With TTA, every flip combination of every tile is folded into the same
+batch, so the 8 mirror passes of a 3D tile are one batched forward, not a Python loop over flips,
+and the tile is cut and accumulated once for its 8 passes.
 A 2D model on a 3D image runs over the slices along the last axis.
 """
 
@@ -14,14 +15,23 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 
+def _gaussian_1d(p: int, sigma_scale: float):
+  g = np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / max(p * sigma_scale, 1e-6)) ** 2)
+  return g / g.max()
+
+
 def gaussian_importance(patch, sigma_scale: float = 1 / 8):
-  """float32 weights of `patch` shape peaking at 1 in the centre, sigma = patch * sigma_scale."""
-  axes = [np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / max(p * sigma_scale, 1e-6)) ** 2) for p in patch]
-  w = functools.reduce(np.multiply.outer, axes).astype(np.float32)
-  w /= w.max()
+  """float32 weights of `patch` shape peaking at 1 in the centre, sigma = patch * sigma_scale.
+
+  The outer product of one 1D Gaussian per axis (as nnU-Net's), floored at its smallest positive
+  value so no voxel has zero weight.
+  """
+  w = functools.reduce(np.multiply.outer, [_gaussian_1d(p, sigma_scale) for p in patch])
+  w = w.astype(np.float32)
   return np.maximum(w, w[w > 0].min() if (w > 0).any() else 1.0).astype(np.float32)
 
 
@@ -38,53 +48,99 @@ def mirror_combinations(axes):
   return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+@functools.partial(jax.jit, static_argnames=("patch",))
+def _cut(image, starts, patch):
+  """Tiles (B, *patch, C) of `image` (*S, C) at `starts` (B, D)."""
+  return jax.vmap(lambda s: lax.dynamic_slice(image, tuple(s) + (0,), patch + image.shape[-1:]))(starts)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "flips"))
-def _tta_forward(apply_fn, params, tiles, flips):
-  """Mean softmax over the flips, all flips of all tiles in one batch. tiles (B, *P, C)."""
-  b = tiles.shape[0]
+def _weighted_forward(apply_fn, params, tiles, scale, weight, flips):
+  """Mean softmax over the flips times the importance map, all flips of all tiles in one batch.
+
+  tiles (B, *P, C); weight (*P); scale (B,) is 1 for real tiles and 0 for batch padding.
+  """
   batch = jnp.concatenate([jnp.flip(tiles, [a + 1 for a in f]) if f else tiles for f in flips])
-  probs = apply_fn(params, batch)
+  probs = apply_fn(params, batch).astype(jnp.float32)
   parts = jnp.split(probs, len(flips))
-  out = sum(jnp.flip(p, [a + 1 for a in f]) if f else p for p, f in zip(parts, flips))
-  return out[:b] / len(flips)
+  probs = sum(jnp.flip(p, [a + 1 for a in f]) if f else p for p, f in zip(parts, flips))
+  w = (scale / len(flips))[:, None] * weight.reshape(1, -1)
+  return probs * w.reshape(probs.shape[:-1] + (1,))
+
+
+@functools.partial(jax.jit, donate_argnames=("acc",))
+def _add(acc, probs, starts):
+  """Adds tile predictions `probs` (B, *P, K) into `acc` (*S, K) at `starts` (B, D), in place."""
+  def add(i, acc):
+    at = tuple(starts[i]) + (0,)
+    cur = lax.dynamic_slice(acc, at, probs.shape[1:])
+    return lax.dynamic_update_slice(acc, cur + probs[i], at)
+  return lax.fori_loop(0, starts.shape[0], add, acc)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _normalise(acc, norm, shape):
+  return (acc / norm[..., None])[tuple(slice(0, s) for s in shape)]
+
+
+def _weight_sum(size, starts, p, sigma_scale):
+  """Per-voxel sum along one axis of the 1D Gaussian factors of the tiles at `starts`."""
+  n = np.zeros(size)
+  for a in starts:
+    n[a:a + p] += _gaussian_1d(p, sigma_scale)
+  return n
 
 
 def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batch_size: int = 4,
                    mirror_axes=(), sigma_scale: float = 1 / 8):
-  """Class probabilities of a whole image by Gaussian-weighted sliding window.
+  """Class probabilities of a whole image by Gaussian-weighted sliding window (nnU-Net's scheme).
+
+  The image goes to the device once. Per call, three compiled functions
+  cut the tiles there, run them (every mirror flip of every tile in the same batch when
+  `mirror_axes` is set) and add their Gaussian-weighted probabilities into an accumulator that
+  stays on the device, donated from call to call: only tile offsets travel, the accumulator comes
+  back once at the end, and memory is the image, the accumulator and one tile batch (a 512^3
+  volume streams). The network's program depends on the tile batch alone, so volumes of new
+  shapes recompile only the cheap cut and add. The weight normaliser is the outer product of 1D sums
+  (the weight is separable and the tiles a grid), so it costs nothing per tile.
 
   Args:
     apply_fn: hashable `(params, x (N, *P, C)) -> probabilities (N, *P, K)`.
     image: float32 (*S, C) channels-last, len(S) == len(patch).
     patch: tile size (the training patch).
+    batch_size: network inputs per call, with or without TTA, so TTA needs no more memory: each
+      call takes max(1, batch_size // n_flips) tiles with all n_flips = 2**len(mirror_axes)
+      flips of each.
     mirror_axes: spatial axes for mirror TTA (all 2**len combinations are averaged).
   Returns:
-    float32 probabilities (*S, K).
+    float32 numpy probabilities (*S, K).
   """
   patch = tuple(int(p) for p in patch)
   shape = image.shape[:-1]
   pad = [(0, max(0, p - s)) for p, s in zip(patch, shape)] + [(0, 0)]
   x = np.pad(np.asarray(image, np.float32), pad, mode="edge")
   padded = x.shape[:-1]
-  starts = list(itertools.product(*[tile_starts(s, p, overlap) for s, p in zip(padded, patch)]))
-  weight = gaussian_importance(patch, sigma_scale)
+  starts_1d = [tile_starts(s, p, overlap) for s, p in zip(padded, patch)]
+  starts = np.array(list(itertools.product(*starts_1d)), np.int32).reshape(-1, len(patch))
   flips = tuple(mirror_combinations(tuple(mirror_axes)))
-  acc = None
-  norm = np.zeros(padded, np.float32)
-  for i in range(0, len(starts), batch_size):
-    group = starts[i:i + batch_size]
-    tiles = np.stack([x[tuple(slice(a, a + p) for a, p in zip(st, patch))] for st in group])
-    if len(group) < batch_size:  # keep one compiled batch shape
-      tiles = np.concatenate([tiles, np.repeat(tiles[-1:], batch_size - len(group), 0)])
-    probs = np.asarray(_tta_forward(apply_fn, params, jnp.asarray(tiles), flips))
-    if acc is None:
-      acc = np.zeros(padded + (probs.shape[-1],), np.float32)
-    for st, pr in zip(group, probs):
-      sl = tuple(slice(a, a + p) for a, p in zip(st, patch))
-      acc[sl] += pr * weight[..., None]
-      norm[sl] += weight
-  acc /= norm[..., None]
-  return acc[tuple(slice(0, s) for s in shape)]
+  weight = jnp.asarray(gaussian_importance(patch, sigma_scale))
+  tiles_per_call = max(1, batch_size // len(flips))
+  image_d = jnp.asarray(x)
+  probe = jax.ShapeDtypeStruct((tiles_per_call,) + patch + x.shape[-1:], jnp.float32)
+  classes = jax.eval_shape(apply_fn, params, probe).shape[-1]
+  acc = jnp.zeros(padded + (classes,), jnp.float32)
+  for i in range(0, len(starts), tiles_per_call):
+    group = starts[i:i + tiles_per_call]
+    scale = np.ones(tiles_per_call, np.float32)
+    if len(group) < tiles_per_call:  # keep one compiled batch shape; padding tiles add zero
+      scale[len(group):] = 0
+      group = np.concatenate([group, np.repeat(group[-1:], tiles_per_call - len(group), 0)])
+    group = jnp.asarray(group)
+    probs = _weighted_forward(apply_fn, params, _cut(image_d, group, patch), scale, weight, flips)
+    acc = _add(acc, probs, group)
+  norm = functools.reduce(np.multiply.outer, [
+      _weight_sum(s, st, p, sigma_scale) for s, st, p in zip(padded, starts_1d, patch)])
+  return np.asarray(_normalise(acc, norm.astype(np.float32), shape))
 
 
 @functools.lru_cache(maxsize=None)

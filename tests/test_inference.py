@@ -65,6 +65,21 @@ def test_batched_mirror_tta_equals_flips_one_by_one(unet3d):
   np.testing.assert_allclose(got, ref / 8, atol=1e-5)
 
 
+def test_tiled_tta_equals_mean_of_flipped_sliding_windows(unet3d):
+  # Tile starts 0, 4, ..., 16 on every axis are symmetric, so predicting a flipped volume and
+  # flipping back visits the same tiles as folding the flip into each tile's batch.
+  apply, params = unet3d
+  x = np.random.default_rng(4).normal(size=(24, 24, 16, 2)).astype(np.float32)
+  axes = (0, 2)
+  got = inference.sliding_window(apply, params, x, patch=(8, 8, 8), batch_size=9, mirror_axes=axes)
+  ref = 0
+  for f in inference.mirror_combinations(axes):
+    xf = np.flip(x, f).copy() if f else x
+    p = inference.sliding_window(apply, params, xf, patch=(8, 8, 8), batch_size=3)
+    ref = ref + (np.flip(p, f) if f else p)
+  np.testing.assert_allclose(got, ref / 4, atol=1e-5)
+
+
 def test_2d_model_on_a_volume_predicts_each_slice():
   x = np.random.default_rng(3).normal(size=(2, 10, 12, 5)).astype(np.float32)  # (C, X, Y, Z)
   got = inference.predict_volume(pointwise, jnp.float32(1.5), x, patch=(8, 8), batch_size=4)
