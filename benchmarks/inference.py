@@ -13,6 +13,13 @@ installed, the same sizes through `monai.inferers.sliding_window_inference` with
 same stages, features, kernels, norm and activation, TTA as the usual loop over the 8 flips.
 Parameters are random (throughput does not depend on them). Prints a table and writes JSON to
 benchmarks/results/inference_<backend>.json.
+
+    python benchmarks/inference.py --memory-size 512
+
+instead streams a 512^3 one-channel volume through a per-voxel two-class "network" (128^3
+tiles, 8 per call) and reports the seconds, the peak resident memory of the process before and
+after, and the largest difference from the whole-volume answer: memory stays a few volumes'
+worth (image, accumulator, output), independent of the number of tiles.
 """
 
 from __future__ import annotations
@@ -92,6 +99,30 @@ def monai_runner(config, num_classes, in_channels, threads):
   return (run, n_params), None
 
 
+def memory_check(size: int):
+  import resource  # noqa: PLC0415
+
+  @jax.jit
+  def net(p, x):  # per voxel, so the sliding window must reproduce it exactly
+    return jax.nn.softmax(jnp.concatenate([x * p, -x * p], -1), -1)
+
+  def peak_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+  x = np.random.default_rng(0).standard_normal((size,) * 3 + (1,), dtype=np.float32)
+  before = peak_gb()
+  t0 = time.perf_counter()
+  out = inference.sliding_window(net, jnp.float32(1.0), x, patch=(128,) * 3, batch_size=8)
+  sec = time.perf_counter() - t0
+  after = peak_gb()
+  err = float(np.abs(out - np.asarray(net(1.0, x))).max())
+  row = {"size": size, "seconds": sec, "input_gb": x.nbytes / 1e9, "peak_rss_gb_before": before,
+         "peak_rss_gb_after": after, "output_gb": out.nbytes / 1e9, "max_abs_error": err,
+         "date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg(), "jax": jax.__version__}
+  print(row)
+  return row
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="unet3d")
@@ -106,7 +137,15 @@ def main():
   p.add_argument("--classes", type=int, default=4)
   p.add_argument("--no-monai", action="store_true")
   p.add_argument("--out", default=None)
+  p.add_argument("--memory-size", type=int, default=0,
+                 help="only the streaming memory check on a volume of this edge")
   a = p.parse_args()
+  if a.memory_size:
+    row = memory_check(a.memory_size)
+    out = pathlib.Path(a.out or REPO / "benchmarks" / "results" / f"inference_memory_{jax.default_backend()}.json")
+    report.write_json_atomic(out, row)
+    print(f"wrote {out}")
+    return
   config = importlib.import_module(a.config).get_config(a.arg)
   patch = (a.patch,) * 3 if a.patch else tuple(config.data.patch_size)
   tta_sizes = a.sizes if a.tta_sizes is None else a.tta_sizes

@@ -79,7 +79,9 @@ def _add(acc, probs, starts):
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _normalise(acc, norm, shape):
+def _normalise(acc, sums, shape):
+  """acc (*S, K) over the summed weights, the outer product of the 1D `sums`, cropped to `shape`."""
+  norm = functools.reduce(lambda a, b: a[..., None] * b, sums)
   return (acc / norm[..., None])[tuple(slice(0, s) for s in shape)]
 
 
@@ -118,7 +120,9 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
   patch = tuple(int(p) for p in patch)
   shape = image.shape[:-1]
   pad = [(0, max(0, p - s)) for p, s in zip(patch, shape)] + [(0, 0)]
-  x = np.pad(np.asarray(image, np.float32), pad, mode="edge")
+  x = np.asarray(image, np.float32)
+  if any(p for p, _ in pad):
+    x = np.pad(x, pad, mode="edge")
   padded = x.shape[:-1]
   starts_1d = [tile_starts(s, p, overlap) for s, p in zip(padded, patch)]
   starts = np.array(list(itertools.product(*starts_1d)), np.int32).reshape(-1, len(patch))
@@ -138,9 +142,9 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
     group = jnp.asarray(group)
     probs = _weighted_forward(apply_fn, params, _cut(image_d, group, patch), scale, weight, flips)
     acc = _add(acc, probs, group)
-  norm = functools.reduce(np.multiply.outer, [
-      _weight_sum(s, st, p, sigma_scale) for s, st, p in zip(padded, starts_1d, patch)])
-  return np.asarray(_normalise(acc, norm.astype(np.float32), shape))
+  sums = [_weight_sum(s, st, p, sigma_scale).astype(np.float32)
+          for s, st, p in zip(padded, starts_1d, patch)]
+  return np.asarray(_normalise(acc, sums, shape))
 
 
 @functools.lru_cache(maxsize=None)
