@@ -268,14 +268,6 @@ def _label_rows(mask, connectivity, k):
   """Voxel labels and count with a run table of k slots per row."""
   _, _, labels, valid = _label_tables(mask, connectivity, k)
   number, n = _rank_roots(labels, valid)
-  # Materialise the per-run numbers: left alone, XLA fuses the ranking (two
-  # gathers through `labels`) into the per-voxel paint and evaluates it for
-  # every voxel instead of every run slot (~1.5x the whole labelling time on
-  # 256^3). A conditional on a runtime predicate is a fusion boundary that
-  # the simplifier cannot remove (an optimization_barrier is dropped before
-  # fusion on CPU). The predicate always holds (n >= 0); the other branch
-  # differs only so that XLA cannot merge the two.
-  number = lax.cond(n >= 0, lambda t: t, lambda t: t - 1, number)
   return _paint(mask, number, 0), n
 
 
