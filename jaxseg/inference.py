@@ -94,7 +94,7 @@ def _weight_sum(size, starts, p, sigma_scale):
 
 
 def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batch_size: int = 4,
-                   mirror_axes=(), sigma_scale: float = 1 / 8):
+                   mirror_axes=(), sigma_scale: float = 1 / 8, devices=None):
   """Class probabilities of a whole image by Gaussian-weighted sliding window (nnU-Net's scheme).
 
   The image goes to the device once. Per call, three compiled functions
@@ -114,6 +114,9 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
       call takes max(1, batch_size // n_flips) tiles with all n_flips = 2**len(mirror_axes)
       flips of each.
     mirror_axes: spatial axes for mirror TTA (all 2**len combinations are averaged).
+    devices: several local devices split each call's tiles between them (the image, the
+      parameters and the accumulator replicated; tiles per call rounded up to a multiple of
+      the device count). Default: the default device alone.
   Returns:
     float32 numpy probabilities (*S, K).
   """
@@ -121,7 +124,7 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
   shape = image.shape[:-1]
   pad = [(0, max(0, p - s)) for p, s in zip(patch, shape)] + [(0, 0)]
   x = np.asarray(image, np.float32)
-  if any(p for p, _ in pad):
+  if any(hi for _, hi in pad):
     x = np.pad(x, pad, mode="edge")
   padded = x.shape[:-1]
   starts_1d = [tile_starts(s, p, overlap) for s, p in zip(padded, patch)]
@@ -129,18 +132,28 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
   flips = tuple(mirror_combinations(tuple(mirror_axes)))
   weight = jnp.asarray(gaussian_importance(patch, sigma_scale))
   tiles_per_call = max(1, batch_size // len(flips))
-  image_d = jnp.asarray(x)
+  put, split = jnp.asarray, jnp.asarray
+  if devices is not None and len(devices) > 1:
+    mesh = jax.sharding.Mesh(np.array(devices), ("tiles",))
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_tile = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tiles"))
+    put = lambda a: jax.device_put(a, repl)  # noqa: E731
+    split = lambda a: jax.device_put(a, by_tile)  # noqa: E731
+    tiles_per_call = -(-tiles_per_call // len(devices)) * len(devices)
+    params, weight = put(params), put(weight)
+  image_d = put(x)
   probe = jax.ShapeDtypeStruct((tiles_per_call,) + patch + x.shape[-1:], jnp.float32)
   classes = jax.eval_shape(apply_fn, params, probe).shape[-1]
-  acc = jnp.zeros(padded + (classes,), jnp.float32)
+  acc = put(np.zeros(padded + (classes,), np.float32))
   for i in range(0, len(starts), tiles_per_call):
     group = starts[i:i + tiles_per_call]
     scale = np.ones(tiles_per_call, np.float32)
     if len(group) < tiles_per_call:  # keep one compiled batch shape; padding tiles add zero
       scale[len(group):] = 0
       group = np.concatenate([group, np.repeat(group[-1:], tiles_per_call - len(group), 0)])
-    group = jnp.asarray(group)
-    probs = _weighted_forward(apply_fn, params, _cut(image_d, group, patch), scale, weight, flips)
+    group = split(group)
+    tiles = _cut(image_d, group, patch)
+    probs = _weighted_forward(apply_fn, params, tiles, split(scale), weight, flips)
     acc = _add(acc, probs, group)
   sums = [_weight_sum(s, st, p, sigma_scale).astype(np.float32)
           for s, st, p in zip(padded, starts_1d, patch)]
@@ -156,20 +169,21 @@ def _slicewise(apply_fn):
 
 
 def predict_volume(apply_fn, params, image, *, patch, overlap: float = 0.5, batch_size: int = 4,
-                   mirror_axes=()):
+                   mirror_axes=(), devices=None):
   """Probabilities (*S, K) for one case given as (C, *S).
 
   A 2D model on a 3D image (len(patch) == len(S) - 1) predicts the slices along the last axis,
-  tiles of several slices sharing a batch.
+  tiles of several slices sharing a batch. `devices` as for `sliding_window`.
   """
   x = np.moveaxis(np.asarray(image, np.float32), 0, -1)
   patch = tuple(patch)
   if len(patch) == x.ndim - 1:
     return sliding_window(apply_fn, params, x, patch=patch, overlap=overlap, batch_size=batch_size,
-                          mirror_axes=mirror_axes)
+                          mirror_axes=mirror_axes, devices=devices)
   if len(patch) == x.ndim - 2:
     stack = np.moveaxis(x, -2, 0)  # (Z, X, Y, C)
     probs = sliding_window(_slicewise(apply_fn), params, stack, patch=(1,) + patch, overlap=overlap,
-                           batch_size=batch_size, mirror_axes=tuple(a + 1 for a in mirror_axes))
+                           batch_size=batch_size, mirror_axes=tuple(a + 1 for a in mirror_axes),
+                           devices=devices)
     return np.moveaxis(probs, 0, -2)
   raise ValueError(f"a {len(patch)}D patch cannot tile a {x.ndim - 1}D image")

@@ -6,8 +6,8 @@
 Inputs follow nnU-Net's naming: `<case>_<channel:04d><ending>` (a single-channel model also
 takes plain `<case><ending>`); a file argument picks up its sibling channel files. Each case is
 preprocessed with the run's saved plan (`RUN/plan.json`: reorient, crop, normalise, resample),
-predicted by Gaussian-weighted sliding window with the mirror flips batched
-(`jaxseg.inference.predict_volume`), put back on the input grid
+predicted by Gaussian-weighted sliding window with the mirror flips batched and the tiles split
+over all local devices (`jaxseg.inference.predict_volume`), put back on the input grid
 (`jaxseg.data.preprocess.invert_prediction`) and written as `<case><ending>` with the input's
 shape, affine and header (atomically). `--save-probabilities` adds `<case>.npz` with the class
 probabilities (K, *input shape) on the input grid. Bad input ends with one line on stderr and
@@ -211,6 +211,8 @@ def predict_case(run: Run, paths, *, tta: bool = True, keep_largest: bool = Fals
   Returns (label values on the input grid, the input's Geometry, probabilities (K, *input
   shape) float32 or None).
   """
+  import jax  # noqa: PLC0415
+
   from jaxseg import inference  # noqa: PLC0415
   from jaxseg.data import dataset as ds  # noqa: PLC0415
   from jaxseg.data import preprocess as pp  # noqa: PLC0415
@@ -221,7 +223,8 @@ def predict_case(run: Run, paths, *, tta: bool = True, keep_largest: bool = Fals
   mirror = tuple(range(run.spatial_dims)) if tta else ()
   probs = inference.predict_volume(run.predict_fn, run.params, pre,
                                    patch=tuple(cfg.data.patch_size), overlap=cfg.eval.overlap,
-                                   batch_size=cfg.eval.batch_size, mirror_axes=mirror)
+                                   batch_size=cfg.eval.batch_size, mirror_axes=mirror,
+                                   devices=jax.local_devices())
   classes = np.argmax(probs, axis=-1).astype(np.int16)
   values = np.asarray(run.plan["label_values"], np.int32)
   label = values[pp.invert_prediction(classes, record)]

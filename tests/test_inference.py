@@ -1,5 +1,11 @@
 """Sliding-window inference: tiling, Gaussian blending and batched mirror TTA."""
 
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +21,8 @@ def pointwise(params, x):
   return jax.nn.softmax(params * x, axis=-1)
 
 
-@pytest.mark.parametrize("shape,patch", [((13, 17, 3), (8, 8)), ((9, 10, 11, 2), (4, 8, 6))])
+@pytest.mark.parametrize("shape,patch", [((13, 17, 3), (8, 8)), ((9, 10, 11, 2), (4, 8, 6)),
+                                         ((5, 17, 3), (8, 8))])  # padded: smaller than a tile
 def test_pointwise_net_is_reproduced_exactly_by_any_tiling(shape, patch):
   x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   got = inference.sliding_window(pointwise, jnp.float32(2.0), x, patch=patch, batch_size=3)
@@ -85,3 +92,29 @@ def test_2d_model_on_a_volume_predicts_each_slice():
   got = inference.predict_volume(pointwise, jnp.float32(1.5), x, patch=(8, 8), batch_size=4)
   ref = np.asarray(pointwise(1.5, np.moveaxis(x, 0, -1)))
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_tiles_split_over_devices_give_the_one_device_result():
+  # A fresh interpreter: the fake device count must be set before JAX starts.
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np
+      from jaxseg import inference
+      from jaxseg.models import UNet
+      model = UNet(num_classes=3, spatial_dims=3, base_features=4, max_features=8, num_stages=3,
+                   conv_impl="lax")
+      params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 2)))["params"]
+      apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x), axis=-1))
+      x = np.random.default_rng(5).normal(size=(20, 18, 12, 2)).astype(np.float32)
+      kw = dict(patch=(8, 8, 8), batch_size=6, mirror_axes=(0, 1))
+      one = inference.sliding_window(apply, params, x, **kw)
+      four = inference.sliding_window(apply, params, x, devices=jax.devices(), **kw)
+      assert len(jax.devices()) == 4
+      print(float(np.abs(one - four).max()), float(np.abs(one.sum(-1) - 1).max()))
+  """)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  diff, norm = map(float, out.stdout.split())
+  assert diff < 1e-5 and norm < 1e-5
