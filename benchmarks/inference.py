@@ -15,11 +15,13 @@ Parameters are random (throughput does not depend on them). Prints a table and w
 benchmarks/results/inference_<backend>.json.
 
     python benchmarks/inference.py --memory-size 512
+    python benchmarks/inference.py --forward-impls
 
 instead streams a 512^3 one-channel volume through a per-voxel two-class "network" (128^3
 tiles, 8 per call) and reports the seconds, the peak resident memory of the process before and
 after, and the largest difference from the whole-volume answer: memory stays a few volumes'
-worth (image, accumulator, output), independent of the number of tiles.
+worth (image, accumulator, output), independent of the number of tiles. `--forward-impls`
+times the network forward alone on one call's tiles for each convolution implementation.
 """
 
 from __future__ import annotations
@@ -99,6 +101,48 @@ def monai_runner(config, num_classes, in_channels, threads):
   return (run, n_params), None
 
 
+def forward_impls(config, patch, batch, classes, repeats):
+  """Median seconds of the network forward alone on one call's tiles, per convolution impl."""
+  fns, times = {}, {}
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(batch,) + patch + (1,)).astype(np.float32))
+  for impl in ("auto", "gemm_split", "gemm", "lax"):
+    config.model.conv_impl = impl
+    model = build_model(config.model, num_classes=classes)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + (model.downsampling,) * 3 + (1,)))
+    f = jax.jit(lambda p, t, model=model: jax.nn.softmax(model.apply(p, t), -1))
+    f(params, x).block_until_ready()
+    fns[impl] = (f, params)
+  for _ in range(repeats):
+    for impl, (f, params) in fns.items():
+      t0 = time.perf_counter()
+      f(params, x).block_until_ready()
+      times.setdefault(impl, []).append(time.perf_counter() - t0)
+  rows = {impl: float(np.median(t)) for impl, t in times.items()}
+  for impl, sec in rows.items():
+    print(f"forward of {batch} x {patch} tiles, conv_impl={impl}: {sec * 1e3:.0f} ms")
+  # The window's own cost: a 128^3 single pass against its calls' forwards alone, interleaved.
+  f, params = fns["auto"]
+  volume = np.random.default_rng(1).normal(size=(128,) * 3 + (1,)).astype(np.float32)
+  apply = jax.jit(lambda p, t: f({"params": p}, t))
+  calls = -(-int(np.prod([len(inference.tile_starts(128, p, 0.5)) for p in patch])) // batch)
+  inference.sliding_window(apply, params["params"], volume, patch=patch, batch_size=batch)
+  window, alone = [], []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    inference.sliding_window(apply, params["params"], volume, patch=patch, batch_size=batch)
+    window.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      y = f(params, x)
+    y.block_until_ready()
+    alone.append(time.perf_counter() - t0)
+  rows["window_128"] = float(np.median(window))
+  rows["forwards_alone_128"] = float(np.median(alone))
+  print(f"128^3 single pass: sliding window {rows['window_128']:.2f} s, its {calls} forwards alone "
+        f"{rows['forwards_alone_128']:.2f} s (medians of 3, interleaved)")
+  return rows
+
+
 def memory_check(size: int):
   import resource  # noqa: PLC0415
 
@@ -137,6 +181,8 @@ def main():
   p.add_argument("--classes", type=int, default=4)
   p.add_argument("--no-monai", action="store_true")
   p.add_argument("--out", default=None)
+  p.add_argument("--forward-impls", action="store_true",
+                 help="only time the network forward on one call's tiles per convolution impl")
   p.add_argument("--memory-size", type=int, default=0,
                  help="only the streaming memory check on a volume of this edge")
   a = p.parse_args()
@@ -148,6 +194,9 @@ def main():
     return
   config = importlib.import_module(a.config).get_config(a.arg)
   patch = (a.patch,) * 3 if a.patch else tuple(config.data.patch_size)
+  if a.forward_impls:
+    forward_impls(config, patch, a.batch, a.classes, max(a.repeats, 5))
+    return
   tta_sizes = a.sizes if a.tta_sizes is None else a.tta_sizes
   threads = len(os.sched_getaffinity(0))
   runners = {}
