@@ -29,6 +29,14 @@ K is 32 (or half the row length if smaller). A row with more than K runs
 switches, via `lax.cond`, to a table of ceil(X / 2) slots that is always
 large enough (slower). Under `jax.vmap` the switch is made once for the whole
 batch (a custom batching rule), not by running both branches.
+
+XLA:CPU specifics (measured, see benchmarks/README_kernels.md): counts over
+the K slots or the words of a row are written as K adds of broadcast
+comparisons (`_count_true`), a vectorised loop fusion, because a reduction's
+fused producer is emitted as scalar code; tables that are read many times
+(run table, overlap ranges, run numbers) are materialised behind a
+conditional (`_materialise`), because XLA otherwise fuses them into every
+consumer and recomputes them there.
 """
 
 import functools
