@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from jaxseg import compile_options
+
 
 def _gaussian_1d(p: int, sigma_scale: float):
   g = np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / max(p * sigma_scale, 1e-6)) ** 2)
@@ -54,7 +56,6 @@ def _cut(image, starts, patch):
   return jax.vmap(lambda s: lax.dynamic_slice(image, tuple(s) + (0,), patch + image.shape[-1:]))(starts)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "flips"))
 def _weighted_forward(apply_fn, params, tiles, scale, weight, flips):
   """Mean softmax over the flips times the importance map, all flips of all tiles in one batch.
 
@@ -66,6 +67,13 @@ def _weighted_forward(apply_fn, params, tiles, scale, weight, flips):
   probs = sum(jnp.flip(p, [a + 1 for a in f]) if f else p for p, f in zip(parts, flips))
   w = (scale / len(flips))[:, None] * weight.reshape(1, -1)
   return probs * w.reshape(probs.shape[:-1] + (1,))
+
+
+@functools.cache
+def _forward_program(platform: str):
+  """`_weighted_forward` jitted with the platform's compiler options (jaxseg.compile_options)."""
+  return jax.jit(_weighted_forward, static_argnames=("apply_fn", "flips"),
+                 compiler_options=compile_options.for_platform(platform))
 
 
 @functools.partial(jax.jit, donate_argnames=("acc",))
@@ -142,6 +150,7 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
     tiles_per_call = -(-tiles_per_call // len(devices)) * len(devices)
     params, weight = put(params), put(weight)
   image_d = put(x)
+  forward = _forward_program((devices[0] if devices else jax.devices()[0]).platform)
   probe = jax.ShapeDtypeStruct((tiles_per_call,) + patch + x.shape[-1:], jnp.float32)
   classes = jax.eval_shape(apply_fn, params, probe).shape[-1]
   acc = put(np.zeros(padded + (classes,), np.float32))
@@ -153,7 +162,7 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
       group = np.concatenate([group, np.repeat(group[-1:], tiles_per_call - len(group), 0)])
     group = split(group)
     tiles = _cut(image_d, group, patch)
-    probs = _weighted_forward(apply_fn, params, tiles, split(scale), weight, flips)
+    probs = forward(apply_fn, params, tiles, split(scale), weight, flips)
     acc = _add(acc, probs, group)
   sums = [_weight_sum(s, st, p, sigma_scale).astype(np.float32)
           for s, st, p in zip(padded, starts_1d, patch)]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxseg import sharding
+from jaxseg import compile_options, sharding
 from jaxseg.data import augment
 
 
@@ -34,13 +36,14 @@ def make_train_step(loss_fn, tx, mesh, aug_config, *, loss_consts=None):
     metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+  options = compile_options.for_mesh(mesh)
   if loss_consts is None:
     return jax.jit(train_step, donate_argnums=(0,),
                    in_shardings=(repl, sharding.batch_sharding(mesh), repl),
-                   out_shardings=(repl, repl))
+                   out_shardings=(repl, repl), compiler_options=options)
   step = jax.jit(train_step, donate_argnums=(0,),
                  in_shardings=(repl, sharding.batch_sharding(mesh), repl, repl),
-                 out_shardings=(repl, repl))
+                 out_shardings=(repl, repl), compiler_options=options)
   consts = jax.device_put(loss_consts, repl)
   return lambda state, batch, key_data: step(state, batch, key_data, consts)
 
@@ -48,7 +51,7 @@ def make_train_step(loss_fn, tx, mesh, aug_config, *, loss_consts=None):
 def make_predict_fn(model):
   """Jitted (params, images (N,*S,C)) -> class probabilities (N,*S,K) of the full-resolution output."""
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compile_options.for_platform(jax.default_backend()))
   def predict(params, images):
     out = model.apply({"params": params}, images)
     if isinstance(out, (list, tuple)):

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import checkpoint, inference, metrics, optim, report, sharding, steps, validate
+from jaxseg import (checkpoint, compile_options, inference, metrics, optim, report, sharding, steps,
+                    validate)
 from jaxseg.data import pipeline, sampling
 from jaxseg.models import build_model
 from jaxseg.state import TrainState
@@ -68,11 +69,11 @@ def init_state(model, tx, *, seed: int, in_channels: int, mesh, params=None) -> 
       params = init_params(model, seed=seed, in_channels=in_channels)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+  options = compile_options.for_mesh(mesh)
   if params is not None:
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))(params)
-  return jax.jit(lambda: init(None), out_shardings=sharding.replicated(mesh))()
-
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    return jax.jit(init, out_shardings=sharding.replicated(mesh), compiler_options=options)(params)
+  return jax.jit(lambda: init(None), out_shardings=sharding.replicated(mesh),
+                 compiler_options=options)()
 
 
 def evaluate(predict_fn, params, data: pipeline.SegData, config, *, keep_predictions=False):

@@ -1,0 +1,23 @@
+"""XLA compiler options for jaxseg's programs, per platform.
+
+On CPU, the model programs (train step, init, prediction) compile with
+`xla_cpu_use_fusion_emitters=False` (XLA's older loop-fusion code generator) and LLVM
+optimisation level 1. Measured on a 2-core x86-64 CPU with jax 0.10.2, default 3D config
+(batch 2 x 32^3): train step compile 12.6 -> 8.2 s and step 0.21 -> 0.15-0.17 s; at issue 6's
+2 x 64^3 the step was no slower and its peak memory fell from 2.3 to 1.5 GB. Other platforms
+keep XLA's defaults (None).
+"""
+
+from __future__ import annotations
+
+CPU = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
+
+
+def for_platform(platform: str) -> dict | None:
+  """Compiler options for `jax.jit(..., compiler_options=)` on `platform` ('cpu', 'gpu', ...)."""
+  return dict(CPU) if platform == "cpu" else None
+
+
+def for_mesh(mesh) -> dict | None:
+  """Compiler options for programs placed on `mesh`'s devices."""
+  return for_platform(mesh.devices.flat[0].platform)
