@@ -1,11 +1,12 @@
 """XLA compiler options for jaxseg's programs, per platform.
 
-On CPU, the model programs (train step, init, prediction) compile with
+On CPU, the model programs (train step, init, the sliding-window forward) compile with
 `xla_cpu_use_fusion_emitters=False` (XLA's older loop-fusion code generator) and LLVM
 optimisation level 1. Measured on a 2-core x86-64 CPU with jax 0.10.2, default 3D config
 (batch 2 x 32^3): train step compile 12.6 -> 8.2 s and step 0.21 -> 0.15-0.17 s; at issue 6's
 2 x 64^3 the step was no slower and its peak memory fell from 2.3 to 1.5 GB. Other platforms
-keep XLA's defaults (None).
+keep XLA's defaults (None). JAX takes compiler options on top-level jits only, so functions
+that others call inside their own jit (a model's predict function) must not set them.
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -49,9 +47,12 @@ def make_train_step(loss_fn, tx, mesh, aug_config, *, loss_consts=None):
 
 
 def make_predict_fn(model):
-  """Jitted (params, images (N,*S,C)) -> class probabilities (N,*S,K) of the full-resolution output."""
+  """Jitted (params, images (N,*S,C)) -> class probabilities (N,*S,K) of the full-resolution output.
 
-  @functools.partial(jax.jit, compiler_options=compile_options.for_platform(jax.default_backend()))
+  No compiler options here: `inference` calls it inside its own jit, which sets them.
+  """
+
+  @jax.jit
   def predict(params, images):
     out = model.apply({"params": params}, images)
     if isinstance(out, (list, tuple)):

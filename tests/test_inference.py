@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseg import inference
+from jaxseg import inference, steps
 from jaxseg.models import UNet
 
 
@@ -47,8 +47,7 @@ def unet3d():
   model = UNet(num_classes=3, spatial_dims=3, base_features=4, max_features=8, num_stages=3,
                conv_impl="lax")
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 2)))["params"]
-  apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x), axis=-1))
-  return apply, params
+  return steps.make_predict_fn(model), params  # the function training and predict.py use
 
 
 def test_window_covering_the_volume_equals_one_forward_pass(unet3d):
@@ -98,7 +97,7 @@ def test_tiles_split_over_devices_give_the_one_device_result():
   # A fresh interpreter: the fake device count must be set before JAX starts.
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
-      from jaxseg import inference
+      from jaxseg import inference, steps
       from jaxseg.models import UNet
       model = UNet(num_classes=3, spatial_dims=3, base_features=4, max_features=8, num_stages=3,
                    conv_impl="lax")
