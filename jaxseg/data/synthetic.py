@@ -21,7 +21,6 @@ import os
 import pathlib
 
 import numpy as np
-from scipy import ndimage
 
 from jaxseg import atomic
 
@@ -38,8 +37,15 @@ _KIDNEY = (170.0, 12.0)  # contrast-enhanced
 _SPLEEN = (115.0, 8.0)  # overlaps the tails of the liver's and kidney edges' ranges
 
 
+def _gaussian_filter(*args, **kwargs):
+  # Imported here: scipy.ndimage takes ~0.3 s to import, and a run whose phantoms are already
+  # cached never filters.
+  from scipy import ndimage  # noqa: PLC0415
+  return ndimage.gaussian_filter(*args, **kwargs)
+
+
 def _smooth_field(rng, shape, sigma):
-  field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+  field = _gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
   return (field - field.mean()) / (field.std() + 1e-8)
 
 
@@ -125,7 +131,7 @@ def render_tissues(rng, tissue, table, *, shift_std, texture_sigma=1.5, texture_
   table = np.asarray(table, np.float64)
   centre = table[:, 0] + rng.normal(0.0, shift_std, len(table)) * (np.arange(len(table)) > 0)
   image = centre[tissue] + table[tissue, 1] * _smooth_field(rng, shape, texture_sigma) * texture_scale
-  image = ndimage.gaussian_filter(image, partial_volume_sigma)
+  image = _gaussian_filter(image, partial_volume_sigma)
   bias = 1.0 + bias_amplitude * _smooth_field(rng, shape, max(shape) / 3)
   image = image * np.where(tissue > 0, bias, 1.0)
   return image + rng.normal(0.0, noise_std, shape)
