@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 SMOOTH = 1e-5
 
@@ -38,8 +37,16 @@ def soft_dice(logits, labels, *, num_classes: int, batch_dice: bool = False,
 
 
 def cross_entropy(logits, labels):
-  """Mean voxel-wise softmax cross-entropy. logits (N,*S,C), labels (N,*S)."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+  """Mean voxel-wise softmax cross-entropy. logits (N,*S,C), labels (N,*S).
+
+  Equals `optax.softmax_cross_entropy_with_integer_labels`, written as logsumexp minus the
+  one-hot-selected logit: optax's `take_along_axis` has a scatter-add as its gradient, which XLA
+  constant-folds at compile time (1.5 s for a 2x64^3 batch) and runs serially on CPU; the
+  one-hot product's gradient is elementwise.
+  """
+  logits = logits.astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.sum(logits * onehot, axis=-1))
 
 
 def dice_ce(logits, labels, *, num_classes: int, batch_dice: bool = False):

@@ -91,3 +91,20 @@ def test_dice_iou_batched_3d_matches_numpy():
       inter = (p & r).sum()
       np.testing.assert_allclose(d[n, k], 2 * inter / (p.sum() + r.sum()), rtol=1e-6)
       np.testing.assert_allclose(i[n, k], inter / (p | r).sum(), rtol=1e-6)
+
+
+def test_cross_entropy_and_its_gradient_match_optax_and_numpy():
+  import optax  # noqa: PLC0415
+
+  rng = np.random.default_rng(7)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 4, 3)) * 4, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 3, size=(2, 5, 4)))
+  ref = lambda x: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, labels))  # noqa: E731
+  p = np_softmax(np.asarray(logits, np.float64))
+  ce_np = -np.mean(np.log(np.take_along_axis(p, np.asarray(labels)[..., None], -1)))
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels), ce_np, rtol=1e-6)
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels), ref(logits), rtol=1e-6)
+  grad_np = (p - np.eye(3)[np.asarray(labels)]) / labels.size  # d mean CE / d logits
+  got = jax.grad(losses.cross_entropy)(logits, labels)
+  np.testing.assert_allclose(got, grad_np, atol=1e-7)
+  np.testing.assert_allclose(got, jax.grad(ref)(logits), atol=1e-7)
