@@ -153,16 +153,18 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
   forward = _forward_program((devices[0] if devices else jax.devices()[0]).platform)
   probe = jax.ShapeDtypeStruct((tiles_per_call,) + patch + x.shape[-1:], jnp.float32)
   classes = jax.eval_shape(apply_fn, params, probe).shape[-1]
-  acc = put(np.zeros(padded + (classes,), np.float32))
-  for i in range(0, len(starts), tiles_per_call):
-    group = starts[i:i + tiles_per_call]
-    scale = np.ones(tiles_per_call, np.float32)
-    if len(group) < tiles_per_call:  # keep one compiled batch shape; padding tiles add zero
-      scale[len(group):] = 0
-      group = np.concatenate([group, np.repeat(group[-1:], tiles_per_call - len(group), 0)])
-    group = split(group)
-    tiles = _cut(image_d, group, patch)
-    probs = forward(apply_fn, params, tiles, split(scale), weight, flips)
+  acc = put(jnp.zeros(padded + (classes,), jnp.float32))
+  # One compiled batch shape: the last call is padded with copies of its last tile, weighted 0.
+  n = len(starts)
+  calls = -(-n // tiles_per_call)
+  starts = np.concatenate([starts, np.repeat(starts[-1:], calls * tiles_per_call - n, 0)])
+  scale = (np.arange(calls * tiles_per_call) < n).astype(np.float32)
+  full = split(np.ones(tiles_per_call, np.float32))  # all calls but a padded last one
+  for i in range(0, calls * tiles_per_call, tiles_per_call):
+    group = split(starts[i:i + tiles_per_call])
+    last = scale[i:i + tiles_per_call]
+    probs = forward(apply_fn, params, _cut(image_d, group, patch), full if last.all() else split(last),
+                    weight, flips)
     acc = _add(acc, probs, group)
   sums = [_weight_sum(s, st, p, sigma_scale).astype(np.float32)
           for s, st, p in zip(padded, starts_1d, patch)]
