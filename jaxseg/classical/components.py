@@ -25,10 +25,14 @@ Algorithm (union-find style label propagation on runs)
 4. Labels are ranked in raster order of each component's first run, which is
    exactly scipy's numbering, and painted back onto the voxels.
 
-K is 32 (or half the row length if smaller). A row with more than K runs
-switches, via `lax.cond`, to a table of ceil(X / 2) slots that is always
-large enough (slower). Under `jax.vmap` the switch is made once for the whole
-batch (a custom batching rule), not by running both branches.
+K, the slots per row, is the smallest of 8, 16, 24 and 32 that holds the
+busiest row, chosen at run time by `lax.switch` (every step costs time in
+proportion to K, the overlap ranges K^2: on the 256^3 benchmark mask, whose
+busiest row has 24 runs, K = 24 labels 1.4x faster than K = 32). Rows with
+more than 32 runs take a table of ceil(X / 2) slots, which is always large
+enough (slower). All table sizes are compiled, one runs. Under `jax.vmap` the
+size is chosen once for the whole batch (a custom batching rule), not by
+running every branch.
 
 XLA:CPU specifics (measured, see benchmarks/README_kernels.md): counts over
 the K slots or the words of a row are written as K adds of broadcast
@@ -53,7 +57,8 @@ from jaxseg.classical import _flood
 _U32 = jnp.uint32
 _BIG = np.int32(2**31 - 1)
 _NONE = 1 << 28  # start of an empty slot (never overlaps)
-_K_FAST = 32
+# Run-table sizes tried in order; rows with more runs use ceil(X / 2) slots.
+_K_MENU = (8, 16, 24, 32)
 
 
 def _popc(x):
@@ -362,46 +367,66 @@ def _label_rows(mask, connectivity, k):
   return _paint(mask, number, 0), n
 
 
-def _label_any(mask, connectivity):
-  """Labels with the 32-slot table, or the always-sufficient one on overflow."""
-  x = mask.shape[-1]
+def _table_sizes(x: int):
+  """Run-table sizes for rows of x voxels: the menu below ceil(x / 2), then it."""
   k_full = max(1, -(-x // 2))
-  k_fast = min(_K_FAST, k_full)
-  if k_fast == k_full:
-    return _label_rows(mask, connectivity, k_full)
+  return tuple(k for k in _K_MENU if k < k_full) + (k_full,)
 
-  def fast(m):
-    return _label_rows(m, connectivity, k_fast)
 
-  def full(m):
-    return _label_rows(m, connectivity, k_full)
+def _max_runs(mask):
+  starts, _ = _run_bits(_row_words(mask))
+  return _popc(starts).sum(-1).max()
 
-  def overflow(m):
-    starts, _ = _run_bits(_row_words(m))
-    return _popc(starts).sum(-1).max() > k_fast
+
+def _label_any(mask, connectivity, sizes):
+  """Labels with the smallest of the run-table `sizes` that holds the busiest row."""
+  if len(sizes) == 1:
+    return _label_rows(mask, connectivity, sizes[0])
+  branches = [functools.partial(_label_rows, connectivity=connectivity, k=k)
+              for k in sizes]
+
+  def pick(max_runs):
+    # Index of the first size that holds max_runs (the last holds any row).
+    return functools.reduce(jnp.add, [(max_runs > k).astype(jnp.int32)
+                                      for k in sizes[:-1]])
 
   @jax.custom_batching.custom_vmap
   def run(m):
-    return lax.cond(overflow(m), full, fast, m)
+    return lax.switch(pick(_max_runs(m)), branches, m)
 
   @run.def_vmap
   def _run_batched(axis_size, in_batched, m):
-    # Under vmap a per-image cond would run both branches for every image;
-    # take the fast one for the whole batch unless some image overflows.
+    # Under vmap a per-image switch would run every branch for every image;
+    # take the size that holds the busiest row of the whole batch.
     del axis_size, in_batched
-    any_overflow = jnp.any(jax.vmap(overflow)(m))
-    out = lax.cond(any_overflow, jax.vmap(full), jax.vmap(fast), m)
+    out = lax.switch(pick(jax.vmap(_max_runs)(m).max()),
+                     [jax.vmap(b) for b in branches], m)
     return out, (True, True)
 
   return run(mask)
 
 
-@functools.partial(jax.jit, static_argnames=("connectivity",))
-def _label_core(mask, *, connectivity):
+@functools.partial(jax.jit, static_argnames=("connectivity", "sizes"))
+def _label_core(mask, *, connectivity, sizes):
   mask = _foreground(mask)
   shape = mask.shape
-  labels, n = _label_any(_as_rows(mask), connectivity)
+  labels, n = _label_any(_as_rows(mask), connectivity, sizes)
   return labels.reshape(shape), n
+
+
+@jax.jit
+def _max_runs_core(mask):
+  return _max_runs(_as_rows(_foreground(mask)))
+
+
+def _sizes_for(mask):
+  """Run-table sizes to compile: all of them under a trace; for a concrete
+  mask only the one its busiest row needs (one compiled branch, not five)."""
+  sizes = _table_sizes(_as_rows(mask).shape[-1])
+  if len(sizes) > 1 and _common.is_concrete(mask):
+    busiest = int(_max_runs_core(mask))
+    sizes = (next(k for k in sizes if k >= busiest or k == sizes[-1]),)
+  return sizes
 
 
 def _sizes(labels):
@@ -449,7 +474,8 @@ def label(mask, *, connectivity: int = 1):
     permutation.
   """
   mask = _prepare(mask, connectivity, "label")
-  return _label_core(mask, connectivity=connectivity)
+  return _label_core(mask, connectivity=connectivity,
+                     sizes=_sizes_for(mask))
 
 
 def largest_component(mask, *, connectivity: int = 1):
@@ -459,7 +485,8 @@ def largest_component(mask, *, connectivity: int = 1):
   (`np.argmax` over scipy's label sizes). An empty mask gives an empty mask.
   """
   mask = _prepare(mask, connectivity, "largest_component")
-  labels, _ = _label_core(mask, connectivity=connectivity)
+  labels, _ = _label_core(mask, connectivity=connectivity,
+                          sizes=_sizes_for(mask))
   return _largest_from_labels(labels)
 
 
@@ -474,5 +501,6 @@ def remove_small_components(mask, *, min_size, connectivity: int = 1):
   min_size = jnp.asarray(min_size)
   if _common.is_concrete(min_size) and float(min_size) < 0:
     raise ValueError(f"`min_size` must be >= 0; got {float(min_size)}")
-  labels, _ = _label_core(mask, connectivity=connectivity)
+  labels, _ = _label_core(mask, connectivity=connectivity,
+                          sizes=_sizes_for(mask))
   return _keep_large(labels, min_size)

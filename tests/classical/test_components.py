@@ -30,7 +30,7 @@ def _assert_same_labels(mask, connectivity=1):
 
 
 def _narrow(real_images):
-  # Rows of <= 64 voxels fit the 32-slot run table: one compiled branch.
+  # Rows of <= 64 voxels: at most 32 runs per row, a run table of <= 32 slots.
   return {k: v[:, 32:96] for k, v in real_images.items()}
 
 
@@ -66,8 +66,40 @@ def test_long_winding_component():
   assert _assert_same_labels(mask) == 1
 
 
+def _busy_rows(runs, shape=(6, 7, 80), seed=1):
+  """Random mask whose busiest row has exactly `runs` runs (rows of 80)."""
+  rng = np.random.default_rng(seed)
+  mask = np.zeros(shape, bool)
+  for idx in np.ndindex(shape[:-1]):
+    first = idx == (0,) * len(idx)
+    n = runs if first else rng.integers(0, runs + 1)
+    mask[idx + (slice(0, 2 * n, 2),)] = True
+    if not first:  # join random neighbours: fewer runs, never more
+      gaps = np.arange(1, 2 * n - 2, 2)
+      mask[idx + (gaps[rng.random(gaps.size) < 0.3],)] = True
+  return mask
+
+
+def test_run_table_sizes():
+  # The smallest of 8, 16, 24, 32 slots that holds the busiest row, else
+  # ceil(80 / 2) = 40. Eagerly only that size is compiled; under jit all are
+  # and lax.switch picks one: both must equal scipy for every size.
+  assert C._table_sizes(80) == (8, 16, 24, 32, 40)
+  assert C._table_sizes(30) == (8, 15)
+  jitted = jax.jit(C.label)
+  for runs, size in ((3, 8), (8, 8), (9, 16), (24, 24), (25, 32), (40, 40)):
+    mask = _busy_rows(runs)
+    assert int(C._max_runs_core(mask)) == runs
+    assert C._sizes_for(mask) == (size,)
+    ref, n_ref = ndi.label(mask)
+    results = [jitted(mask)] + ([C.label(mask)] if runs in (3, 25, 40) else [])
+    for labels, n in results:
+      np.testing.assert_array_equal(np.asarray(labels), ref)
+      assert int(n) == n_ref
+
+
 def test_overflow_table_branch():
-  # Rows of 80 voxels with up to 40 runs exceed the 32-slot fast table.
+  # Rows of 80 voxels with up to 40 runs exceed the 32-slot table.
   rng = np.random.default_rng(1)
   mask = np.zeros((6, 7, 80), bool)
   mask[..., ::2] = True
