@@ -241,6 +241,16 @@ def _label_tables(mask, connectivity: int, k: int):
     ranges.append((first, count, count.max()))
 
   def neighbour_min(nb_lab, first, count, jmax):
+    """Minimum of nb_lab over the slots [first, first + count) of each run."""
+    if k <= _K_MENU[-1]:
+      # K selects per slot in one vectorised loop fusion: faster than a
+      # loop of gathers (8% on the whole 256^3 benchmark at K = 24), but
+      # K^2 work per row, so only for the small tables.
+      last = first + count
+      return functools.reduce(jnp.minimum, [
+          jnp.where((first <= q) & (q < last), nb_lab[..., q:q + 1], _BIG)
+          for q in range(k)])
+
     def take(j, cand):
       idx = jnp.minimum(first + j, k - 1)
       val = jnp.take_along_axis(nb_lab, idx, axis=-1)
@@ -320,8 +330,11 @@ def _label_tables(mask, connectivity: int, k: int):
 
   # The check runs in the loop condition, on the materialised carry (inside
   # the body XLA would fuse the pointer-jumping gathers into it).
-  labels, _ = lax.while_loop(lambda st: st[1] | ~settled(st[0]), body,
-                             (labels, jnp.asarray(True)))
+  # On entry the check is skipped (a conditional, not `|`, which would
+  # evaluate it anyway).
+  labels, _ = lax.while_loop(
+      lambda st: lax.cond(st[1], lambda _: True, lambda l: ~settled(l), st[0]),
+      body, (labels, jnp.asarray(True)))
   return s, e, labels, valid
 
 
