@@ -33,7 +33,20 @@ def test_config_builds_and_steps(name, arg, tmp_path):
       config.data.num_val = 1
       config.data.phantom_shape = (16, 16, 16)
     result = pipeline.run(config, tmp_path / "run")
-    assert 0.0 <= result["metrics"]["mean_dice"] <= 1.0
+    # The written masks and report.json agree with a NumPy Dice per case.
+    import json
+    import nibabel as nib
+    data = pipeline.pipeline.load_cases(config)
+    target = [data.class_names.index(t) for t in config.classical.target]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    ids = data.train_ids + data.val_ids
+    assert sorted(report["per_case"]) == sorted(ids)
+    for cid, label in zip(ids, data.train_labels + data.val_labels):
+      pred = np.asarray(nib.load(tmp_path / "run" / "masks" / f"{cid}.nii.gz").dataobj) > 0
+      ref = np.isin(label, target)
+      dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+      assert abs(report["per_case"][cid] - dice) < 1e-6
+    assert abs(result["metrics"]["mean_dice"] - report["metrics"]["mean_dice"]) < 1e-12
     return
   assert runner == "train"
   paradigm = config.get("paradigm", "supervised")
