@@ -34,6 +34,19 @@ def test_marginal_ce_merges_unannotated_classes_into_background():
   full = continual.marginal_ce(jnp.asarray(logits), jnp.asarray(labels), jnp.ones((1, 4)))
   ref = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(labels)).mean()
   np.testing.assert_allclose(float(full), float(ref), rtol=1e-6)
+  # Gradient: softmax - target on labelled voxels, as optax's (all annotated); with class 2
+  # merged, the background voxel's target spreads over classes 0 and 2 by their probabilities.
+  grad = jax.grad(lambda z: continual.marginal_ce(z, jnp.asarray(labels), jnp.ones((1, 4))))(
+      jnp.asarray(logits))
+  ref_grad = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
+      z, jnp.asarray(labels)).mean())(jnp.asarray(logits))
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-7)
+  grad = jax.grad(lambda z: continual.marginal_ce(z, jnp.asarray(labels), jnp.asarray(annotated)))(
+      jnp.asarray(logits))
+  target = np.zeros_like(p)
+  target[0, [0, 2]] = p[0, [0, 2]] / (p[0, 0] + p[0, 2])
+  target[1, 1] = 1.0
+  np.testing.assert_allclose(np.asarray(grad)[0], (p - target) / 2, rtol=1e-5, atol=1e-7)
 
 
 def test_marginal_dice_skips_unannotated_classes():
