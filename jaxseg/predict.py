@@ -56,6 +56,17 @@ class Run:
     return int(self.config.model.spatial_dims)
 
 
+def _paradigm_of(workdir: pathlib.Path):
+  """config.paradigm from report.json in `workdir` or its parent (stage/setting dirs), or None."""
+  for d in (workdir, workdir.parent):
+    try:
+      config = json.loads((d / "report.json").read_text()).get("config") or {}
+    except (OSError, ValueError):
+      continue
+    return config.get("paradigm", "supervised")
+  return None
+
+
 def load_run(workdir, *, checkpoint: str = "best") -> Run:
   """Restores a run's config, preprocessing plan and parameters.
 
@@ -77,6 +88,12 @@ def load_run(workdir, *, checkpoint: str = "best") -> Run:
     raise PredictError(f"--workdir {workdir}: no such directory")
   plan_path = workdir / "plan.json"
   if not plan_path.is_file():
+    paradigm = _paradigm_of(workdir)
+    if paradigm not in (None, "supervised", "self_supervised"):
+      raise PredictError(f"--workdir {workdir} is part of a {paradigm!r} run, which jaxseg.predict "
+                         "does not restore (its models and class sets are per stage or setting; "
+                         "their report.json holds the evaluation); predict restores supervised "
+                         "and self-supervised fine-tuned runs")
     raise PredictError(f"--workdir {workdir} has no plan.json (jaxseg.train writes it when a run "
                        "starts); is it a training run directory?")
   try:

@@ -217,6 +217,15 @@ def test_predict_errors(trained, tmp_path, capsys):
   args = ["--output", str(tmp_path / "out")]
   assert predict.main(["--workdir", str(tmp_path / "nope"), "--input", str(root), *args]) == 2
   assert "nope" in _err(capsys)
+  # A stage directory of an incremental run (no plan.json; the run's report.json is above it).
+  stage = tmp_path / "incremental_run" / "stage1"
+  stage.mkdir(parents=True)
+  (stage.parent / "report.json").write_text(json.dumps({"config": {"paradigm": "incremental"}}))
+  assert predict.main(["--workdir", str(stage), "--input", str(root), *args]) == 2
+  err = _err(capsys)
+  assert "'incremental' run" in err and "does not restore" in err
+  assert predict.main(["--workdir", str(tmp_path), "--input", str(root), *args]) == 2
+  assert "no plan.json" in _err(capsys)
   empty = tmp_path / "empty_run"
   empty.mkdir()
   shutil.copy(workdir / "plan.json", empty)
