@@ -386,6 +386,50 @@ def _conv_gemm(x, kernel, strides, pads, precision):
   return jnp.dot(p, kernel.reshape(-1, cout), precision=precision)
 
 
+_VJP_CACHE: dict[tuple[str, str, str], Callable[..., Array]] = {}
+
+
+def _custom_vjp(fwd: str, dx: str, dw: str):
+  key = (fwd, dx, dw)
+  if key not in _VJP_CACHE:
+    _VJP_CACHE[key] = _make_custom_vjp(fwd, dx, dw)
+  return _VJP_CACHE[key]
+
+
+def cpu_products(x_shape, kernel_shape, strides) -> tuple[str, str, str]:
+  """(forward, input gradient, filter gradient) implementations for one CPU layer.
+
+  From per-layer timings of the U-Nets' convolutions on CPU (benchmarks/README_conv.md,
+  'Per-layer choice'): in 3D the split GEMM loop wins all three products at every level. In
+  2D XLA's forward and input gradient win, except that the split GEMM forward is faster with
+  >= 64 input channels on large images; XLA's filter gradient wins at <= 16 output channels
+  (the full-resolution levels), the split GEMM one from 64 input channels, full im2col GEMMs
+  in between (1x1 kernels always use a GEMM).
+  """
+  nd = len(kernel_shape) - 2
+  if nd >= 3:
+    return ('split', 'split', 'split')
+  cin, cout = kernel_shape[-2], kernel_shape[-1]
+  big = math.prod(x_shape[:-1]) >= 8 * 64 * 64
+  stride1 = all(s == 1 for s in strides)
+  fwd = 'split' if cin >= 64 and big and stride1 else 'lax'
+  if math.prod(kernel_shape[:nd]) == 1:
+    dw = 'im2col'
+  elif cout <= 16:
+    dw = 'lax'
+  elif cin >= 64:
+    dw = 'split'
+  else:
+    dw = 'im2col'
+  return (fwd, 'lax', dw)
+
+
+def _conv_cpu_auto(x, kernel, strides, pads, precision):
+  """Per layer, the products `cpu_products` picks (a custom_vjp per combination)."""
+  return _custom_vjp(*cpu_products(x.shape, kernel.shape, strides))(
+      x, kernel, strides, pads, precision)
+
+
 # name -> f(x, kernel, strides, pads, precision); all compute the same thing.
 # 'gemm_split': forward, input and filter gradient are loops of GEMMs over
 # chunks of output planes (custom_vjp; residuals are just x and the kernel).
@@ -396,6 +440,8 @@ CONV_IMPLS: dict[str, Callable[..., Array]] = {
     'gemm': _conv_gemm,
     'gemm_split': _make_custom_vjp('split', 'split', 'split'),
     'lax_gemm_dw': _make_custom_vjp('lax', 'lax', 'im2col'),
+    # 'cpu_per_layer': each layer's three products chosen by shape (`cpu_products`).
+    'cpu_per_layer': _conv_cpu_auto,
 }
 
 
@@ -413,15 +459,18 @@ def default_conv_impl(backend: str, spatial_dims: int = 3) -> str:
   """Fastest measured `conv` implementation for a JAX backend name.
 
   On GPU/TPU XLA's native convolution (cuDNN on NVIDIA) stays best. On CPU,
-  measured on the convolutions of jaxseg's U-Nets (benchmarks/conv.py,
-  benchmarks/README_conv.md): in 3D 'gemm_split' (XLA:CPU's 3D convolution
-  and its gradients run 4-8x below its GEMM); in 2D XLA's own convolution
-  and input gradient are fast, only its filter gradient is slow, so
-  'lax_gemm_dw'.
+  'cpu_per_layer': each layer's forward, input gradient and filter gradient
+  are chosen by shape (`cpu_products`), from per-layer timings of jaxseg's
+  U-Nets (benchmarks/conv.py, benchmarks/README_conv.md). In 3D that is the
+  looped split GEMM for all three products (what 'gemm_split' does; XLA:CPU's
+  3D convolution and its gradients run 4-8x below its GEMM); in 2D mostly
+  XLA's own convolution, with GEMM filter gradients from 32 output channels.
+  `spatial_dims` is kept for callers; the CPU choice no longer depends on it.
   """
+  del spatial_dims
   if backend != 'cpu':
     return 'lax'
-  return 'gemm_split' if spatial_dims >= 3 else 'lax_gemm_dw'
+  return 'cpu_per_layer'
 
 
 def conv(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,

@@ -228,5 +228,32 @@ def test_default_impl_per_backend():
     assert conv_lib.default_conv_impl(backend, 2) == 'lax'
     assert conv_lib.default_conv_transpose_impl(backend) == 'lax'
   for nd in (1, 2, 3):
-    assert conv_lib.default_conv_impl('cpu', nd) in conv_lib.CONV_IMPLS
+    assert conv_lib.default_conv_impl('cpu', nd) == 'cpu_per_layer'
   assert conv_lib.default_conv_transpose_impl('cpu') == 'gemm'
+
+
+@pytest.mark.parametrize('x_shape,k_shape,strides,expected', [
+    ((2, 128, 128, 64), (3, 3, 64, 8), 1, ('split', 'lax', 'lax')),
+    ((2, 128, 128, 64), (3, 3, 64, 24), 2, ('lax', 'lax', 'split')),
+    ((2, 24, 20, 64), (3, 3, 64, 32), 1, ('lax', 'lax', 'split')),
+    ((2, 24, 20, 8), (3, 3, 8, 16), 1, ('lax', 'lax', 'lax')),
+    ((2, 24, 20, 8), (3, 3, 8, 32), 1, ('lax', 'lax', 'im2col')),
+    ((2, 24, 20, 8), (1, 1, 8, 4), 1, ('lax', 'lax', 'im2col')),
+    ((1, 9, 8, 7, 4), (3, 3, 3, 4, 8), 1, ('split', 'split', 'split')),
+])
+def test_cpu_per_layer_choices(x_shape, k_shape, strides, expected):
+  # Each rule of `cpu_products` once: the choice, and values and both
+  # gradients equal to lax's for that combination.
+  nd = len(k_shape) - 2
+  st = (strides,) * nd
+  assert conv_lib.cpu_products(x_shape, k_shape, st) == expected
+  x, w, rng = _random(x_shape, k_shape)
+  fn = functools.partial(conv_lib.conv, strides=strides, padding='SAME',
+                         impl='cpu_per_layer')
+  ref_fn = lambda a, b: _reference(a, b, strides, 'SAME')
+  dy = jnp.asarray(rng.standard_normal(ref_fn(x, w).shape), jnp.float32)
+  got = _value_and_grads(fn, x, w, dy)
+  want = _value_and_grads(ref_fn, x, w, dy)
+  for g, r in zip(got, want):
+    scale = float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4 * scale)
