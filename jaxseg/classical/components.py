@@ -423,6 +423,8 @@ def _label_any(mask, connectivity, sizes):
 def _label_core(mask, *, connectivity, sizes):
   mask = _foreground(mask)
   shape = mask.shape
+  if mask.size == 0:  # no voxels: no components (scipy too)
+    return jnp.zeros(shape, jnp.int32), jnp.zeros((), jnp.int32)
   labels, n = _label_any(_as_rows(mask), connectivity, sizes)
   return labels.reshape(shape), n
 
@@ -436,7 +438,7 @@ def _sizes_for(mask):
   """Run-table sizes to compile: all of them under a trace; for a concrete
   mask only the one its busiest row needs (one compiled branch, not five)."""
   sizes = _table_sizes(_as_rows(mask).shape[-1])
-  if len(sizes) > 1 and _common.is_concrete(mask):
+  if len(sizes) > 1 and _common.is_concrete(mask) and mask.size:
     busiest = int(_max_runs_core(mask))
     sizes = (next(k for k in sizes if k >= busiest or k == sizes[-1]),)
   return sizes

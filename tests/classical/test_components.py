@@ -116,6 +116,16 @@ def test_overflow_table_branch():
     assert int(n[i]) == n_ref
 
 
+def test_zero_size_masks():
+  for shape in ((0, 5), (3, 0), (0,), (2, 0, 4)):
+    mask = np.ones(shape, bool)
+    labels, n = C.label(mask)
+    ref, n_ref = ndi.label(mask)
+    assert labels.shape == ref.shape and int(n) == n_ref == 0
+    assert C.largest_component(mask).shape == shape
+    assert C.remove_small_components(mask, min_size=2).shape == shape
+
+
 def test_int_and_float_input():
   rng = np.random.default_rng(2)
   values = rng.integers(0, 3, (128, 64)).astype(np.int16)
