@@ -29,9 +29,7 @@ Same for all: random image and labels from one seed, batch and patch, Dice + CE 
 one-hot, per-case Dice without background, smooth 1e-5, summed 1:1 with mean CE), Adam with
 the config's learning rate, L2 weight decay added to the gradient, global-norm clipping and
 polynomial decay, fp32, all cores (torch threads = os.cpu_count(); OMP_WAIT_POLICY=PASSIVE
-unless set by the caller, see README_conv.md), the same host allocator settings in every worker
-(those of jaxseg's entry points, `jaxseg/host_memory.py`; `--system-malloc` for glibc's
-defaults: both frameworks' steps are faster with the former). After the training rounds (peak RSS is read
+unless set by the caller, see README_conv.md). After the training rounds (peak RSS is read
 then), interleaved rounds of sliding-window inference of one volume (`spec.infer_size`; same
 patch, overlap 0.5, Gaussian weighting with sigma = patch / 8, tile batch = the config's eval
 batch): `jaxseg.inference.sliding_window` for jax, MONAI's `sliding_window_inference` for torch
@@ -915,23 +913,12 @@ def main():
                  help="per-op profile of the jax train step (and torch's) instead of the comparison")
   p.add_argument("--out", default=str(RESULTS))
   p.add_argument("--tag", default="", help="suffix of the setting's key in the JSON (repeat runs)")
-  p.add_argument("--system-malloc", action="store_true",
-                 help="glibc's default allocator settings in every worker, instead of the ones "
-                      "jaxseg's entry points set (jaxseg/host_memory.py; both frameworks get the "
-                      "same either way)")
   p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
   p.add_argument("--spec", help=argparse.SUPPRESS)
   p.add_argument("--t-launch", type=float, help=argparse.SUPPRESS)
   a = p.parse_args()
 
-  if a.system_malloc:
-    os.environ["JAXSEG_SYSTEM_MALLOC"] = "1"  # inherited by the workers
   if a.worker:
-    # Every worker, jax and torch alike, runs with the allocator settings that jaxseg's entry
-    # points use (jaxseg/host_memory.py) unless --system-malloc: the same host allocator for all.
-    sys.path.insert(0, str(REPO))
-    from jaxseg import host_memory
-    host_memory.reuse_freed_memory()
     return serve(a.worker, json.loads(a.spec), a.t_launch, a.monai_net)
 
   spec = make_spec(a.dims, a.issue_size, a.quick)
@@ -980,9 +967,7 @@ def main():
           "load_average_before": load_before, "load_average_after": os.getloadavg(),
           "cpus": os.cpu_count(), "cpu": cpu_model(), "machine": platform.machine(),
           "python": platform.python_version(), "git_commit": git_commit(),
-          "monai_net": a.monai_net,
-          "malloc": "glibc defaults" if a.system_malloc else "jaxseg.host_memory (all workers)",
-          **versions}
+          "monai_net": a.monai_net, **versions}
   entry = {"meta": meta, "spec": spec, **summary,
            "raw": {fw: {"steps": runs[fw], "infer_s": infers[fw]} for fw in runs}}
   merge_results(pathlib.Path(a.out), key, entry)

@@ -68,6 +68,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from jaxseg import host_memory
-  host_memory.reuse_freed_memory()  # before JAX starts its CPU thread pools
   app.run(main, flags_parser=parse_flags)

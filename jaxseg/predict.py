@@ -312,6 +312,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from jaxseg import host_memory
-  host_memory.reuse_freed_memory()  # before JAX starts its CPU thread pools
   sys.exit(main())
