@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_features = 320
   c.model.num_stages = 5
   c.model.deep_supervision = False
-  c.model.conv_impl = "auto"
+  c.model.conv_impl = "auto"  # "lax" on GPU/TPU, "cpu_per_layer" on CPU (models/conv.py)
   c.model.dtype = "float32"
 
   c.data = ml_collections.ConfigDict()
