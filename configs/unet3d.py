@@ -10,8 +10,8 @@ a CPU run has); mirroring is the only augmentation.
 250 by nnU-Net; here num_steps=25000) for a GPU/TPU.
 
 Measured 2026-11-25, jax 0.10.2, the README's first command on a fresh clone and venv (commit
-e69d73e) on a 2-core x86-64 CPU container with nothing else running: 500 steps, wall 109 s
-(first step 9.9 s after the training loop started, compilation included), validation mean
+33b9c29) on a 2-core x86-64 CPU container with nothing else running: 500 steps, wall 101 s
+(first step 9.4 s after the training loop started, compilation included), validation mean
 Dice 0.920 (liver 0.922, kidney 0.916, spleen 0.922), mean IoU 0.854.
 """
 
