@@ -386,14 +386,8 @@ def _conv_gemm(x, kernel, strides, pads, precision):
   return jnp.dot(p, kernel.reshape(-1, cout), precision=precision)
 
 
-_VJP_CACHE: dict[tuple[str, str, str], Callable[..., Array]] = {}
-
-
-def _custom_vjp(fwd: str, dx: str, dw: str):
-  key = (fwd, dx, dw)
-  if key not in _VJP_CACHE:
-    _VJP_CACHE[key] = _make_custom_vjp(fwd, dx, dw)
-  return _VJP_CACHE[key]
+# One custom_vjp function per (fwd, dx, dw) combination, shared by every layer that uses it.
+_custom_vjp = functools.cache(_make_custom_vjp)
 
 
 def cpu_products(x_shape, kernel_shape, strides) -> tuple[str, str, str]:
