@@ -140,12 +140,13 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
   flips = tuple(mirror_combinations(tuple(mirror_axes)))
   weight = jnp.asarray(gaussian_importance(patch, sigma_scale))
   tiles_per_call = max(1, batch_size // len(flips))
-  put, split = jnp.asarray, jnp.asarray
+  put, split, acc_at = jnp.asarray, jnp.asarray, None
   if devices is not None and len(devices) > 1:
     mesh = jax.sharding.Mesh(np.array(devices), ("tiles",))
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     by_tile = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tiles"))
     put = lambda a: jax.device_put(a, repl)  # noqa: E731
+    acc_at = repl
     split = lambda a: jax.device_put(a, by_tile)  # noqa: E731
     tiles_per_call = -(-tiles_per_call // len(devices)) * len(devices)
     params, weight = put(params), put(weight)
@@ -153,7 +154,7 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
   forward = _forward_program((devices[0] if devices else jax.devices()[0]).platform)
   probe = jax.ShapeDtypeStruct((tiles_per_call,) + patch + x.shape[-1:], jnp.float32)
   classes = jax.eval_shape(apply_fn, params, probe).shape[-1]
-  acc = put(jnp.zeros(padded + (classes,), jnp.float32))
+  acc = jnp.zeros(padded + (classes,), jnp.float32, device=acc_at)
   # One compiled batch shape: the last call is padded with copies of its last tile, weighted 0.
   n = len(starts)
   calls = -(-n // tiles_per_call)

@@ -171,7 +171,7 @@ def _chunked_under_vmap(weights_per_axis: tuple, mode: str):
     if not x_batched or cval_batched:
       return jax.vmap(plain, in_axes=(0 if x_batched else None,
                                       0 if cval_batched else None))(x, cval), True
-    per = max(1, _BATCH_CHUNK_BYTES // max(1, x[0].size * x.dtype.itemsize))
+    per = max(1, _BATCH_CHUNK_BYTES // max(1, math.prod(x.shape[1:]) * x.dtype.itemsize))
     chunk = max(d for d in range(1, min(per, axis_size) + 1) if axis_size % d == 0)
     if chunk == axis_size:
       return jax.vmap(plain, in_axes=(0, None))(x, cval), True

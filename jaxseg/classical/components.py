@@ -400,8 +400,7 @@ def _label_any(mask, connectivity, sizes):
 
   def pick(max_runs):
     # Index of the first size that holds max_runs (the last holds any row).
-    return functools.reduce(jnp.add, [(max_runs > k).astype(jnp.int32)
-                                      for k in sizes[:-1]])
+    return _count_true([max_runs > k for k in sizes[:-1]])
 
   @jax.custom_batching.custom_vmap
   def run(m):

@@ -43,9 +43,7 @@ def marginal_ce(logits, labels, annotated):
   merged = (1.0 - annotated).at[:, 0].set(1.0).astype(bool)
   merged = merged.reshape((merged.shape[0],) + (1,) * (lp.ndim - 2) + (merged.shape[1],))
   lp_bg = jax.nn.logsumexp(jnp.where(merged, lp, -jnp.inf), axis=-1)
-  # One-hot selection, not take_along_axis: the latter's gradient is a scatter-add that XLA
-  # constant-folds slowly at compile time (see losses.cross_entropy).
-  lp_label = jnp.sum(lp * jax.nn.one_hot(labels, lp.shape[-1], dtype=lp.dtype), axis=-1)
+  lp_label = losses.at_label(lp, labels)
   return -jnp.mean(jnp.where(labels == 0, lp_bg, lp_label))
 
 
