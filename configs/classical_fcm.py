@@ -5,8 +5,9 @@
 No training: `jaxseg.classical.fuzzy_cmeans` (7 clusters: the body's tissue classes) on the
 intensities of the body (above Otsu's threshold); voxels whose strongest membership is the
 brightest cluster, small components removed, are scored against the kidney label with
-`jaxseg.metrics`. Measured 2026-11-24, jax 0.10.2, 2-core x86-64 CPU container shared with other jobs, 24 phantoms 48^3:
-mean kidney Dice 0.802, IoU 0.675, 3.7 s per case (median; the body's voxel count differs per
+`jaxseg.metrics`.
+Measured 2026-11-25, jax 0.10.2, 2-core x86-64 CPU container with nothing else running, 24 phantoms 48^3:
+mean kidney Dice 0.802, IoU 0.675, 1.26 s per case (median; the body's voxel count differs per
 case, so each case compiles anew).
 """
 

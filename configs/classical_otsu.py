@@ -5,8 +5,8 @@
 No training: `jaxseg.classical.threshold_otsu` applied 4 times, each time to the voxels above
 the previous threshold (air | body | soft tissue | organs | kidney); the voxels above the last,
 small components removed, are scored against the kidney label with `jaxseg.metrics`.
-Measured 2026-11-24, jax 0.10.2, 2-core x86-64 CPU container shared with other jobs, 24 phantoms 48^3:
-mean kidney Dice 0.787, IoU 0.653, 29 ms per case (median).
+Measured 2026-11-25, jax 0.10.2, 2-core x86-64 CPU container with nothing else running, 24 phantoms 48^3:
+mean kidney Dice 0.787, IoU 0.653, 7 ms per case (median).
 """
 
 import pathlib

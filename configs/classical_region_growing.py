@@ -4,8 +4,9 @@
 
 No training: the seed is the liver voxel deepest inside the reference mask (what a user's click
 would give); `jaxseg.classical.confidence_connected` (SimpleITK ConfidenceConnected semantics)
-grows the region, scored against the liver label with `jaxseg.metrics`. Measured 2026-11-24, jax 0.10.2, 2-core x86-64 CPU container shared with other jobs, 24 phantoms 48^3:
-mean liver Dice 0.780, IoU 0.655, 33 ms per case (median).
+grows the region, scored against the liver label with `jaxseg.metrics`.
+Measured 2026-11-25, jax 0.10.2, 2-core x86-64 CPU container with nothing else running, 24 phantoms 48^3:
+mean liver Dice 0.780, IoU 0.655, 23 ms per case (median).
 """
 
 import pathlib
