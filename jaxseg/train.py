@@ -43,8 +43,16 @@ def conv_impl_name(model_config) -> str:
   impl = model_config.get("conv_impl", "auto")
   if impl != "auto":
     return impl
-  return (f"{conv_lib.default_conv_impl(jax.default_backend(), model_config.spatial_dims)}"
-          f"/{conv_lib.default_conv_transpose_impl(jax.default_backend())}")
+  name = conv_lib.default_conv_impl(jax.default_backend(), model_config.spatial_dims)
+  if name == "cpu_per_layer":
+    from jaxseg.models import onednn
+    if jax.device_count() > 1:
+      name += f" (XLA GEMM: {jax.device_count()} devices)"
+    elif onednn.available():
+      name += " (oneDNN)"
+    else:
+      name += f" (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})"
+  return f"{name}/{conv_lib.default_conv_transpose_impl(jax.default_backend())}"
 
 
 def init_params(model, *, seed: int, in_channels: int):

@@ -23,6 +23,8 @@ from jax import lax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxseg.models import onednn
+
 Array = jax.Array
 Padding = str | int | Sequence[int | tuple[int, int]]
 Pads = tuple[tuple[int, int], ...]
@@ -326,8 +328,10 @@ def _make_custom_vjp(fwd: str, dx: str, dw: str):
 
   Each of fwd (forward), dx (input gradient) and dw (filter gradient) is
   'lax' (XLA's convolution, as autodiff of lax.conv_general_dilated would
-  emit), 'im2col' (loop of full im2col @ kernel) or 'split' (loop of
-  im2col over all but the last axis, last-axis taps summed after the GEMM).
+  emit), 'im2col' (loop of full im2col @ kernel), 'split' (loop of
+  im2col over all but the last axis, last-axis taps summed after the GEMM)
+  or 'onednn' (oneDNN's convolution as a custom call, `jaxseg.models.onednn`;
+  fp32 on CPU only).
   """
 
   def looped(a, w, s, p, precision, kind):
@@ -337,6 +341,10 @@ def _make_custom_vjp(fwd: str, dx: str, dw: str):
   def f(x, kernel, strides, pads, precision):
     if fwd == 'lax':
       return _conv_lax(x, kernel, strides, pads, precision)
+    if fwd == 'onednn':
+      out = _out_spatial([n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads)],
+                         kernel.shape[:-2], strides)
+      return onednn.conv_fwd(x, kernel, strides, pads, out)
     return looped(x, kernel, strides, pads, precision, fwd)
 
   def f_fwd(x, kernel, strides, pads, precision):
@@ -348,6 +356,8 @@ def _make_custom_vjp(fwd: str, dx: str, dw: str):
       _, vjp = jax.vjp(
           lambda a: _conv_lax(a, kernel, strides, pads, precision), x)
       gx = vjp(dy)[0]
+    elif dx == 'onednn':
+      gx = onednn.conv_input_grad(dy, kernel, x.shape, strides, pads)
     else:
       conv_fn = lambda a, w, s, p: looped(a, w, s, p, precision, dx)
       gx = _input_grad(dy, kernel, x.shape[1:-1], strides, pads, conv_fn)
@@ -355,6 +365,8 @@ def _make_custom_vjp(fwd: str, dx: str, dw: str):
       _, vjp = jax.vjp(
           lambda w: _conv_lax(x, w, strides, pads, precision), kernel)
       gk = vjp(dy)[0]
+    elif dw == 'onednn':
+      gk = onednn.conv_filter_grad(x, dy, kernel.shape, strides, pads)
     else:
       gk = _looped_filter_grad(x, dy, kernel.shape[:-2], strides, pads,
                                precision, split=dw == 'split')
@@ -419,9 +431,33 @@ def cpu_products(x_shape, kernel_shape, strides) -> tuple[str, str, str]:
 
 
 def _conv_cpu_auto(x, kernel, strides, pads, precision):
-  """Per layer, the products `cpu_products` picks (a custom_vjp per combination)."""
-  return _custom_vjp(*cpu_products(x.shape, kernel.shape, strides))(
-      x, kernel, strides, pads, precision)
+  """oneDNN's convolution where it is available and applies (fp32, no
+  cropping, one device); otherwise, per layer, the XLA products
+  `cpu_products` picks.
+
+  With several devices the batch may be sharded, and XLA would gather it
+  onto every device before a custom call (it cannot partition one), so
+  multi-device runs keep XLA's partitionable convolutions.
+  """
+  if (jax.device_count() == 1 and onednn.supports(x.dtype, pads, kernel.ndim - 2)
+      and onednn.available()):
+    products = ('onednn',) * 3
+  else:
+    products = cpu_products(x.shape, kernel.shape, strides)
+  return _custom_vjp(*products)(x, kernel, strides, pads, precision)
+
+
+def _conv_onednn(x, kernel, strides, pads, precision):
+  """oneDNN's forward, input gradient and filter gradient (custom calls)."""
+  del precision  # oneDNN computes fp32 convolutions in fp32.
+  if not onednn.available():
+    raise RuntimeError("conv impl 'onednn' is unavailable: "
+                       f'{onednn.unavailable_reason()}')
+  if not onednn.supports(x.dtype, pads, kernel.ndim - 2):
+    raise ValueError(f"conv impl 'onednn' computes float32 convolutions with 1-3 spatial dims "
+                     f'and non-negative padding, not dtype {x.dtype}, {kernel.ndim - 2} dims, '
+                     f'padding {pads}')
+  return _custom_vjp('onednn', 'onednn', 'onednn')(x, kernel, strides, pads, None)
 
 
 # name -> f(x, kernel, strides, pads, precision); all compute the same thing.
@@ -434,8 +470,11 @@ CONV_IMPLS: dict[str, Callable[..., Array]] = {
     'gemm': _conv_gemm,
     'gemm_split': _make_custom_vjp('split', 'split', 'split'),
     'lax_gemm_dw': _make_custom_vjp('lax', 'lax', 'im2col'),
-    # 'cpu_per_layer': each layer's three products chosen by shape (`cpu_products`).
+    # 'cpu_per_layer': oneDNN where available, else each layer's three
+    # products chosen by shape (`cpu_products`).
     'cpu_per_layer': _conv_cpu_auto,
+    # 'onednn': oneDNN custom calls for all three products (fp32, CPU only).
+    'onednn': _conv_onednn,
 }
 
 

@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 
 from jaxseg.models import conv as conv_lib
+from jaxseg.models import onednn
 
 # 'lax' is the reference itself; it is exercised through the module tests.
 IMPLS = [k for k in conv_lib.CONV_IMPLS if k != 'lax']
+
+needs_onednn = pytest.mark.skipif(
+    not onednn.available(),
+    reason=f'oneDNN custom calls unavailable: {onednn.unavailable_reason()}')
 
 # (x shape, kernel shape, strides, padding, chunk bytes): 2D and 3D, stride 1
 # and 2, odd and even sizes, 2 to 16 channels, a 1x1 head, an even kernel,
@@ -70,7 +75,8 @@ def _assert_close(got, want):
 
 
 @pytest.mark.parametrize('case,impl', [
-    pytest.param(case, impl, id=f'{_case_id(case)}-{impl}')
+    pytest.param(case, impl, id=f'{_case_id(case)}-{impl}',
+                 marks=[needs_onednn] if impl == 'onednn' else [])
     for case in CASES for impl in IMPLS
     # 'gemm' has no loop and plain autodiff: a few shapes suffice.
     if impl != 'gemm' or case in (CASES[0], CASES[1], CASES[-1])])
@@ -241,9 +247,10 @@ def test_default_impl_per_backend():
     ((2, 24, 20, 8), (1, 1, 8, 4), 1, ('lax', 'lax', 'im2col')),
     ((1, 9, 8, 7, 4), (3, 3, 3, 4, 8), 1, ('split', 'split', 'split')),
 ])
-def test_cpu_per_layer_choices(x_shape, k_shape, strides, expected):
-  # Each rule of `cpu_products` once: the choice, and values and both
-  # gradients equal to lax's for that combination.
+def test_cpu_per_layer_choices(x_shape, k_shape, strides, expected, monkeypatch):
+  # Each rule of `cpu_products` (the route without oneDNN) once: the choice,
+  # and values and both gradients equal to lax's for that combination.
+  monkeypatch.setattr(onednn, 'available', lambda: False)
   nd = len(k_shape) - 2
   st = (strides,) * nd
   assert conv_lib.cpu_products(x_shape, k_shape, st) == expected
@@ -257,3 +264,98 @@ def test_cpu_per_layer_choices(x_shape, k_shape, strides, expected):
   for g, r in zip(got, want):
     scale = float(jnp.max(jnp.abs(r)))
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4 * scale)
+
+
+def _custom_calls(fn, *args):
+  """Names of the FFI custom calls in fn's jaxpr (forward and backward)."""
+  text = str(jax.make_jaxpr(fn)(*args))
+  return {n for n in ('fwd', 'bwd_data', 'bwd_weights')
+          if f'jaxseg_onednn_conv_{n}' in text}
+
+
+@needs_onednn
+def test_cpu_per_layer_takes_onednn_for_fp32_only():
+  x, w, rng = _random((2, 6, 5, 4, 3), (3, 3, 3, 3, 4))
+  dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
+  vg = lambda pad: functools.partial(
+      _value_and_grads, functools.partial(conv_lib.conv, strides=1, padding=pad,
+                                          impl='cpu_per_layer'))
+  assert _custom_calls(vg('SAME'), x, w, dy) == {'fwd', 'bwd_data', 'bwd_weights'}
+  # bf16 and cropping (negative) pads stay on the XLA route, and still match lax.
+  xb, wb, dyb = (a.astype(jnp.bfloat16) for a in (x, w, dy))
+  assert _custom_calls(vg('SAME'), xb, wb, dyb) == set()
+  crop = ((-1, 1), (1, 1), (0, 2))
+  dy_crop = dy[:, :4]
+  assert _custom_calls(vg(crop), x, w, dy_crop) == set()
+  got = jax.jit(vg(crop))(x, w, dy_crop)
+  want = _value_and_grads(lambda a, b: _reference(a, b, 1, crop), x, w, dy_crop)
+  _assert_close(got, want)
+
+
+@needs_onednn
+def test_cpu_per_layer_keeps_xla_on_several_devices(monkeypatch):
+  # XLA cannot partition a custom call (it would gather a sharded batch), so
+  # multi-device runs keep XLA's convolutions; the run log says which.
+  import ml_collections
+  from jaxseg import train
+  cfg = ml_collections.ConfigDict({'spatial_dims': 3})
+  x, w, rng = _random((2, 6, 5, 4, 3), (3, 3, 3, 3, 4))
+  dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
+  vg = functools.partial(_value_and_grads, functools.partial(conv_lib.conv, impl='cpu_per_layer'))
+  assert train.conv_impl_name(cfg) == 'cpu_per_layer (oneDNN)/gemm'
+  monkeypatch.setattr(jax, 'device_count', lambda *a: 2)
+  assert _custom_calls(vg, x, w, dy) == set()
+  assert train.conv_impl_name(cfg) == 'cpu_per_layer (XLA GEMM: 2 devices)/gemm'
+
+
+@needs_onednn
+@pytest.mark.parametrize('x_shape,k_shape,strides', [
+    ((1, 33, 17, 16), (3, 3, 16, 32), 2),        # 2D, odd sizes, stride 2
+    ((2, 10, 12, 9, 8), (3, 3, 3, 8, 8), 1),     # 3D, both gradients
+    ((3, 20, 7), (5, 7, 2), 1),                  # 1D, wide kernel
+])
+def test_onednn_matches_lax_eager(x_shape, k_shape, strides):
+  # Outside jit (each custom call dispatched on its own) and in 1D.
+  x, w, rng = _random(x_shape, k_shape, seed=3)
+  ref = functools.partial(_reference, strides=strides, padding='SAME') \
+      if len(k_shape) > 3 else (lambda a, b: lax.conv_general_dilated(
+          a, b, (strides,), 'SAME', dimension_numbers=('NWC', 'WIO', 'NWC')))
+  want_y = ref(x, w)
+  dy = jnp.asarray(rng.standard_normal(want_y.shape), jnp.float32)
+  f = functools.partial(conv_lib.conv, strides=strides, padding='SAME', impl='onednn')
+  _assert_close(_value_and_grads(f, x, w, dy), _value_and_grads(ref, x, w, dy))
+
+
+def test_onednn_unavailable_says_why(monkeypatch, tmp_path):
+  # No oneDNN under any prefix: available() is False, the reason names the
+  # pip packages, 'cpu_per_layer' falls back to XLA and 'onednn' raises.
+  monkeypatch.setattr(onednn, '_prefixes', lambda: [tmp_path])
+  monkeypatch.setattr(onednn, '_reason', None)
+  onednn._load.cache_clear()
+  try:
+    assert not onednn.available()
+    assert 'pip install onednn-cpu-gomp onednn-devel-cpu-gomp' in onednn.unavailable_reason()
+    x, w, _ = _random((1, 6, 6, 2), (3, 3, 2, 3))
+    np.testing.assert_allclose(
+        conv_lib.conv(x, w, impl='cpu_per_layer'), _reference(x, w, 1, 'SAME'),
+        rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="conv impl 'onednn' is unavailable: oneDNN not found"):
+      conv_lib.conv(x, w, impl='onednn')
+  finally:
+    onednn._load.cache_clear()
+
+
+def test_onednn_build_is_cached_and_atomic(monkeypatch, tmp_path):
+  # A failing compiler leaves nothing behind where the next run looks.
+  if not onednn.available():
+    pytest.skip(f'oneDNN custom calls unavailable: {onednn.unavailable_reason()}')
+  monkeypatch.setenv('JAXSEG_CACHE_DIR', str(tmp_path))
+  monkeypatch.setenv('CXX', 'false')
+  with pytest.raises(RuntimeError, match='building onednn_conv.cc failed'):
+    onednn._build()
+  assert [p.name for p in tmp_path.rglob('*') if p.is_file()] == []
+  monkeypatch.delenv('CXX')
+  lib = onednn._build()
+  assert lib.parent.parent == tmp_path and lib.name == 'libjaxseg_onednn.so'
+  stamp = lib.stat().st_mtime_ns
+  assert onednn._build() == lib and lib.stat().st_mtime_ns == stamp  # built once
