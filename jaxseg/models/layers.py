@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.models import conv as conv_lib
+from jaxseg.models import norm as norm_lib
 
 
 
@@ -25,9 +26,10 @@ class ConvNormAct(nn.Module):
     x = conv_lib.Conv(self.features, (self.kernel_size,) * self.spatial_dims,
                       strides=(self.strides,) * self.spatial_dims, impl=self.conv_impl,
                       dtype=self.dtype)(x)
-    # InstanceNorm statistics in float32 whatever the compute dtype.
-    x = nn.InstanceNorm(epsilon=1e-5, dtype=jnp.float32)(x)
-    return nn.leaky_relu(x, 0.01).astype(self.dtype)
+    # InstanceNorm statistics in float32 whatever the compute dtype; the parameters are
+    # those of nn.InstanceNorm under its usual name, so checkpoints are interchangeable.
+    x = norm_lib.InstanceNormAct(epsilon=1e-5, negative_slope=0.01, name="InstanceNorm_0")(x)
+    return x.astype(self.dtype)
 
 
 class Stage(nn.Module):

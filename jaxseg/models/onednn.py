@@ -6,8 +6,8 @@ uses on CPU, runs the same products 3-4x faster than jaxseg's GEMM loops.
 This module compiles `jaxseg/native/onednn_conv.cc` against the oneDNN
 wheel (`onednn-cpu-gomp`, headers from `onednn-devel-cpu-gomp`) and jaxlib's
 FFI headers on first use, caches the shared library under
-``$XDG_CACHE_HOME/jaxseg`` (or ``~/.cache/jaxseg``; ``JAXSEG_CACHE_DIR``
-overrides), and registers three custom calls: forward, input gradient and
+``$JAXSEG_CACHE`` (default ``~/.cache/jaxseg``, where the phantom data is
+cached too), and registers three custom calls: forward, input gradient and
 filter gradient of a channels-last convolution.
 
 `available()` says whether they can be used; when oneDNN, its headers or a
@@ -63,11 +63,7 @@ def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
 
 
 def _cache_dir() -> pathlib.Path:
-  root = os.environ.get('JAXSEG_CACHE_DIR')
-  if root:
-    return pathlib.Path(root)
-  xdg = os.environ.get('XDG_CACHE_HOME')
-  return pathlib.Path(xdg) / 'jaxseg' if xdg else pathlib.Path.home() / '.cache' / 'jaxseg'
+  return pathlib.Path(os.environ.get('JAXSEG_CACHE', '~/.cache/jaxseg')).expanduser()
 
 
 def _build() -> pathlib.Path:

@@ -349,7 +349,7 @@ def test_onednn_build_is_cached_and_atomic(monkeypatch, tmp_path):
   # A failing compiler leaves nothing behind where the next run looks.
   if not onednn.available():
     pytest.skip(f'oneDNN custom calls unavailable: {onednn.unavailable_reason()}')
-  monkeypatch.setenv('JAXSEG_CACHE_DIR', str(tmp_path))
+  monkeypatch.setenv('JAXSEG_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')
   with pytest.raises(RuntimeError, match='building onednn_conv.cc failed'):
     onednn._build()
