@@ -1,10 +1,11 @@
-"""Convolutions whose FLOPs go through XLA's matrix multiply on CPU.
+"""Convolutions with a fast path per backend: oneDNN or XLA's GEMM on CPU, XLA elsewhere.
 
 XLA:CPU runs 3D convolutions (and their gradients) several times slower than
 its own fp32 GEMM; see benchmarks/README_conv.md for the measurements. This
 module computes the same convolutions as ``lax.conv_general_dilated`` and
-``flax.linen.Conv`` / ``flax.linen.ConvTranspose`` through ``dot_general``,
-with the implementation chosen per backend by `default_conv_impl`.
+``flax.linen.Conv`` / ``flax.linen.ConvTranspose`` through oneDNN custom calls
+(`jaxseg.models.onednn`) or ``dot_general``, with the implementation chosen
+per backend by `default_conv_impl`.
 
 Layouts are channels-last, as in Flax: inputs ``(N, *spatial, C_in)``,
 kernels ``(*kernel_spatial, C_in, C_out)``.
@@ -492,12 +493,11 @@ def default_conv_impl(backend: str, spatial_dims: int = 3) -> str:
   """Fastest measured `conv` implementation for a JAX backend name.
 
   On GPU/TPU XLA's native convolution (cuDNN on NVIDIA) stays best. On CPU,
-  'cpu_per_layer': each layer's forward, input gradient and filter gradient
-  are chosen by shape (`cpu_products`), from per-layer timings of jaxseg's
-  U-Nets (benchmarks/conv.py, benchmarks/README_conv.md). In 3D that is the
-  looped split GEMM for all three products (what 'gemm_split' does; XLA:CPU's
-  3D convolution and its gradients run 4-8x below its GEMM); in 2D mostly
-  XLA's own convolution, with GEMM filter gradients from 32 output channels.
+  'cpu_per_layer': oneDNN's forward, input gradient and filter gradient
+  (custom calls, 3-4x faster than the GEMM loops) for fp32 convolutions on a
+  single device when `jaxseg.models.onednn.available()`; otherwise each
+  layer's three products are chosen by shape (`cpu_products`), from per-layer
+  timings of jaxseg's U-Nets (benchmarks/conv.py, benchmarks/README_conv.md).
   `spatial_dims` is kept for callers; the CPU choice no longer depends on it.
   """
   del spatial_dims
@@ -527,7 +527,7 @@ def conv(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
   Returns:
     (N, *out_spatial, C_out), with the dtype of ``x`` and ``kernel``.
 
-  The custom_vjp impls ('gemm_split', 'lax_gemm_dw') support reverse-mode
+  The custom_vjp impls (all but 'lax' and 'gemm') support reverse-mode
   differentiation (grad, vjp) but not forward mode (jvp, jacfwd).
   """
   fn = CONV_IMPLS[_resolve_impl(impl, kernel.ndim - 2)]
