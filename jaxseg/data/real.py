@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxseg import cache
 from jaxseg.data import dataset as ds
 from jaxseg.data import preprocess as pp
 from jaxseg.data.errors import InvalidDatasetError
@@ -43,8 +44,7 @@ class RealData:
 
 def cache_root(config) -> pathlib.Path:
   """`config.data.cache_dir`, else `$JAXSEG_CACHE`, else `~/.cache/jaxseg`."""
-  root = config.data.get("cache_dir") or os.environ.get("JAXSEG_CACHE") or "~/.cache/jaxseg"
-  return pathlib.Path(root).expanduser()
+  return cache.cache_root(config.data.get("cache_dir"))
 
 
 def index_for(config) -> ds.DatasetIndex:

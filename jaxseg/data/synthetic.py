@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pathlib
 
 import numpy as np
 
-from jaxseg import atomic
+from jaxseg import atomic, cache
 
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
 GENERATOR_VERSION = 5
@@ -159,12 +157,6 @@ def normalise_ct(image, *, lower=-200.0, upper=300.0):
   return ((image - (lower + upper) / 2) / ((upper - lower) / 2)).astype(np.float32)
 
 
-def _cache_root(cache_dir):
-  if cache_dir:
-    return pathlib.Path(cache_dir).expanduser()
-  return pathlib.Path(os.environ.get("JAXSEG_CACHE", "~/.cache/jaxseg")).expanduser()
-
-
 def load_phantoms(*, num_cases: int, shape, seed: int, cache_dir=None):
   """`num_cases` phantoms as stacked arrays, generated once and cached.
 
@@ -191,7 +183,7 @@ def cached_cases(prefix: str, key: dict, generate, cache_dir=None):
   written there atomically (a killed run never leaves a half-written cache; an unreadable
   file is regenerated)."""
   digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-  root = _cache_root(cache_dir)
+  root = cache.cache_root(cache_dir)
   path = root / f"{prefix}_{digest}.npz"
   if path.exists():
     try:

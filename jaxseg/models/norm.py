@@ -11,6 +11,7 @@ norm and activation were ~40% of the 2D U-Net's train step (benchmarks/README.md
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,13 @@ def _spatial_axes(x: Array) -> tuple[int, ...]:
   return tuple(range(1, x.ndim - 1))
 
 
+def _forward(x, scale, bias, eps, negative_slope):
+  """(output, mean, 1/std): the statistics are the backward pass's residuals."""
+  mean, rstd = _stats(x, _spatial_axes(x), eps)
+  z = (x - mean) * (rstd * scale) + bias
+  return jnp.where(z >= 0, z, negative_slope * z), mean, rstd
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def instance_norm_act(x: Array, scale: Array, bias: Array, eps: float = 1e-5,
                       negative_slope: float = 0.01) -> Array:
@@ -38,15 +46,12 @@ def instance_norm_act(x: Array, scale: Array, bias: Array, eps: float = 1e-5,
   Matches ``nn.leaky_relu(nn.InstanceNorm(epsilon=eps)(x), negative_slope)`` in float32
   (scale and bias of shape (C,)), values and gradients.
   """
-  mean, rstd = _stats(x, _spatial_axes(x), eps)
-  z = (x - mean) * (rstd * scale) + bias
-  return jnp.where(z >= 0, z, negative_slope * z)
+  return _forward(x, scale, bias, eps, negative_slope)[0]
 
 
 def _fwd(x, scale, bias, eps, negative_slope):
-  mean, rstd = _stats(x, _spatial_axes(x), eps)
-  z = (x - mean) * (rstd * scale) + bias
-  return jnp.where(z >= 0, z, negative_slope * z), (x, scale, bias, mean, rstd)
+  y, mean, rstd = _forward(x, scale, bias, eps, negative_slope)
+  return y, (x, scale, bias, mean, rstd)
 
 
 def _bwd(eps, negative_slope, res, dy):
@@ -56,12 +61,10 @@ def _bwd(eps, negative_slope, res, dy):
   xhat = (x - mean) * rstd
   z = xhat * scale + bias
   g = jnp.where(z >= 0, dy, negative_slope * dy)
-  # One pass for the four sums (per sample and channel), one for the input gradient.
+  # One pass for the two sums (per sample and channel), one for the input gradient.
   sum_g = jnp.sum(g, axes, keepdims=True)
   sum_gx = jnp.sum(g * xhat, axes, keepdims=True)
-  count = 1
-  for a in axes:
-    count *= x.shape[a]
+  count = math.prod(x.shape[a] for a in axes)
   c1 = sum_g / count
   c2 = sum_gx / count
   dx = (rstd * scale) * (g - c1 - xhat * c2)

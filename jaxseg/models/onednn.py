@@ -33,6 +33,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from jaxseg import cache
+
 _SOURCE = pathlib.Path(__file__).resolve().parent.parent / 'native' / 'onednn_conv.cc'
 _TARGETS = ('fwd', 'bwd_data', 'bwd_weights')
 _LIB_NAME = 'libjaxseg_onednn.so'
@@ -62,10 +64,6 @@ def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
       + "); install it with `pip install onednn-cpu-gomp onednn-devel-cpu-gomp`")
 
 
-def _cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get('JAXSEG_CACHE', '~/.cache/jaxseg')).expanduser()
-
-
 def _build() -> pathlib.Path:
   """The compiled library, building it if this source/jaxlib/oneDNN has none yet."""
   if sys.platform != 'linux':
@@ -79,7 +77,7 @@ def _build() -> pathlib.Path:
   stamp = hashlib.sha256(
       _SOURCE.read_bytes() + jaxlib.__version__.encode()
       + str((lib / 'libdnnl.so').resolve()).encode() + cxx.encode()).hexdigest()[:16]
-  out_dir = _cache_dir() / f'onednn-{stamp}'
+  out_dir = cache.cache_root() / f'onednn-{stamp}'
   target = out_dir / _LIB_NAME
   if target.exists():
     return target
