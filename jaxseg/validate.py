@@ -31,6 +31,14 @@ def _positive(field, value):
     raise ConfigError(f"{field} must be a positive integer, got {value!r}")
 
 
+def _check_conv_impl(impl):
+  from jaxseg.models import conv, onednn
+  _choice("model.conv_impl", impl, {"auto", *conv.CONV_IMPLS})
+  if impl == "onednn" and not onednn.available():
+    raise ConfigError(f"model.conv_impl='onednn' is unavailable here: {onednn.unavailable_reason()}; "
+                      "use 'auto' (XLA's convolutions when oneDNN is missing)")
+
+
 def check_train_config(config, *, device_count: int) -> None:
   """Raises ConfigError for the first problem found in a training config."""
   from jaxseg.models import MODELS
@@ -42,6 +50,7 @@ def check_train_config(config, *, device_count: int) -> None:
   _choice("optimizer.schedule", config.optimizer.get("schedule", "poly"), {"poly", "cosine", "constant"})
   _choice("paradigm", config.get("paradigm", "supervised"), PARADIGMS)
   _choice("model.spatial_dims", config.model.spatial_dims, {2, 3})
+  _check_conv_impl(config.model.get("conv_impl", "auto"))
   _positive("train.num_steps", config.train.num_steps)
   _positive("train.batch_size", config.train.batch_size)
   for field in ("log_every", "eval_every", "checkpoint_every"):

@@ -22,6 +22,8 @@ def _cfg():
     ("data.patch_size", (48, 48, 44), r"data.patch_size=\(48, 48, 44\) must be divisible by the network's "
                                       r"total downsampling 8"),
     ("data.patch_size", (48, 48), r"data.patch_size=\(48, 48\) has 2 axes but model.spatial_dims=3"),
+    ("model.conv_impl", "fast", r"model.conv_impl='fast' is not valid; choose one of \['auto', "
+                                r"'cpu_per_layer', 'gemm', 'gemm_split', 'lax', 'lax_gemm_dw', 'onednn'\]"),
 ])
 def test_bad_field_is_named(field, value, message):
   c = _cfg()
@@ -29,6 +31,19 @@ def test_bad_field_is_named(field, value, message):
   (c[section] if section else c)[key] = value
   with pytest.raises(ConfigError, match=message):
     check_train_config(c, device_count=1)
+
+
+def test_onednn_impl_without_onednn_is_named(monkeypatch):
+  from jaxseg.models import onednn
+  monkeypatch.setattr(onednn, "available", lambda: False)
+  monkeypatch.setattr(onednn, "unavailable_reason", lambda: "oneDNN not found (test)")
+  c = _cfg()
+  c.model.conv_impl = "onednn"
+  with pytest.raises(ConfigError, match=r"model.conv_impl='onednn' is unavailable here: oneDNN not "
+                                        r"found \(test\); use 'auto'"):
+    check_train_config(c, device_count=1)
+  c.model.conv_impl = "auto"
+  check_train_config(c, device_count=1)
 
 
 def test_batch_not_divisible_by_devices():
