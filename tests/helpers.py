@@ -18,9 +18,6 @@ def tiny(config, cache_dir, *, dims=3, batch=2, steps=4):
     config.model.base_features = 4
     config.model.max_features = 16
     config.model.num_stages = 3
-    # XLA's native convolution compiles fastest on tiny shapes; the GEMM implementations
-    # that 'auto' picks on CPU are checked against it in tests/models/test_conv.py.
-    config.model.conv_impl = "lax"
     config.train.batch_size = batch
     config.train.num_steps = steps
     config.train.log_every = 1

@@ -10,9 +10,19 @@ FFI headers on first use, caches the shared library under
 cached too), and registers three custom calls: forward, input gradient and
 filter gradient of a channels-last convolution.
 
+Native code must never take a run down, so a freshly built library is
+first checked in a child process (`self_check`): jitted forward, input and
+filter gradients of a set of 2D/3D convolutions against ``lax``, called from
+the main thread and from a worker thread, as XLA calls them in training. A
+crash or a wrong value there disables the wrapper. The verdict is cached next
+to the library per CPU and ``ONEDNN_MAX_CPU_ISA`` (the variable that makes
+oneDNN take another instruction set's kernels), so the check costs a few
+seconds once.
+
 `available()` says whether they can be used; when oneDNN, its headers or a
-C++ compiler are missing, it returns False and `unavailable_reason()` says
-why, and `jaxseg.models.conv` keeps its XLA GEMM route.
+C++ compiler are missing, when ``JAXSEG_ONEDNN=0`` is set, or when the self
+check failed, it returns False and `unavailable_reason()` says why, and
+`jaxseg.models.conv` keeps XLA's convolutions.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -33,7 +44,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jaxseg import cache
+from jaxseg import atomic, cache
 
 _SOURCE = pathlib.Path(__file__).resolve().parent.parent / 'native' / 'onednn_conv.cc'
 _TARGETS = ('fwd', 'bwd_data', 'bwd_weights')
@@ -99,6 +110,127 @@ def _build() -> pathlib.Path:
   return target
 
 
+def _register(path: pathlib.Path) -> None:
+  lib = ctypes.cdll.LoadLibrary(str(path))
+  for name in _TARGETS:
+    symbol = f'jaxseg_onednn_conv_{name}'
+    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+
+
+# (input shape, kernel shape, strides) of the self-check: the U-Nets' kinds of
+# layer (first layer with one channel, 3-kernels at stride 1 and 2, a 1-kernel
+# head) in 3D and 2D, at sizes where oneDNN picks the same kernels as in
+# training (the GEMM-based filter gradient, for one, on AVX2 CPUs).
+_CHECK_CASES = (
+    ((2, 16, 16, 16, 1), (3, 3, 3, 1, 8), (1, 1, 1)),
+    ((2, 32, 32, 32, 8), (3, 3, 3, 8, 8), (1, 1, 1)),
+    ((2, 16, 16, 16, 8), (3, 3, 3, 8, 16), (2, 2, 2)),
+    ((1, 8, 8, 8, 32), (1, 1, 1, 32, 4), (1, 1, 1)),
+    ((4, 24, 24, 16), (3, 3, 16, 16), (1, 1)),
+    ((4, 24, 24, 16), (3, 3, 16, 32), (2, 2)),
+)
+
+
+def _check_in_process() -> None:
+  """Raises AssertionError unless the registered custom calls match lax on `_CHECK_CASES`
+  (forward, input and filter gradient, jitted), on the main thread and on three worker threads
+  at once."""
+  import threading
+  from jax import lax
+
+  def products(x, k, strides, pads, dy, use_lax):
+    if use_lax:
+      nd = k.ndim - 2
+      dn = lax.conv_dimension_numbers(x.shape, k.shape, ('N' + 'DHW'[3 - nd:] + 'C',
+                                                         'DHW'[3 - nd:] + 'IO', 'N' + 'DHW'[3 - nd:] + 'C'))
+      f = lambda x, k: lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=dn)  # noqa: E731
+      y, vjp = jax.vjp(f, x, k)
+      return (y,) + vjp(dy)
+    y = conv_fwd(x, k, strides, pads, dy.shape[1:-1])
+    return (y, conv_input_grad(dy, k, x.shape, strides, pads),
+            conv_filter_grad(x, dy, k.shape, strides, pads))
+
+  rng = np.random.default_rng(0)
+  for x_shape, k_shape, strides in _CHECK_CASES:
+    pads = tuple((k // 2, k // 2) if s == 1 else ((k - 1) // 2, k // 2)
+                 for k, s in zip(k_shape[:-2], strides))
+    out = tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi)
+                in zip(x_shape[1:-1], k_shape[:-2], strides, pads))
+    x = rng.standard_normal(x_shape, np.float32)
+    k = rng.standard_normal(k_shape, np.float32)
+    dy = rng.standard_normal((x_shape[0],) + out + (k_shape[-1],), np.float32)
+    want = jax.jit(products, static_argnums=(2, 3, 5))(x, k, strides, pads, dy, True)
+    mine = jax.jit(products, static_argnums=(2, 3, 5))
+    got = {}
+
+    def worker(name):
+      got[name] = jax.block_until_ready(mine(x, k, strides, pads, dy, False))
+
+    got['main thread'] = jax.block_until_ready(mine(x, k, strides, pads, dy, False))
+    threads = [threading.Thread(target=worker, args=(f'worker thread {i}',)) for i in range(3)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    if len(got) != 1 + len(threads):
+      raise AssertionError(f'no result from a worker thread for input {x_shape}, kernel {k_shape}')
+    for where, values in got.items():
+      for name, a, b in zip(('forward', 'input gradient', 'filter gradient'), values, want):
+        a, b = np.asarray(a), np.asarray(b)
+        scale = float(np.abs(b).max()) or 1.0
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4 * scale):
+          raise AssertionError(
+              f'{name} of input {x_shape} * kernel {k_shape}, strides {strides}, on the {where} '
+              f'differs from lax by up to {float(np.abs(a - b).max()):.3g} (scale {scale:.3g})')
+
+
+def _cpu_key() -> str:
+  """What decides which oneDNN kernels run: the CPU's flags and ONEDNN_MAX_CPU_ISA."""
+  flags = ''
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('flags'):
+        flags = line
+        break
+  except OSError:
+    pass
+  isa = os.environ.get('ONEDNN_MAX_CPU_ISA', '')
+  return hashlib.sha256((flags + '|' + isa).encode()).hexdigest()[:16]
+
+
+def self_check(path: pathlib.Path, timeout_s: float = 300.0) -> str | None:
+  """None if the library at `path` passes `_check_in_process` in a child process; else why not.
+
+  A crash in native code kills only the child. The verdict is cached next to the library,
+  per CPU and ONEDNN_MAX_CPU_ISA (`_cpu_key`)."""
+  verdict_path = path.parent / f'self-check-{_cpu_key()}.json'
+  try:
+    return json.loads(verdict_path.read_text())['reason']
+  except (OSError, ValueError, KeyError):
+    pass
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAXSEG_ONEDNN_LIB=str(path))
+  env.pop('XLA_FLAGS', None)  # one device, whatever the parent asked for
+  try:
+    proc = subprocess.run([sys.executable, '-m', 'jaxseg.models.onednn'], env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    reason = f'it did not finish in {timeout_s:.0f} s'
+  else:
+    if proc.returncode == 0:
+      reason = None
+    elif proc.returncode < 0:
+      import signal
+      reason = f'it crashed ({signal.Signals(-proc.returncode).name})'
+    else:
+      lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+      reason = lines[-1] if lines else f'it exited with status {proc.returncode}'
+  if reason is not None:
+    reason = f'the oneDNN wrapper failed its self-check against lax: {reason}'
+  with atomic.atomic_path(verdict_path) as tmp:
+    pathlib.Path(tmp).write_text(json.dumps({'reason': reason}))
+  return reason
+
+
 @functools.cache
 def _load() -> bool:
   global _reason
@@ -107,10 +239,10 @@ def _load() -> bool:
     return False
   try:
     path = _build()
-    lib = ctypes.cdll.LoadLibrary(str(path))
-    for name in _TARGETS:
-      symbol = f'jaxseg_onednn_conv_{name}'
-      jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+    failure = self_check(path)
+    if failure:
+      raise RuntimeError(failure)
+    _register(path)
   except (RuntimeError, OSError) as e:
     _reason = str(e)
     logging.getLogger(__name__).info('oneDNN convolutions unavailable: %s', e)
@@ -158,3 +290,13 @@ def conv_filter_grad(x, dy, kernel_shape, strides, pads):
   return jax.ffi.ffi_call('jaxseg_onednn_conv_bwd_weights',
                           jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
                           vmap_method='sequential')(x, dy, **_attrs(strides, pads))
+
+
+if __name__ == '__main__':
+  # The child process of `self_check`: exit status 0 when the library passes.
+  _register(pathlib.Path(os.environ['JAXSEG_ONEDNN_LIB']))
+  try:
+    _check_in_process()
+  except AssertionError as e:
+    print(e, file=sys.stderr)
+    sys.exit(1)

@@ -2,6 +2,9 @@
 // custom calls on CPU. Channels-last data (N, *spatial, C) and
 // (*kernel_spatial, C_in, C_out) kernels, as in jaxseg.models.conv.
 #include <cstdint>
+#include <algorithm>
+#include <cstdlib>
+#include <new>
 #include <mutex>
 #include <memory>
 #include <string>
@@ -30,6 +33,36 @@ tag KernelTag(int nd) {
   return nd == 1 ? tag::wio : nd == 2 ? tag::hwio : tag::dhwio;
 }
 
+// Every primitive is made with a user-managed scratchpad. With oneDNN's default
+// (library) scratchpad, some implementations (the GEMM-based backward-weights
+// convolution that AVX2 CPUs get) bind a thread-local buffer when the
+// primitive is *created*; XLA runs the custom call on its own worker threads,
+// where that buffer does not exist, and the primitive writes through a null
+// pointer. Here each call passes a buffer owned by the calling thread instead.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// A grow-only, 64-byte aligned buffer per calling thread.
+void* ThreadScratch(size_t bytes) {
+  struct Buf {
+    void* p = nullptr;
+    size_t size = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (bytes > buf.size) {
+    std::free(buf.p);
+    size_t rounded = (bytes + 63) / 64 * 64;
+    buf.p = std::aligned_alloc(64, rounded);
+    buf.size = buf.p ? rounded : 0;
+    if (!buf.p) throw std::bad_alloc();
+  }
+  return buf.p;
+}
+
 // (N, *sp, C) -> oneDNN dims (N, C, *sp).
 memory::dims DataDims(ffi::Span<const int64_t> d) {
   memory::dims out{d[0], d[d.size() - 1]};
@@ -51,6 +84,8 @@ enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
 struct Entry {
   dnnl::primitive prim;
+  memory::desc scratch;  // the primitive's scratchpad
+  memory::desc reorder_scratch;
   memory::desc kernel_user;  // the caller's (*ks, I, O) layout
   memory::desc kernel_prim;  // the layout the primitive wants
   std::unique_ptr<dnnl::reorder> reorder;  // between the two, if they differ
@@ -84,35 +119,38 @@ Entry& Get(Kind kind, const memory::dims& xd, const memory::dims& wd,
   memory::desc w_any(wd, f32, tag::any), w_user(wd, f32, KernelTag(nd));
   memory::dims dil(nd, 0);
   auto& eng = Engine();
+  auto attr = UserScratchpad();
   auto fwd_pd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training,
-      dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil, lo, hi);
+      dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil, lo, hi,
+      attr);
   auto e = std::make_unique<Entry>();
   e->kernel_user = w_user;
   if (kind == kFwd) {
     e->prim = dnnl::convolution_forward(fwd_pd);
     e->kernel_prim = fwd_pd.weights_desc();
+    e->scratch = fwd_pd.scratchpad_desc();
   } else if (kind == kBwdData) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil,
-        lo, hi, fwd_pd);
+        lo, hi, fwd_pd, attr);
     e->prim = dnnl::convolution_backward_data(pd);
     e->kernel_prim = pd.weights_desc();
+    e->scratch = pd.scratchpad_desc();
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil,
-        lo, hi, fwd_pd);
+        lo, hi, fwd_pd, attr);
     e->prim = dnnl::convolution_backward_weights(pd);
     e->kernel_prim = pd.diff_weights_desc();
+    e->scratch = pd.scratchpad_desc();
   }
   if (e->kernel_prim != e->kernel_user) {
-    if (kind == kBwdWeights) {
-      e->reorder = std::make_unique<dnnl::reorder>(
-          dnnl::reorder::primitive_desc(eng, e->kernel_prim, eng, w_user));
-    } else {
-      e->reorder = std::make_unique<dnnl::reorder>(
-          dnnl::reorder::primitive_desc(eng, w_user, eng, e->kernel_prim));
-    }
+    auto rpd = kind == kBwdWeights
+        ? dnnl::reorder::primitive_desc(eng, e->kernel_prim, eng, w_user, attr)
+        : dnnl::reorder::primitive_desc(eng, w_user, eng, e->kernel_prim, attr);
+    e->reorder = std::make_unique<dnnl::reorder>(rpd);
+    e->reorder_scratch = rpd.scratchpad_desc();
   }
   return *cache.emplace(key, std::move(e)).first->second;
 }
@@ -139,25 +177,41 @@ ffi::Error Run(Kind kind, void* x, void* w, void* y,
                eng, y);
     memory w_user(e.kernel_user, eng, w);
     memory w_prim = e.reorder ? memory(e.kernel_prim, eng) : w_user;
+    // One buffer serves the reorder and the convolution: they run in turn.
+    size_t scratch_bytes = std::max(e.scratch.get_size(),
+                                    e.reorder_scratch.get_size());
+    void* scratch = ThreadScratch(scratch_bytes);
+    memory conv_scratch(e.scratch, eng, scratch);
+    auto reorder = [&](memory& from, memory& to) {
+      memory rs(e.reorder_scratch, eng, scratch);
+      e.reorder->execute(strm, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                {DNNL_ARG_SCRATCHPAD, rs}});
+    };
     if (kind == kFwd) {
-      if (e.reorder) e.reorder->execute(strm, w_user, w_prim);
+      if (e.reorder) reorder(w_user, w_prim);
       e.prim.execute(strm, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_WEIGHTS, w_prim},
-                            {DNNL_ARG_DST, y_m}});
+                            {DNNL_ARG_DST, y_m},
+                            {DNNL_ARG_SCRATCHPAD, conv_scratch}});
     } else if (kind == kBwdData) {
-      if (e.reorder) e.reorder->execute(strm, w_user, w_prim);
+      if (e.reorder) reorder(w_user, w_prim);
       e.prim.execute(strm, {{DNNL_ARG_DIFF_SRC, x_m},
                             {DNNL_ARG_WEIGHTS, w_prim},
-                            {DNNL_ARG_DIFF_DST, y_m}});
+                            {DNNL_ARG_DIFF_DST, y_m},
+                            {DNNL_ARG_SCRATCHPAD, conv_scratch}});
     } else {
       e.prim.execute(strm, {{DNNL_ARG_SRC, x_m},
                             {DNNL_ARG_DIFF_WEIGHTS, w_prim},
-                            {DNNL_ARG_DIFF_DST, y_m}});
-      if (e.reorder) e.reorder->execute(strm, w_prim, w_user);
+                            {DNNL_ARG_DIFF_DST, y_m},
+                            {DNNL_ARG_SCRATCHPAD, conv_scratch}});
+      if (e.reorder) reorder(w_prim, w_user);
     }
     strm.wait();
   } catch (const dnnl::error& err) {
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("oneDNN convolution: ") + err.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "oneDNN convolution: out of memory for its scratchpad");
   }
   return ffi::Error::Success();
 }
