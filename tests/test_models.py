@@ -7,15 +7,10 @@ import pytest
 
 from jaxseg.models import FCN, MODELS, UNet
 
-# XLA's native convolution compiles fastest; the other implementations are checked against it
-# in tests/models/test_conv.py.
-IMPL = "lax"
-
 
 @pytest.mark.parametrize("dims,shape", [(2, (2, 32, 16, 3)), (3, (1, 16, 8, 24, 2))])
 def test_unet_shapes(dims, shape):
-  model = UNet(num_classes=5, spatial_dims=dims, base_features=4, max_features=8, num_stages=4,
-               conv_impl=IMPL)
+  model = UNet(num_classes=5, spatial_dims=dims, base_features=4, max_features=8, num_stages=4)
   x = jnp.ones(shape)
   params = jax.jit(model.init)(jax.random.key(0), x)
   y = jax.jit(model.apply)(params, x)
@@ -28,7 +23,7 @@ def test_unet_shapes(dims, shape):
 
 def test_unet_deep_supervision_outputs():
   model = UNet(num_classes=3, spatial_dims=3, base_features=4, max_features=16, num_stages=4,
-               deep_supervision=True, conv_impl=IMPL)
+               deep_supervision=True)
   x = jnp.ones((2, 16, 16, 16, 1))
   params = jax.jit(model.init)(jax.random.key(0), x)
   ys = jax.jit(model.apply)(params, x)
@@ -37,8 +32,7 @@ def test_unet_deep_supervision_outputs():
 
 @pytest.mark.parametrize("dims,shape", [(2, (2, 32, 48, 1)), (3, (1, 16, 16, 32, 2))])
 def test_fcn_shapes_and_skip_fusion(dims, shape):
-  model = FCN(num_classes=4, spatial_dims=dims, base_features=4, max_features=16, num_stages=4,
-              conv_impl=IMPL)
+  model = FCN(num_classes=4, spatial_dims=dims, base_features=4, max_features=16, num_stages=4)
   x = jax.random.normal(jax.random.key(1), shape)
   params = jax.jit(model.init)(jax.random.key(0), x)
   y = jax.jit(model.apply)(params, x)

@@ -59,7 +59,7 @@ TINY_FLAGS = ["--config.data.fold=all", "--config.data.patch_size=(16,16,16)",
               "--config.model.max_features=8", "--config.train.batch_size=2",
               "--config.train.num_steps=2", "--config.train.eval_every=2",
               "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-              "--config.eval.batch_size=2", "--config.model.conv_impl=lax"]
+              "--config.eval.batch_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -166,17 +166,23 @@ def _cubes(shape, boxes):
   return a
 
 
-def test_evaluate_shifted_prediction_matches_hand_computed_values(tmp_path):
+def _shifted_cubes(folder):
   """Class 1: a 4^3 cube shifted 1 voxel along x (1 mm); class 2: shifted 1 voxel along z
   (2 mm). Each overlap is 48 of 64 voxels: Dice 2*48/128 = 0.75, IoU 48/80 = 0.6. Of the 56
   border voxels of each cube, the 16 on the leading face are 1 mm (class 1) or 2 mm (class 2)
-  from the other border, the 4 inner voxels of the trailing face 1 mm, the rest 0 mm."""
+  from the other border, the 4 inner voxels of the trailing face 1 mm, the rest 0 mm.
+  Writes folder/ref/c.nii.gz and folder/pred/c.nii.gz."""
   affine = np.diag([1.0, 1.0, 2.0, 1.0])
   ref = _cubes((12, 12, 8), [(1, np.s_[2:6, 2:6, 2:6]), (2, np.s_[7:11, 7:11, 1:5])])
   pred = _cubes((12, 12, 8), [(1, np.s_[3:7, 2:6, 2:6]), (2, np.s_[7:11, 7:11, 2:6])])
   for d, a in (("ref", ref), ("pred", pred)):
-    (tmp_path / d).mkdir()
-    nib.save(nib.Nifti1Image(a, affine), str(tmp_path / d / "c.nii.gz"))
+    (folder / d).mkdir()
+    nib.save(nib.Nifti1Image(a, affine), str(folder / d / "c.nii.gz"))
+
+
+def test_evaluate_shifted_prediction_matches_hand_computed_values(tmp_path):
+  """See `_shifted_cubes`."""
+  _shifted_cubes(tmp_path)
   s = evaluate.evaluate(tmp_path / "pred", tmp_path / "ref", out_dir=tmp_path / "ev",
                         tolerance_mm=1.0, worst=0, log=lambda *_: None)["per_case"]["c"]
   for name in ("label_1", "label_2"):
@@ -188,6 +194,30 @@ def test_evaluate_shifted_prediction_matches_hand_computed_values(tmp_path):
   assert s["label_2"]["hd95"] == pytest.approx(2.0)
   assert s["label_2"]["assd"] == pytest.approx((16 * 2 + 4) * 2 / 112)
   assert s["label_2"]["nsd"] == pytest.approx(80 / 112)
+
+
+def _no_constants(name):
+  raise ValueError(f"{name} is not JSON")
+
+
+def test_evaluate_prints_the_class_table_and_writes_standard_json(tmp_path, capsys):
+  """The means of `_shifted_cubes` on stdout (ASSD 40/112 and 72/112 mm, NSD 80/112); NaN
+  (the background's surface metrics) is null in summary.json."""
+  _shifted_cubes(tmp_path)
+  rc = evaluate.main(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                      "--out", str(tmp_path / "ev"), "--worst", "0"])
+  assert rc == 0
+  lines = capsys.readouterr().out.splitlines()
+  head = next(i for i, line in enumerate(lines) if line.startswith("class"))
+  assert lines[head].split() == ["class", "Dice", "IoU", "HD95", "mm", "ASSD", "mm", "NSD"]
+  assert lines[head + 1].split() == ["label_1", "0.75", "0.6", "1", "0.3571", "1"]
+  assert lines[head + 2].split() == ["label_2", "0.75", "0.6", "2", "0.6429", "0.7143"]
+  assert lines[head + 3].split() == ["mean", "0.75", "0.6", "1.5", "0.5", "0.8571"]
+  summary = json.loads((tmp_path / "ev" / "summary.json").read_text(),
+                       parse_constant=_no_constants)
+  assert summary["per_class"]["background"]["hd95"] is None
+  assert summary["per_case"]["c"]["background"]["dice"] == 2 * (1024 - 32) / (2 * 1024)
+  assert summary["foreground_mean"]["nsd"] == pytest.approx(96 / 112)
 
 
 def test_union_crop_keeps_surface_metrics_exact():

@@ -363,7 +363,7 @@ def check_stage_settings(stage_dir: pathlib.Path, settings: dict) -> None:
   if path.exists():
     old = json.loads(path.read_text())
     for key in sorted(set(old) | set(settings)):
-      if old.get(key) != json.loads(json.dumps(settings.get(key))):
+      if old.get(key) != json.loads(report.dumps(settings.get(key))):
         raise ConfigError(f"{stage_dir} was trained with {key}={old.get(key)!r} but the config now "
                           f"says {settings.get(key)!r}; use another --workdir or delete {stage_dir}")
     return
@@ -400,7 +400,8 @@ def run(config, workdir) -> dict:
   train.log(f"jaxseg: {config.get('name', 'incremental')} | incremental | stages: "
             + " -> ".join(f"{s.name}@{s.domain} ({len(g)} cases, {s.steps} steps)"
                           for s, g in zip(stages, groups))
-            + f" | methods: {', '.join(inc.methods)} | val={len(data.val_ids)} cases | workdir={workdir}")
+            + f" | methods: {', '.join(inc.methods)} | conv={train.conv_impl_name(config.model)} "
+            + f"| val={len(data.val_ids)} cases | workdir={workdir}")
 
   def train_stage(method, stage, params, buffer, loss_consts):
     """Trains (or restores) `stage` for `method`: (model, params, evaluation result)."""
@@ -418,7 +419,7 @@ def run(config, workdir) -> dict:
                              evaluate_fn=lambda p: evaluate_stage(model, p, stage, seen, data, cfg))
     done = sdir / "stage.json"
     if done.exists():
-      result = json.loads(done.read_text())
+      result = report.none_to_nan(json.loads(done.read_text()))  # NaN Dice is stored as null
     else:
       last = stats["last_eval"]
       result = (last[1] if last and last[0] == stage.steps

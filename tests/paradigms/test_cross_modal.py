@@ -97,7 +97,7 @@ def test_hemis_fuse_is_invariant_to_the_order_of_modalities():
 
 def tiny_hemis(shared_encoder=False):
   return hemis.HeMISUNet(num_classes=3, spatial_dims=3, base_features=4, max_features=8,
-                         num_stages=2, shared_encoder=shared_encoder, conv_impl="lax")
+                         num_stages=2, shared_encoder=shared_encoder)
 
 
 def test_hemis_model_masked_modalities_do_not_change_the_output():
@@ -125,7 +125,7 @@ def test_hemis_shared_encoder_is_invariant_to_the_order_of_modalities():
 
 def test_early_fusion_zeroes_missing_channels():
   cfg = ml_collections.ConfigDict(dict(spatial_dims=3, base_features=4, max_features=8, num_stages=2,
-                                       deep_supervision=False, conv_impl="lax"))
+                                       deep_supervision=False))
   model = cross_modal.build_model(cfg, fusion="early", num_classes=3)
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 2))
   params = model.init(jax.random.key(1), x)["params"]

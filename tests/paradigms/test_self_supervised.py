@@ -57,7 +57,7 @@ def flat(tree):
 
 
 def seg_unet(base=4):
-  return UNet(num_classes=4, base_features=base, max_features=16, num_stages=3, conv_impl="lax")
+  return UNet(num_classes=4, base_features=base, max_features=16, num_stages=3)
 
 
 def save_pretraining(workdir, unet_params, step=3):
@@ -127,8 +127,8 @@ def test_nt_xent_identical_views_beat_every_shuffled_pairing():
 
 def test_pretrain_net_holds_the_unet_as_one_subtree():
   unet = seg_unet()
-  net = ss.PretrainNet(UNet(num_classes=1, base_features=4, max_features=16, num_stages=3,
-                            conv_impl="lax"), projection_hidden=8, projection_features=5)
+  net = ss.PretrainNet(UNet(num_classes=1, base_features=4, max_features=16, num_stages=3),
+                       projection_hidden=8, projection_features=5)
   shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((2, 8, 8, 8, 1))))["params"]
   assert sorted(shapes) == ["projection_0", "projection_1", "projection_norm", "unet"]
   assert shapes["projection_0"]["kernel"].shape == (2 * 16, 8)  # mean and max of 16 channels
@@ -153,7 +153,7 @@ def test_unet_return_features_leaves_the_output_unchanged():
 
 @pytest.mark.parametrize("part,loaded", [("encoder", ("enc",)), ("all_but_head", ("enc", "up", "dec"))])
 def test_load_pretrained_copies_exactly_the_part(tmp_path, part, loaded):
-  pre_unet = UNet(num_classes=1, base_features=4, max_features=16, num_stages=3, conv_impl="lax")
+  pre_unet = UNet(num_classes=1, base_features=4, max_features=16, num_stages=3)
   pretrained = flat(fake_params(pre_unet, 1))
   save_pretraining(tmp_path / "run" / "pretrain", fake_params(pre_unet, 1))
   fresh = fake_params(seg_unet(), 2)
