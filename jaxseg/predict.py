@@ -67,6 +67,20 @@ def _paradigm_of(workdir: pathlib.Path):
   return None
 
 
+def _non_finite(tree, path="preprocessing") -> list[str]:
+  """Dotted paths of the numbers in a plan's preprocessing that are NaN or infinite, and of
+  the CT statistics written as null (JSON has no NaN)."""
+  if isinstance(tree, dict):
+    return [p for k, v in tree.items() for p in _non_finite(v, f"{path}.{k}")]
+  if isinstance(tree, (list, tuple)):
+    in_stats = path.startswith("preprocessing.ct_statistics[")
+    return [p for i, v in enumerate(tree)
+            for p in ([f"{path}[{i}]"] if v is None and in_stats else _non_finite(v, f"{path}[{i}]"))]
+  if isinstance(tree, float) and not np.isfinite(tree):
+    return [path]
+  return []
+
+
 def load_run(workdir, *, checkpoint: str = "best") -> Run:
   """Restores a run's config, preprocessing plan and parameters.
 
@@ -103,6 +117,10 @@ def load_run(workdir, *, checkpoint: str = "best") -> Run:
   if not plan.get("dataset") or not plan.get("preprocessing"):
     raise PredictError(f"{workdir} was trained on generated phantoms (no data.root); predict needs "
                        "a run trained on an nnU-Net-layout dataset")
+  bad = _non_finite(plan["preprocessing"])
+  if bad:
+    raise PredictError(f"{plan_path} has non-finite preprocessing statistics ({', '.join(bad)}): "
+                       "the run's dataset was unusable (e.g. no foreground voxels); retrain it")
   config_dict = plan.get("config")
   if config_dict is None and (workdir / "report.json").is_file():
     config_dict = json.loads((workdir / "report.json").read_text()).get("config")

@@ -14,8 +14,8 @@ def user_errors() -> tuple:
   """
   errors = [ConfigError, FileNotFoundError, FloatingPointError]
   try:
-    from jaxseg.data.errors import InvalidDatasetError
-    errors.append(InvalidDatasetError)
+    from jaxseg.data.errors import InvalidDatasetError, WorkdirMismatchError
+    errors += [InvalidDatasetError, WorkdirMismatchError]
   except ImportError:
     pass
   return tuple(errors)

@@ -100,17 +100,67 @@ def load_cases(config) -> SegData:
 PLAN_FILE = "plan.json"
 
 
+def _identity(plan: dict) -> dict:
+  """What makes two plans the same run: dataset, channels, classes and model."""
+  dataset = plan.get("dataset") or {}
+  # The dataset by name, not path: a moved dataset folder still resumes its runs.
+  return {"dataset": repr(dataset.get("name")) if dataset else "generated phantoms",
+          "channels": list(plan.get("channel_names", [])),
+          "classes": list(plan.get("class_names", [])),
+          "label values": list(plan.get("label_values", [])) or None,
+          "model": {k: v for k, v in ((plan.get("config") or {}).get("model") or {}).items()
+                    if k not in _NOT_IDENTITY}}
+
+
+# Model fields a resumed run may change: they pick how the same parameters are computed.
+_NOT_IDENTITY = ("conv_impl", "dtype")
+
+
+def check_same_run(workdir, plan: dict) -> None:
+  """Raises WorkdirMismatchError if `workdir/plan.json` exists and belongs to a run of another
+  dataset, channel list, class list or model than `plan`; the message names what differs."""
+  import json  # noqa: PLC0415
+  from jaxseg.data.errors import WorkdirMismatchError  # noqa: PLC0415
+  path = pathlib.Path(workdir) / PLAN_FILE
+  if not path.is_file():
+    return
+  try:
+    old = json.loads(path.read_text())
+  except ValueError as e:
+    raise WorkdirMismatchError(f"{path} is not valid JSON ({e}); use another --workdir") from e
+  mine, theirs = _identity(plan), _identity(old)
+  for field in mine:
+    if mine[field] != theirs[field]:
+      if field == "model":
+        keys = sorted(set(mine[field]) | set(theirs[field]))
+        diff = [k for k in keys if mine[field].get(k) != theirs[field].get(k)]
+        what = ", ".join(f"model.{k}={theirs[field].get(k)!r} there, {mine[field].get(k)!r} here"
+                         for k in diff)
+        raise WorkdirMismatchError(f"--workdir {workdir} holds a run of another model ({what}; "
+                                   f"{path}); use another --workdir")
+      raise WorkdirMismatchError(f"--workdir {workdir} holds a run with {field} {theirs[field]} ({path}); "
+                                 f"this config has {mine[field]}: use another --workdir")
+
+
+def make_plan(config, data: SegData) -> dict:
+  """The content of plan.json: the config, channels, classes and (for real data) the
+  preprocessing plan, so `jaxseg.predict` can rebuild the model and preprocess new scans."""
+  return {"config": config.to_dict(), "channel_names": list(data.channel_names),
+          "class_names": list(data.class_names), **(data.plan or {"dataset": None})}
+
+
 def write_plan(workdir, config, data: SegData) -> pathlib.Path:
-  """Writes `workdir/plan.json` atomically: the config, channels, classes and (for real data)
-  the preprocessing plan, so `jaxseg.predict` can rebuild the model and preprocess new scans.
+  """Writes `workdir/plan.json` atomically (`make_plan`) after `check_same_run`: a workdir
+  belongs to one run, so a run of another dataset or model stops here and leaves the
+  directory as it was. Call it after the data have passed their checks.
 
   Only process 0 writes. Returns the path.
   """
   import jax  # noqa: PLC0415
   from jaxseg import report  # noqa: PLC0415
   path = pathlib.Path(workdir) / PLAN_FILE
+  plan = make_plan(config, data)
+  check_same_run(workdir, plan)
   if jax.process_index() == 0:
-    plan = {"config": config.to_dict(), "channel_names": list(data.channel_names),
-            "class_names": list(data.class_names), **(data.plan or {"dataset": None})}
     report.write_json_atomic(path, plan)
   return path

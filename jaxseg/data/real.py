@@ -132,6 +132,7 @@ def prepare(config) -> RealData:
   class_names, values = class_table(index)
   cache = cache_root(config) / "preprocessed" / _safe(index.name)
   fingerprint = cached_fingerprint(index, cache)
+  _check_foreground(index, fingerprint)
   settings = plan_settings(fingerprint, config)
   lut = np.zeros(max(values) + 1, np.int16)
   lut[values] = np.arange(len(values), dtype=np.int16)
@@ -139,6 +140,7 @@ def prepare(config) -> RealData:
   cases = {}
   for case in index.cases:
     image, label, _ = pp.cached_preprocess(index, case, settings, cache)
+    _check_not_constant(index, case, image)
     cases[case] = (image, label if contiguous else lut[np.asarray(label)])
   plan = {
       "version": PLAN_VERSION,
@@ -153,6 +155,27 @@ def prepare(config) -> RealData:
   }
   return RealData(cases=cases, class_names=class_names, label_values=values,
                   channel_names=list(index.channel_names), plan=plan)
+
+
+def _check_foreground(index: ds.DatasetIndex, fingerprint: dict) -> None:
+  """InvalidDatasetError if no training label has a foreground voxel (the fingerprint's
+  foreground statistics are then undefined, and there is nothing to segment)."""
+  props = fingerprint["foreground_intensity_properties_per_channel"]
+  if index.cases and not any(np.isfinite(props[str(c)]["mean"]) for c in range(index.num_channels)):
+    raise InvalidDatasetError(
+        f"{index.root / 'labelsTr'}: no label file has a foreground voxel (all {len(index.cases)} are "
+        "background only); segmentation needs labelled structures, and CT normalisation takes its "
+        "statistics from them")
+
+
+def _check_not_constant(index: ds.DatasetIndex, case: str, image: np.ndarray) -> None:
+  """InvalidDatasetError naming the file if a channel of `case` has one value everywhere
+  (an empty or zero-filled scan: a network learns nothing from it)."""
+  for c in range(image.shape[0]):
+    if image[c].size and float(image[c].max()) == float(image[c].min()):
+      raise InvalidDatasetError(
+          f"{index.image_files[case][c]} is constant (every voxel has the same value): an empty or "
+          "zero-filled scan; remove the case or replace the file")
 
 
 def load_preprocessed(config):
