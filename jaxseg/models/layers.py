@@ -26,10 +26,10 @@ class ConvNormAct(nn.Module):
     x = conv_lib.Conv(self.features, (self.kernel_size,) * self.spatial_dims,
                       strides=(self.strides,) * self.spatial_dims, impl=self.conv_impl,
                       dtype=self.dtype)(x)
-    # InstanceNorm statistics in float32 whatever the compute dtype; the parameters are
-    # those of nn.InstanceNorm under its usual name, so checkpoints are interchangeable.
-    x = norm_lib.InstanceNormAct(epsilon=1e-5, negative_slope=0.01, name="InstanceNorm_0")(x)
-    return x.astype(self.dtype)
+    # InstanceNorm statistics in float32 whatever the compute dtype, output in the compute
+    # dtype; the parameters are those of nn.InstanceNorm under its usual name, so
+    # checkpoints are interchangeable.
+    return norm_lib.InstanceNormAct(epsilon=1e-5, negative_slope=0.01, name="InstanceNorm_0")(x)
 
 
 class Stage(nn.Module):

@@ -32,10 +32,12 @@ def _spatial_axes(x: Array) -> tuple[int, ...]:
 
 
 def _forward(x, scale, bias, eps, negative_slope):
-  """(output, mean, 1/std): the statistics are the backward pass's residuals."""
-  mean, rstd = _stats(x, _spatial_axes(x), eps)
-  z = (x - mean) * (rstd * scale) + bias
-  return jnp.where(z >= 0, z, negative_slope * z), mean, rstd
+  """(output in x's dtype, mean, 1/std in float32): the statistics are the backward pass's
+  residuals. Whatever x's dtype, the statistics and the arithmetic are float32."""
+  xf = x.astype(jnp.float32)
+  mean, rstd = _stats(xf, _spatial_axes(x), eps)
+  z = (xf - mean) * (rstd * scale) + bias
+  return jnp.where(z >= 0, z, negative_slope * z).astype(x.dtype), mean, rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -44,7 +46,9 @@ def instance_norm_act(x: Array, scale: Array, bias: Array, eps: float = 1e-5,
   """LeakyReLU(InstanceNorm(x) * scale + bias) for channels-last x of shape (N, *spatial, C).
 
   Matches ``nn.leaky_relu(nn.InstanceNorm(epsilon=eps)(x), negative_slope)`` in float32
-  (scale and bias of shape (C,)), values and gradients.
+  (scale and bias of shape (C,)), values and gradients. For a bfloat16/float16 x the
+  statistics and arithmetic are float32 and only the output (and the input saved for the
+  backward pass) are in x's dtype: mixed precision keeps half the activation traffic.
   """
   return _forward(x, scale, bias, eps, negative_slope)[0]
 
@@ -58,7 +62,8 @@ def _bwd(eps, negative_slope, res, dy):
   del eps
   x, scale, bias, mean, rstd = res
   axes = _spatial_axes(x)
-  xhat = (x - mean) * rstd
+  dy = dy.astype(jnp.float32)
+  xhat = (x.astype(jnp.float32) - mean) * rstd
   z = xhat * scale + bias
   g = jnp.where(z >= 0, dy, negative_slope * dy)
   # One pass for the two sums (per sample and channel), one for the input gradient.
@@ -79,7 +84,8 @@ instance_norm_act.defvjp(_fwd, _bwd)
 
 class InstanceNormAct(nn.Module):
   """``nn.InstanceNorm`` (float32 statistics) then LeakyReLU, with the parameters of
-  ``nn.InstanceNorm`` ('scale' ones, 'bias' zeros, shape (C,)); see `instance_norm_act`."""
+  ``nn.InstanceNorm`` ('scale' ones, 'bias' zeros, shape (C,)); the output has the input's
+  dtype; see `instance_norm_act`."""
   epsilon: float = 1e-5
   negative_slope: float = 0.01
 
@@ -90,5 +96,4 @@ class InstanceNormAct(nn.Module):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    return instance_norm_act(x.astype(jnp.float32), scale, bias, self.epsilon,
-                             self.negative_slope)
+    return instance_norm_act(x, scale, bias, self.epsilon, self.negative_slope)
