@@ -2,7 +2,9 @@
 
 Layout in the workdir: `checkpoints/<step>/` (the latest few) and `best/<step>/` (the single
 best by `mean_dice`). Orbax writes each checkpoint under a temporary name and renames it when
-complete, so a run killed mid-save resumes from the previous complete checkpoint.
+complete, so a run killed mid-save resumes from the previous complete checkpoint. A periodic
+checkpoint can carry the run's wall time so far in its step metadata (written with it), so that
+a resumed run reports the total.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """save(step, state), save_best(step, state, metrics), restore_latest(abstract_state)."""
+  """save(step, state), save_best(step, state, metrics), restore_latest(abstract_state),
+  wall_time_s(step)."""
 
   def __init__(self, workdir, *, keep: int = 2):
     root = pathlib.Path(workdir).absolute()
@@ -31,10 +34,19 @@ class Checkpointer:
   def latest_step(self):
     return self._latest.latest_step()
 
-  def save(self, step: int, state) -> None:
+  def save(self, step: int, state, *, wall_time_s: float | None = None) -> None:
+    """Saves `state` as checkpoint `step` (unless it exists), with `wall_time_s` (the run's
+    wall time up to this save, resumed parts included) in its metadata if given."""
     if self._latest.latest_step() == step:
       return
-    self._latest.save(step, args=ocp.args.StandardSave(state), force=True)
+    meta = None if wall_time_s is None else {"wall_time_s": float(wall_time_s)}
+    self._latest.save(step, args=ocp.args.StandardSave(state), force=True, custom_metadata=meta)
+
+  def wall_time_s(self, step: int) -> float:
+    """The wall time saved with checkpoint `step`, 0.0 if it has none (older checkpoints).
+    Call it after `restore_latest` (orbax warns about the unrestored item before)."""
+    meta = self._latest.metadata(step).custom_metadata or {}
+    return float(meta.get("wall_time_s", 0.0))
 
   def save_best(self, step: int, state, metrics: dict) -> None:
     """Keeps `state` if its `metrics['mean_dice']` beats the best so far."""

@@ -12,10 +12,12 @@ shapes so that the jitted kernels compile a handful of times. Empty-mask convent
 `jaxseg.metrics`/`jaxseg.surface`: both empty -> NaN (left out of means), one empty -> Dice 0,
 HD95/ASSD inf, NSD 0.
 
-Writes (atomically) `OUT/metrics.csv` (one row per case and class), `OUT/summary.json` (means
-per class and over foreground classes, per-case values; NaN/Infinity as Python's json writes
-them) and `OUT/worst_<k>_<case>.png` overlays of the cases with the lowest mean Dice. OUT
-defaults to `PRED/evaluation`. Bad input ends with one line on stderr and exit status 2.
+Prints a table of the per-class means (and their mean over foreground classes) and writes
+(atomically) `OUT/metrics.csv` (one row per case and class; nan/inf as they are),
+`OUT/summary.json` (means per class and over foreground classes, per-case values; NaN and inf
+as null, so that it is standard JSON) and `OUT/worst_<k>_<case>.png` overlays of the cases with
+the lowest mean Dice. OUT defaults to `PRED/evaluation`. Bad input ends with one line on stderr
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -178,6 +180,24 @@ def _means(rows, names):
   return per_class, fg
 
 
+_HEADINGS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 mm", "assd": "ASSD mm", "nsd": "NSD"}
+
+
+def _cell(v: float) -> str:
+  """A table cell: 4 significant digits, 'inf', or '-' for NaN (no value)."""
+  return "-" if math.isnan(v) else f"{v:.4g}"
+
+
+def table(names, per_class: dict, fg: dict) -> list[str]:
+  """Lines of a text table: one row per foreground class of `names` with its mean metrics
+  (`per_class[name][metric]`), then their mean (`fg`)."""
+  rows = [(n, per_class[n]) for n in names[1:]] + [("mean", fg)]
+  width = max(len(n) for n, _ in rows)
+  head = f"{'class':<{width}}" + "".join(f"{_HEADINGS[m]:>10}" for m in METRICS)
+  return [head] + [f"{n:<{width}}" + "".join(f"{_cell(v[m]):>10}" for m in METRICS)
+                   for n, v in rows]
+
+
 def _underlay(case, images_dir, ref, ref_geo):
   """(C, *S) image for an overlay: channel 0 from `images_dir`, else the reference itself."""
   if images_dir is not None:
@@ -267,7 +287,9 @@ def evaluate(pred_dir, ref_dir, *, out_dir=None, tolerance_mm: float = 1.0, labe
     report.plot_overlay(_underlay(case, images_dir, ref, geo), lut[ref], lut[pred], names,
                         out / f"worst_{rank + 1}_{case}.png",
                         title=f"{case}, mean Dice {case_dice[i]:.3f}")
-  log("foreground mean: " + " ".join(f"{m} {fg[m]:.4g}" for m in METRICS) + f" -> {out}")
+  for line in table(names, per_class, fg):
+    log(line)
+  log(f"-> {out}")
   return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import numpy as np
@@ -10,23 +11,49 @@ import numpy as np
 from jaxseg import atomic
 
 
+def json_safe(obj):
+  """`obj` with NumPy scalars and arrays as Python values and every NaN or infinite float as
+  None: what `json` writes as standard JSON (`null`; bare NaN/Infinity are not JSON). Dicts,
+  lists and tuples are converted recursively; other objects are returned as they are."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return json_safe(obj.tolist())
+  if isinstance(obj, (np.floating, np.integer, np.bool_)):
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def none_to_nan(obj):
+  """`obj` read back from JSON with every None (a non-finite number written as null) as NaN;
+  for records whose values are all numbers."""
+  if isinstance(obj, dict):
+    return {k: none_to_nan(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [none_to_nan(v) for v in obj]
+  return math.nan if obj is None else obj
+
+
+def dumps(obj, **kwargs) -> str:
+  """Standard JSON text of `obj` (see `json_safe`); raises TypeError for objects JSON lacks."""
+  return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path, obj) -> None:
-  """Writes JSON to a temporary file in the same folder, then renames it over `path`."""
+  """Writes `obj` as JSON (`dumps`) to a temporary file in the same folder, then renames it
+  over `path`."""
   with atomic.atomic_path(path) as tmp, open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=_jsonable)
-
-
-def _jsonable(x):
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON serialisable: {type(x)}")
+    json.dump(json_safe(obj), f, allow_nan=False, indent=2)
 
 
 def append_jsonl(path, record: dict) -> None:
+  """Appends `record` to `path` as one line of JSON (`dumps`)."""
   with open(path, "a") as f:
-    f.write(json.dumps(record, default=_jsonable) + "\n")
+    f.write(dumps(record) + "\n")
     f.flush()
 
 
@@ -41,6 +68,29 @@ def read_jsonl(path):
     except json.JSONDecodeError:
       continue  # a line cut short by a killed run
   return out
+
+
+def drop_records_after(path, step: int) -> int:
+  """Rewrites the JSONL file `path` (atomically) without its records whose 'step' is greater
+  than `step` and without lines cut short by a killed run: what a run resuming from the
+  checkpoint at `step` logs again. Returns the number of lines dropped."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if not (isinstance(record, dict) and isinstance(record.get("step"), int)
+            and record["step"] > step):
+      keep.append(line)
+  if len(keep) < len(lines):
+    with atomic.atomic_path(path) as tmp, open(tmp, "w") as f:
+      f.write("".join(f"{line}\n" for line in keep))
+  return len(lines) - len(keep)
 
 
 def save_figure(fig, path) -> None:

@@ -171,14 +171,31 @@ def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=N
                  predict_fn=steps.make_predict_fn(model), batch_fn=batch_fn, key=key)
 
 
-def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "") -> tuple[TrainState, dict]:
+def progress_line(done: int, num_steps: int, loss: float, extra: str, rate, voxels_per_step: int,
+                  first_step_s: float) -> str:
+  """The progress line of step `done`. `rate` (steps/s since the last line) is None when no
+  step was timed since the first one, whose time includes compilation: the line then shows
+  that time instead of a rate and an ETA."""
+  head = f"step {done:>6}/{num_steps} | loss {loss:.4f}{extra} | "
+  if rate is None:
+    return head + f"first step {first_step_s:.1f} s (compilation included)"
+  eta = f"{(num_steps - done) / rate / 60:.1f} min" if rate > 0 else "-"
+  return head + f"{rate:.2f} steps/s | {rate * voxels_per_step / 1e6:.2f} Mvox/s | ETA {eta}"
+
+
+def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "",
+        wall_start: float | None = None) -> tuple[TrainState, dict]:
   """The training loop of one phase in `workdir`: resume from its latest checkpoint, step to
   `config.train.num_steps`, log progress, evaluate every `eval_every` steps, checkpoint.
 
   `evaluate_fn(params) -> summary` (default: sliding-window Dice on `t.data`'s validation
   cases) must return a dict with 'mean_dice'; the best state by it is kept in `workdir/best`.
-  `tag` prefixes the progress lines (e.g. a stage name). Appends to `workdir/metrics.jsonl`.
-  Returns (final state, stats: steps, steps_this_run, first_step_s, steps_per_s, last_eval).
+  `tag` prefixes the progress lines (e.g. a stage name). Appends to `workdir/metrics.jsonl`;
+  on resume, first drops its records past the restored step (logged before a kill, logged
+  again now). Checkpoints carry the wall time since `wall_start` (a `time.time()`, default:
+  this call) plus the time of the runs before a resume.
+  Returns (final state, stats: steps, steps_this_run, first_step_s, steps_per_s, last_eval,
+  wall_time_before_s: the wall time of the runs before the restored checkpoint, 0 if none).
   """
   config = t.config
   workdir = pathlib.Path(workdir)
@@ -187,16 +204,21 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "") -> tuple[TrainS
     evaluate_fn = lambda params: evaluate(t.predict_fn, params, t.data, config)[0]  # noqa: E731
   prefix = f"[{tag}] " if tag else ""
   t_start = time.time()
+  wall_start = t_start if wall_start is None else wall_start
   state = t.state
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.get("keep_checkpoints", 2))
   restored = ckpt.restore_latest(checkpoint.abstract_like(state))
+  wall_before = 0.0
   if restored is not None:
     state = restored
+    wall_before = ckpt.wall_time_s(int(state.step))
     log(f"{prefix}resumed from checkpoint at step {int(state.step)}")
   start_step = int(state.step)
   num_steps = config.train.num_steps
   voxels_per_step = config.train.batch_size * int(np.prod(config.data.patch_size))
   metrics_path = workdir / "metrics.jsonl"
+  if jax.process_index() == 0:
+    report.drop_records_after(metrics_path, start_step)
   last_eval = None
 
   t_loop = time.time()
@@ -217,11 +239,9 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "") -> tuple[TrainS
         raise FloatingPointError(f"training loss became {loss} at step {done}; lower "
                                  f"optimizer.learning_rate (now {config.optimizer.learning_rate})")
       dt = max(time.time() - t_window, 1e-9)
-      rate = steps_window / dt if steps_window else float("nan")
-      eta = (num_steps - done) / rate if rate > 0 else float("nan")
+      rate = steps_window / dt if steps_window else None
       extra = "".join(f" | {k} {float(v):.4f}" for k, v in m.items() if k not in ("loss", "grad_norm"))
-      log(f"{prefix}step {done:>6}/{num_steps} | loss {loss:.4f}{extra} | {rate:.2f} steps/s | "
-          f"{rate * voxels_per_step / 1e6:.2f} Mvox/s | ETA {eta / 60:.1f} min")
+      log(prefix + progress_line(done, num_steps, loss, extra, rate, voxels_per_step, first_step_s))
       if jax.process_index() == 0:
         report.append_jsonl(metrics_path, {"split": "train", "step": done, "steps_per_s": rate,
                                            **{k: float(v) for k, v in m.items()}})
@@ -238,12 +258,13 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "") -> tuple[TrainS
       ckpt.save_best(done, state, {"mean_dice": summary["mean_dice"]})
       t_window, steps_window = time.time(), 0  # evaluation time is not step time
     if done % config.train.checkpoint_every == 0 or done == num_steps:
-      ckpt.save(done, state)
+      ckpt.save(done, state, wall_time_s=wall_before + time.time() - wall_start)
   loop_s = time.time() - t_loop
   ckpt.close()
   steps_run = num_steps - start_step
   return state, {"steps": num_steps, "steps_this_run": steps_run, "first_step_s": first_step_s,
-                 "steps_per_s": steps_run / loop_s if steps_run else None, "last_eval": last_eval}
+                 "steps_per_s": steps_run / loop_s if steps_run else None, "last_eval": last_eval,
+                 "wall_time_before_s": wall_before}
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -260,17 +281,20 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       f"| devices={jax.device_count()} ({jax.default_backend()}) x {jax.process_count()} process(es) "
       f"| conv={conv_impl_name(config.model)} "
       f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={workdir}")
-  state, stats = fit(t, workdir)
+  state, stats = fit(t, workdir, wall_start=t_start)
   metrics_path = workdir / "metrics.jsonl"
 
   summary, per_case, preds = evaluate(t.predict_fn, state.params, data, config, keep_predictions=True)
-  if stats["last_eval"] is None or stats["last_eval"][0] != num_steps:
+  if not any(r.get("split") == "val" and r.get("step") == num_steps
+             for r in report.read_jsonl(metrics_path)):
     report.append_jsonl(metrics_path, {"split": "val", "step": num_steps, **summary})
+  this_run_s = time.time() - t_start
   result = {
       "config": config.to_dict(),
       "steps": num_steps,
       "steps_this_run": stats["steps_this_run"],
-      "wall_time_s": time.time() - t_start,
+      "wall_time_s": stats["wall_time_before_s"] + this_run_s,  # all runs of this workdir
+      "wall_time_this_run_s": this_run_s,
       "first_step_s": stats["first_step_s"],
       "steps_per_s": stats["steps_per_s"],
       "backend": jax.default_backend(),

@@ -1,5 +1,5 @@
 """A run killed with SIGKILL resumes from its last checkpoint and ends where an uninterrupted
-run ends, bit for bit."""
+run ends, bit for bit, with each step logged once and the wall time of both parts reported."""
 
 import os
 import pathlib
@@ -9,10 +9,11 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 import helpers  # noqa: F401  (puts configs/ on sys.path)
 import unet3d
-from jaxseg import checkpoint, train
+from jaxseg import checkpoint, report, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,11 +23,11 @@ _KILLED_RUN = textwrap.dedent("""
     import helpers, unet3d
     from jaxseg import checkpoint, train
     save = checkpoint.Checkpointer.save
-    def save_then_die(self, step, state):
-      save(self, step, state)
-      if step == 3:
+    def die_before_4(self, step, state, **kwargs):
+      if step == 4:  # step 4 is logged, not checkpointed
         os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint.Checkpointer.save = save_then_die
+      save(self, step, state, **kwargs)
+    checkpoint.Checkpointer.save = die_before_4
     train.run(helpers.tiny(unet3d.get_config(), {cache!r}, steps=6), {workdir!r})
 """)
 
@@ -35,27 +36,49 @@ def _config(cache):
   return helpers.tiny(unet3d.get_config(), cache, steps=6)
 
 
-def _final_params(workdir, cache):
+def _latest(workdir, cache):
+  """(step, state leaves, wall time saved with it) of the latest checkpoint in `workdir`."""
   t = train.setup(_config(cache))
   ck = checkpoint.Checkpointer(workdir)
   state = ck.restore_latest(checkpoint.abstract_like(t.state))
+  wall = ck.wall_time_s(int(state.step))
   ck.close()
-  return int(state.step), [np.asarray(x) for x in jax.tree.leaves(state)]
+  return int(state.step), [np.asarray(x) for x in jax.tree.leaves(state)], wall
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+def _final_params(workdir, cache):
+  return _latest(workdir, cache)[:2]
+
+
+def _steps(workdir, split):
+  return [r["step"] for r in report.read_jsonl(workdir / "metrics.jsonl") if r["split"] == split]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, capsys):
   cache = tmp_path / "cache"
   killed = tmp_path / "killed"
   code = _KILLED_RUN.format(tests=str(REPO / "tests"), cache=str(cache), workdir=str(killed))
   env = dict(os.environ, PYTHONPATH=str(REPO))
   r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == -9, r.stderr[-2000:]
-  assert (killed / "checkpoints" / "3").is_dir() and not (killed / "report.json").exists()
+  assert (killed / "checkpoints" / "3").is_dir() and not (killed / "checkpoints" / "4").exists()
+  assert not (killed / "report.json").exists()
+  assert _steps(killed, "train") == [1, 2, 3, 4]
+  step, _, wall_before = _latest(killed, cache)
+  assert step == 3 and wall_before > 0
 
+  capsys.readouterr()
   resumed = train.run(_config(cache), killed)
+  out = capsys.readouterr().out
   assert resumed["steps_this_run"] == 3  # steps 4..6 only
+  assert _steps(killed, "train") == [1, 2, 3, 4, 5, 6] and _steps(killed, "val") == [6]
+  assert resumed["wall_time_s"] == pytest.approx(wall_before + resumed["wall_time_this_run_s"])
+  # The first step after the resume (compilation included) prints its time, not a rate.
+  line = next(line for line in out.splitlines() if line.startswith("step      4/6"))
+  assert "first step" in line and "nan steps/s" not in out
   full = tmp_path / "full"
   train.run(_config(cache), full)
+  assert _steps(full, "train") == [1, 2, 3, 4, 5, 6]
 
   step_a, leaves_a = _final_params(killed, cache)
   step_b, leaves_b = _final_params(full, cache)

@@ -69,7 +69,10 @@ def test_main_prints_one_line_and_exits_2(tmp_path):
     (["--config=configs/unet3d.py:scale=huge"], "scale='huge' is not valid; choose 'cpu' or 'full'"),
     (["--config=configs/unet3d.py:size=3"], "unknown config argument 'size'; valid: ['scale']"),
     (["--config=configs/no_such_config.py"], "No such file or directory: 'configs/no_such_config.py'"),
-    (["--config=configs/unet3d.py", "--config.train.no_such_field=3"], "'no_such_field'"),
+    (["--config=configs/unet3d.py", "--config.train.no_such_field=3"],
+     "the config has no field train.no_such_field (--config.train.no_such_field=3)"),
+    (["--config=configs/unet3d.py", "--config.trian.num_steps=3"],
+     "the config has no field trian (--config.trian.num_steps=3)"),
 ])
 def test_bad_config_flag_is_one_line(args, message, tmp_path):
   import subprocess
@@ -79,3 +82,23 @@ def test_bad_config_flag_is_one_line(args, message, tmp_path):
   assert r.returncode == 2
   assert r.stderr.startswith("error: ") and message in r.stderr
   assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_exits_0_and_lists_the_config_fields():
+  import subprocess
+  import sys
+  run = lambda *args: subprocess.run([sys.executable, "-m", "jaxseg.main", *args],
+                                     capture_output=True, text=True, cwd=helpers.REPO, timeout=300)
+  r = run("--help")
+  assert r.returncode == 0, r.stderr
+  assert "--config.FIELD=VALUE" in r.stdout
+  assert "python -m jaxseg.main --config=configs/unet3d.py --help" in r.stdout
+  r = run("--config=configs/unet3d.py", "--config.train.num_steps=7", "--help")
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  config = unet3d.get_config()
+  for name, value in (("train.num_steps", 7), ("model.name", config.model.name),
+                      ("data.patch_size", config.data.patch_size),
+                      ("optimizer.learning_rate", config.optimizer.learning_rate)):
+    want = f"{name}={value!r}".replace(" ", "")
+    assert any(line.replace(" ", "") == want for line in lines), want

@@ -150,9 +150,21 @@ def _materialise(rows):
   return list(lax.optimization_barrier(jnp.stack(rows)))
 
 
-def _centres(x, u, m):
-  """Centres from memberships u (list of c (N,) arrays or a (c, N) array)."""
-  w, wx, _ = _reduce_sums(x, _materialise(_weights(list(u), m)))
+def _where_ok(ok, a, fill):
+  """`a` where `ok` (broadcast from the right), else `fill`; `a` itself if `ok` is None (all
+  samples finite)."""
+  return a if ok is None else jnp.where(ok, a, jnp.asarray(fill, a.dtype))
+
+
+def _only(rows, ok):
+  """`rows` (list of (N,) arrays) with 0 at the samples where `ok` is False."""
+  return [_where_ok(ok, v, 0) for v in rows]
+
+
+def _centres(x, u, m, ok):
+  """Centres from memberships u (list of c (N,) arrays or a (c, N) array),
+  over the samples where `ok` (N,) is True."""
+  w, wx, _ = _reduce_sums(x, _materialise(_only(_weights(list(u), m), ok)))
   return wx / w[:, None]
 
 
@@ -161,22 +173,23 @@ def _sq_change(a, b):
 
 
 @functools.partial(jax.jit, static_argnames=("m", "max_iter"))
-def _fcm_core(x, u0, tol, *, m, max_iter):
-  """x (N, S), u0 (c, N) -> (centres (c, S), u (c, N), n_iter)."""
+def _fcm_core(x, u0, tol, ok, *, m, max_iter):
+  """x (N, S) finite, u0 (c, N), ok (N,) bool: the samples that count (None:
+  all) -> (centres (c, S), u (c, N), n_iter)."""
   def f(c):
     return _memberships(_sq_dist(x, c), m)
 
   # Iteration 1 reads the given memberships; its change is measured against
   # max(u0, eps) as in skfuzzy.
-  c1 = _centres(x, u0, m)
+  c1 = _centres(x, u0, m, ok)
   u1 = f(c1)
-  err1 = jnp.sum(_sq_change(u1, list(jnp.maximum(u0, _EPS64))))
-  c2 = _centres(x, u1, m)
+  err1 = jnp.sum(_only([_sq_change(u1, list(jnp.maximum(u0, _EPS64)))], ok)[0])
+  c2 = _centres(x, u1, m, ok)
 
   def pass_(c_prev, c_cur):
     u_cur, um = _memberships(_sq_dist(x, c_cur), m, with_weights=True)
     change = _sq_change(u_cur, f(c_prev))
-    *um, change = _materialise(um + [change])
+    *um, change = _materialise(_only(um + [change], ok))
     w, wx, err = _reduce_sums(x, um, change)
     return wx / w[:, None], err
 
@@ -236,16 +249,30 @@ def _check(data, channel_axis, n_clusters, m, max_iter, init, func):
       raise ValueError(f"{func}: `init` must have shape "
                        f"{(n_clusters,) + tuple(spatial)} or "
                        f"{(n_clusters, n)}; got {shape}")
-  _common.check_finite(data, "data_or_image", func)
   return data, tuple(spatial), features
 
 
-def _samples(data, channel_axis):
-  """(spatial..., S) float samples from the input layout (inside jit)."""
+def _needs_mask(data) -> bool:
+  """False where `data` cannot hold NaN/inf: integers, or concrete and finite
+  (checked on the host); True otherwise (traced floats)."""
+  if not jnp.issubdtype(data.dtype, jnp.floating):
+    return False
+  return not (_common.is_concrete(data) and np.isfinite(np.asarray(data)).all())
+
+
+def _samples(data, channel_axis, masked):
+  """((spatial..., S) float samples, (spatial...) bool: the samples whose
+  features are all finite, or None if not `masked`), inside jit. With `masked`
+  the non-finite values are replaced by 0."""
   dt = _common.compute_dtype(data.dtype)
   if channel_axis is None:
-    return data.astype(dt)[..., None]
-  return jnp.moveaxis(data.astype(dt), channel_axis, -1)
+    x = data.astype(dt)[..., None]
+  else:
+    x = jnp.moveaxis(data.astype(dt), channel_axis, -1)
+  if not masked:
+    return x, None
+  ok = jnp.all(jnp.isfinite(x), axis=-1)
+  return jnp.where(ok[..., None], x, jnp.zeros((), dt)), ok
 
 
 def _initial(init, key, n_clusters, n, dt):
@@ -257,16 +284,18 @@ def _initial(init, key, n_clusters, n, dt):
 
 
 @functools.partial(jax.jit, static_argnames=("n_clusters", "channel_axis",
-                                             "m", "max_iter"))
+                                             "m", "max_iter", "masked"))
 def _fcm_entry(data, init, key, tol, *, n_clusters, channel_axis, m,
-               max_iter):
-  x = _samples(data, channel_axis)
+               max_iter, masked):
+  x, ok = _samples(data, channel_axis, masked)
   spatial = x.shape[:-1]
   flat = x.reshape(-1, x.shape[-1])
   u0 = _initial(init, key, n_clusters, flat.shape[0], x.dtype)
-  centres, u, k = _fcm_core(flat, u0, tol.astype(x.dtype), m=m,
-                            max_iter=max_iter)
-  return centres, u.reshape((n_clusters,) + spatial), k
+  centres, u, k = _fcm_core(flat, u0, tol.astype(x.dtype),
+                            None if ok is None else ok.reshape(-1),
+                            m=m, max_iter=max_iter)
+  u = _where_ok(ok, u.reshape((n_clusters,) + spatial), jnp.nan)
+  return centres, u, k
 
 
 def fuzzy_cmeans(data_or_image, *, n_clusters: int, m: float = 2.0,
@@ -292,15 +321,20 @@ def fuzzy_cmeans(data_or_image, *, n_clusters: int, m: float = 2.0,
     (centres (c, S), memberships (c, *spatial shape), n_iter).
 
   Raises:
-    ValueError: n_clusters < 2 or > number of samples, m <= 1, bad `init`
-      shape, or eager data containing NaN/inf (traced NaN data give NaN).
+    ValueError: n_clusters < 2 or > number of samples, m <= 1 or a bad
+      `init` shape.
+
+  Samples with a NaN or infinite feature (eager or traced) are left out:
+  they add nothing to the centres or to the stopping rule, and their
+  memberships are NaN. The other samples get the result of the data without
+  them (and the same initial memberships) to round-off.
   """
   data, _, _ = _check(data_or_image, channel_axis, n_clusters, m, max_iter,
                       init, "fuzzy_cmeans")
   key = jax.random.key(0) if key is None and init is None else key
   return _fcm_entry(data, init, key, jnp.asarray(tol), n_clusters=n_clusters,
                     channel_axis=channel_axis, m=float(m),
-                    max_iter=int(max_iter))
+                    max_iter=int(max_iter), masked=_needs_mask(data))
 
 
 # ----------------------------------------------------------------------------
@@ -310,29 +344,33 @@ def fuzzy_cmeans(data_or_image, *, n_clusters: int, m: float = 2.0,
 
 @functools.partial(jax.jit, static_argnames=("n_clusters", "channel_axis",
                                              "m", "max_iter", "p", "q",
-                                             "window"))
+                                             "window", "masked"))
 def _sfcm_core(data, init, key, tol, *, n_clusters, channel_axis, m, max_iter,
-               p, q, window):
-  x = _samples(data, channel_axis)
+               p, q, window, masked):
+  x, ok = _samples(data, channel_axis, masked)
   tol = tol.astype(x.dtype)
   spatial = x.shape[:-1]
   c = n_clusters
   u0 = _initial(init, key, c, int(np.prod(spatial)), x.dtype)
   flat = x.reshape(-1, x.shape[-1])
+  ok_flat = None if ok is None else ok.reshape(-1)
   box = tuple(_filters.uniform_weights(window) for _ in spatial)
 
   def spatial_step(centres):
+    # Non-finite voxels hold membership 0: they add nothing to h.
     u = jnp.stack(_memberships(_sq_dist(flat, centres), m)).reshape(
         (c,) + spatial)
+    u = _where_ok(ok, u, 0)
     # h_ij: sum of memberships over the window (zero outside the image).
     h = jax.vmap(lambda a: _filters.separable_filter(a, box, mode="constant"))(
         u)
     up = (u if p == 1.0 else u**p) * (h if q == 1.0 else h**q)
-    return up / jnp.sum(up, axis=0)
+    return _where_ok(ok, up / jnp.sum(up, axis=0), 0)
 
-  c1 = _centres(flat, u0, m)
+  c1 = _centres(flat, u0, m, ok_flat)
   u1 = spatial_step(c1)
-  err1 = jnp.sqrt(jnp.sum((u1.reshape(c, -1) - jnp.maximum(u0, _EPS64))**2))
+  first = _where_ok(ok_flat, u1.reshape(c, -1) - jnp.maximum(u0, _EPS64), 0)
+  err1 = jnp.sqrt(jnp.sum(first**2))
 
   def cond(state):
     _, _, k, err = state
@@ -340,13 +378,13 @@ def _sfcm_core(data, init, key, tol, *, n_clusters, channel_axis, m, max_iter,
 
   def body(state):
     _, u, k, _ = state
-    centres = _centres(flat, u.reshape(c, -1), m)
+    centres = _centres(flat, u.reshape(c, -1), m, ok_flat)
     u_new = spatial_step(centres)
     return centres, u_new, k + 1, jnp.sqrt(jnp.sum((u_new - u) ** 2))
 
   centres, u, k, _ = lax.while_loop(cond, body,
                                     (c1, u1, jnp.int32(1), err1))
-  return centres, u, k
+  return centres, _where_ok(ok, u, jnp.nan), k
 
 
 def spatial_fuzzy_cmeans(image, *, n_clusters: int, m: float = 2.0,
@@ -373,7 +411,9 @@ def spatial_fuzzy_cmeans(image, *, n_clusters: int, m: float = 2.0,
     window: odd neighbourhood size per axis (Chuang et al. use 5).
 
   Returns:
-    (centres (c, S), memberships (c, *image shape), n_iter).
+    (centres (c, S), memberships (c, *image shape), n_iter). Voxels with a
+    NaN or infinite feature are left out as in `fuzzy_cmeans` (membership
+    NaN) and count as outside the image in h.
   """
   if not isinstance(window, (int, np.integer)) or window < 1 or window % 2 == 0:
     raise ValueError(f"`window` must be an odd integer >= 1; got {window!r}")
@@ -383,4 +423,4 @@ def spatial_fuzzy_cmeans(image, *, n_clusters: int, m: float = 2.0,
   return _sfcm_core(data, init, key, jnp.asarray(tol), n_clusters=n_clusters,
                     channel_axis=channel_axis, m=float(m),
                     max_iter=int(max_iter), p=float(p), q=float(q),
-                    window=int(window))
+                    window=int(window), masked=_needs_mask(data))

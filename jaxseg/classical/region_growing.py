@@ -252,16 +252,16 @@ def _region_stats(x, mask, shift, seed_value):
   double-float (`_df.sum_pairs`): ITK accumulates in double, and the window
   bounds are compared with voxel values to the last float32 bit. The region
   is constant iff sum((x - seed value)^2) is exactly 0 (a sum of non-negative
-  terms; the seed lies in every non-empty region).
+  terms; the seed lies in every non-empty region). Voxels outside `mask` are
+  selected away, not multiplied by 0, so NaN there does not reach the sums.
   """
-  m = mask.astype(x.dtype).reshape(-1)
-  xf = x.reshape(-1)
-  pad = (-xf.size) % _STATS_BLOCK
-  m = jnp.pad(m, (0, pad)).reshape(-1, _STATS_BLOCK)
-  xf = jnp.pad(xf, (0, pad)).reshape(-1, _STATS_BLOCK)
-  d = (xf - shift) * m
-  e = (xf - seed_value) * m
+  pad = (-x.size) % _STATS_BLOCK
+  inside = jnp.pad(mask.reshape(-1), (0, pad)).reshape(-1, _STATS_BLOCK)
+  xf = jnp.pad(x.reshape(-1), (0, pad)).reshape(-1, _STATS_BLOCK)
   zero = jnp.zeros((), x.dtype)
+  d = jnp.where(inside, xf - shift, zero)
+  e = jnp.where(inside, xf - seed_value, zero)
+  m = inside.astype(x.dtype)
   s1, s2, cnt, dev = lax.reduce(
       (d, d * d, m, e * e), (zero,) * 4,
       lambda a, b: tuple(p + q for p, q in zip(a, b)), (1,))
@@ -291,6 +291,11 @@ def _window_bounds(mean, var, mult, lowest, highest, dtype):
   return _df.to_float(lo).astype(dtype), _df.to_float(hi).astype(dtype)
 
 
+def _keep(pair, keep):
+  """The double-float `pair` where `keep`, else 0 (NaN outside `keep` dropped)."""
+  return tuple(jnp.where(keep, v, jnp.zeros((), v.dtype)) for v in pair)
+
+
 @functools.partial(jax.jit, static_argnames=("initial_radius", "connectivity"))
 def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
                      initial_radius, connectivity):
@@ -299,9 +304,9 @@ def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
   shape = image.shape
   valid = _inside(coords, shape)
   num = valid.sum()
-  numf = _df.make(num.astype(ct))
   values = _seed_values(x, coords)
-  shift = values[jnp.argmax(valid)]  # sums relative to a seed value
+  usable = valid & ~jnp.isnan(values)  # NaN seeds add nothing to the statistics
+  shift = values[jnp.argmax(usable)]  # sums relative to a seed value
   mult = (mult_hi.astype(ct), mult_lo.astype(ct))
   one = _df.make(jnp.ones((), ct))
   if initial_radius > 0:
@@ -311,22 +316,22 @@ def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
     # ITK's neighbourhood range clamps indices at the border.
     idx = jnp.clip(coords[:, None, :] + offsets[None], 0,
                    jnp.asarray(shape) - 1)
-    patch = _df.two_sum(x[tuple(jnp.moveaxis(idx, -1, 0))], -shift)  # (k, P)
-    size = offsets.shape[0]
-    w = valid[:, None].astype(ct)
-    d = (patch[0] * w, patch[1] * w)
+    near = x[tuple(jnp.moveaxis(idx, -1, 0))]  # (k, P)
+    counted = valid[:, None] & ~jnp.isnan(near)
+    d = _keep(_df.two_sum(near, -shift), counted)
     sq = _df.mul(d, d)
     total_d = _df.add(_df.sum_pairs(d[0], (0, 1)), _df.sum_pairs(d[1], (0, 1)))
     sumsq = _df.add(_df.sum_pairs(sq[0], (0, 1)), _df.sum_pairs(sq[1], (0, 1)))
-    # ITK: mean of the per-seed means; variance over all num * size values.
-    mean = _df.div(total_d, _df.mul(numf, _df.make(jnp.asarray(size, ct))))
-    total = _df.mul(numf, _df.make(jnp.asarray(size, ct)))
+    # ITK: mean of the per-seed means (= the mean of all num * size values,
+    # as every neighbourhood has `size`) and variance over all values. NaN
+    # neighbours are left out of both (ITK would give NaN bounds).
+    total = _df.make(jnp.sum(counted).astype(ct))
+    mean = _df.div(total_d, total)
     var = _df.div(_df.sub(sumsq, _df.mul(_df.mul(mean, mean), total)),
                   _df.sub(total, one))
   else:
-    d = _df.two_sum(values, -shift)
-    w = valid.astype(ct)
-    d = (d[0] * w, d[1] * w)
+    numf = _df.make(usable.sum().astype(ct))
+    d = _keep(_df.two_sum(values, -shift), usable)
     s1 = _df.add(_df.sum_pairs(d[0], (0,)), _df.sum_pairs(d[1], (0,)))
     sq = _df.mul(d, d)
     s2 = _df.add(_df.sum_pairs(sq[0], (0,)), _df.sum_pairs(sq[1], (0,)))
@@ -334,8 +339,8 @@ def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
     var = _df.div(_df.sub(s2, _df.div(_df.mul(s1, s1), numf)),
                   _df.sub(numf, one))
   mean = _df.add(mean, _df.make(shift))
-  lowest = jnp.min(jnp.where(valid, values, jnp.inf))
-  highest = jnp.max(jnp.where(valid, values, -jnp.inf))
+  lowest = jnp.min(jnp.where(usable, values, jnp.inf))
+  highest = jnp.max(jnp.where(usable, values, -jnp.inf))
   seeds_p = _packed_seeds(coords, valid, shape)
 
   def grow(mean, var, packed, prev_lo, prev_hi):
@@ -407,7 +412,10 @@ def confidence_connected(image, seeds, *, multiplier: float = 2.5,
 
   Edge cases follow ITK: no seed inside the image, a single seed with
   `initial_radius=0`, or a one-voxel region during the iterations (0/0
-  variance) give an empty mask.
+  variance) give an empty mask. NaN voxels (never part of a region) are left
+  out of every statistic, so a NaN voxel outside the region leaves the mask
+  unchanged; where ITK would get NaN bounds from a NaN in a seed's
+  neighbourhood, the statistics here use the other voxels.
   """
   image = _common.as_image(image)
   if image.dtype == jnp.bool_:

@@ -242,3 +242,28 @@ def test_bad_options():
     R.region_grow(image, np.ones((8, 8), bool), tolerance=1)
   with pytest.raises(ValueError, match="iterations"):
     R.confidence_connected(image, np.array([1, 1]), iterations=-1)
+
+
+def test_confidence_connected_ignores_nan_voxels(real_images):
+  """A NaN voxel outside the region changes nothing; NaN never enters a region."""
+  image = real_images["camera"].astype(np.float32) / 3
+  for radius in (1, 0):
+    clean = np.asarray(R.confidence_connected(
+        image, SEEDS_2D, multiplier=1.0, iterations=3, initial_radius=radius))
+    assert clean.any() and not clean.all()
+    outside = tuple(np.argwhere(~clean)[-1])
+    dirty = image.copy()
+    dirty[outside] = np.nan
+    got = np.asarray(R.confidence_connected(
+        dirty, SEEDS_2D, multiplier=1.0, iterations=3, initial_radius=radius))
+    np.testing.assert_array_equal(got, clean)
+    assert not got[outside]
+  # A NaN next to the seed: the initial statistics use the 8 other voxels
+  # of the 3x3 neighbourhood (mean 3, variance 0), so every other voxel of
+  # the constant image is in the region.
+  flat = np.full((128, 128), 3.0, np.float32)
+  flat[61, 40] = np.nan
+  expected = np.ones(flat.shape, bool)
+  expected[61, 40] = False
+  np.testing.assert_array_equal(
+      np.asarray(R.confidence_connected(flat, SEEDS_2D)), expected)
