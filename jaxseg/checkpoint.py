@@ -55,11 +55,20 @@ class Checkpointer:
     self._best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
   def restore_latest(self, abstract_state):
-    """The latest checkpoint laid out like `abstract_state` (shapes, dtypes, shardings), or None."""
+    """The latest checkpoint laid out like `abstract_state` (shapes, dtypes, shardings), or None.
+
+    Raises WorkdirMismatchError (one line) if the checkpoint holds another model's state."""
     step = self._latest.latest_step()
     if step is None:
       return None
-    return self._latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    try:
+      return self._latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except (ValueError, KeyError, TypeError) as e:
+      from jaxseg.data.errors import WorkdirMismatchError  # noqa: PLC0415
+      first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+      raise WorkdirMismatchError(
+          f"{self._latest.directory / str(step)} holds the state of another model or optimiser "
+          f"({first[:200]}); use another --workdir") from e
 
   def restore_best(self, abstract_state):
     step = self._best.best_step()

@@ -138,3 +138,21 @@ def test_predict_refuses_a_plan_with_non_finite_statistics(good_run, tmp_path):
   with pytest.raises(predict.PredictError, match=r"non-finite preprocessing statistics "
                                                  r"\(preprocessing.ct_statistics\[0\]\[0\]\)"):
     predict.load_run(copy)
+
+
+def test_a_checkpoint_of_another_model_is_one_line(good_run, tmp_path):
+  # Without plan.json (the paradigms that keep none), restoring another model's checkpoint
+  # stops with one line instead of orbax's traceback.
+  from jaxseg import checkpoint, optim
+  from jaxseg.models import build_model
+  from jaxseg import sharding
+  tmp, root, workdir, snap = good_run
+  config = _config(root, tmp / "cache", base_features=8)
+  model = build_model(config.model, num_classes=3)
+  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
+  state = train.init_state(model, tx, seed=0, in_channels=2, mesh=sharding.make_mesh())
+  ckpt = checkpoint.Checkpointer(workdir)
+  with pytest.raises(WorkdirMismatchError, match=r"checkpoints/\d+ holds the state of another model"):
+    ckpt.restore_latest(checkpoint.abstract_like(state))
+  ckpt.close()
+  assert _snapshot(workdir) == snap
