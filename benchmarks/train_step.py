@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                      # every training config, CPU-sized
     python benchmarks/train_step.py --configs unet3d --args scale=full --repeats 10
+    python benchmarks/train_step.py --configs unet3d --conv-impl lax   # pin the convolutions
 
 For each config: time to compile the step (lower + compile), median seconds per step over
 `--repeats` steps after one warm-up, steps/s, voxels/s, and peak memory (device allocator peak
@@ -41,8 +42,11 @@ def peak_memory_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_config(name: str, arg: str | None, repeats: int, num_classes: int = 4, in_channels: int = 1):
+def bench_config(name: str, arg: str | None, repeats: int, num_classes: int = 4, in_channels: int = 1,
+                 conv_impl: str | None = None):
   config = importlib.import_module(name).get_config(arg)
+  if conv_impl:
+    config.model.conv_impl = conv_impl
   mesh = sharding.make_mesh()
   model = build_model(config.model, num_classes=num_classes)
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
@@ -75,7 +79,7 @@ def bench_config(name: str, arg: str | None, repeats: int, num_classes: int = 4,
   return {"config": name + (f":{arg}" if arg else ""), "batch": b, "patch": list(patch),
           "init_s": init_s, "compile_s": compile_s, "step_s_median": med, "steps_per_s": 1 / med,
           "voxels_per_s": vox / med, "peak_memory_mb": peak_memory_mb(),
-          "conv_impl": config.model.get("conv_impl", "auto")}
+          "conv_impl": config.model.get("conv_impl", "auto"), "conv": train.conv_impl_name(config.model)}
 
 
 def main():
@@ -83,9 +87,10 @@ def main():
   p.add_argument("--configs", nargs="*", default=["unet3d", "unet2d", "fcn"])
   p.add_argument("--args", default=None, help="config argument for every config, e.g. scale=full")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--conv-impl", default=None, help="model.conv_impl for every config (default: the config's)")
   p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / f"train_step_{jax.default_backend()}.json"))
   a = p.parse_args()
-  rows = [bench_config(c, a.args, a.repeats) for c in a.configs]
+  rows = [bench_config(c, a.args, a.repeats, conv_impl=a.conv_impl) for c in a.configs]
   head = f"{'config':<18}{'batch x patch':<22}{'compile s':>10}{'step s':>9}{'steps/s':>9}{'Mvox/s':>9}{'peak MB':>9}"
   print(f"backend={jax.default_backend()} devices={jax.device_count()} jax={jax.__version__} "
         f"machine={platform.machine()} cpus={len(__import__('os').sched_getaffinity(0))}")

@@ -48,8 +48,10 @@ def conv_impl_name(model_config) -> str:
     from jaxseg.models import onednn
     if jax.device_count() > 1:
       name += f" (XLA GEMM: {jax.device_count()} devices)"
-    elif onednn.available():
+    elif onednn.fast_filter_grad():
       name += " (oneDNN)"
+    elif onednn.available():
+      name += " (oneDNN; filter gradients by XLA GEMM: oneDNN has AVX2 kernels only here)"
     else:
       name += f" (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})"
   return f"{name}/{conv_lib.default_conv_transpose_impl(jax.default_backend())}"

@@ -434,17 +434,19 @@ def cpu_products(x_shape, kernel_shape, strides) -> tuple[str, str, str]:
 def _conv_cpu_auto(x, kernel, strides, pads, precision):
   """oneDNN's convolution where it is available and applies (fp32, no
   cropping, one device); otherwise, per layer, the XLA products
-  `cpu_products` picks.
+  `cpu_products` picks. Where oneDNN has AVX2 kernels only, its filter
+  gradient is the slow one (`onednn.fast_filter_grad`): that product comes
+  from `cpu_products` too.
 
   With several devices the batch may be sharded, and XLA would gather it
   onto every device before a custom call (it cannot partition one), so
   multi-device runs keep XLA's partitionable convolutions.
   """
+  products = cpu_products(x.shape, kernel.shape, strides)
   if (jax.device_count() == 1 and onednn.supports(x.dtype, pads, kernel.ndim - 2)
       and onednn.available()):
-    products = ('onednn',) * 3
-  else:
-    products = cpu_products(x.shape, kernel.shape, strides)
+    dw = 'onednn' if onednn.fast_filter_grad() else products[2]
+    products = ('onednn', 'onednn', dw)
   return _custom_vjp(*products)(x, kernel, strides, pads, precision)
 
 

@@ -110,8 +110,14 @@ def _build() -> pathlib.Path:
   return target
 
 
+_isa: int | None = None
+_AVX512_CORE_BIT = 0x20  # set in every dnnl_cpu_isa_t value from avx512_core up
+
+
 def _register(path: pathlib.Path) -> None:
+  global _isa
   lib = ctypes.cdll.LoadLibrary(str(path))
+  _isa = int(lib.jaxseg_onednn_cpu_isa())
   for name in _TARGETS:
     symbol = f'jaxseg_onednn_conv_{name}'
     jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
@@ -253,6 +259,16 @@ def _load() -> bool:
 def available() -> bool:
   """Whether the oneDNN custom calls are built and registered (builds them on first call)."""
   return _load()
+
+
+def fast_filter_grad() -> bool:
+  """Whether oneDNN's filter gradient is worth calling here: it runs AVX-512 kernels.
+
+  With AVX2 only (a CPU without AVX-512, or ONEDNN_MAX_CPU_ISA=AVX2) oneDNN computes the
+  filter gradient with its GEMM-based kernel, ~10x slower than with AVX-512 and slower than
+  XLA's GEMM route, while its forward and input gradient stay fast (benchmarks/README_conv.md,
+  'ISA levels')."""
+  return available() and _isa is not None and bool(_isa & _AVX512_CORE_BIT)
 
 
 def unavailable_reason() -> str | None:

@@ -258,6 +258,11 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
           .Attr<ffi::Span<const int64_t>>("pad_lo")           \
           .Attr<ffi::Span<const int64_t>>("pad_hi"));
 
+// The instruction set oneDNN's kernels use here (dnnl_cpu_isa_t; ONEDNN_MAX_CPU_ISA caps it).
+extern "C" int jaxseg_onednn_cpu_isa() {
+  return static_cast<int>(dnnl::get_effective_cpu_isa());
+}
+
 // Arguments: (x, kernel) -> y; (dy, kernel) -> dx; (x, dy) -> dkernel.
 JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_fwd, Fwd)
 JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_bwd_data, BwdData)

@@ -274,13 +274,19 @@ def _custom_calls(fn, *args):
 
 
 @needs_onednn
-def test_cpu_per_layer_takes_onednn_for_fp32_only():
+def test_cpu_per_layer_takes_onednn_for_fp32_only(monkeypatch):
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: True)
   x, w, rng = _random((2, 6, 5, 4, 3), (3, 3, 3, 3, 4))
   dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
   vg = lambda pad: functools.partial(
       _value_and_grads, functools.partial(conv_lib.conv, strides=1, padding=pad,
                                           impl='cpu_per_layer'))
   assert _custom_calls(vg('SAME'), x, w, dy) == {'fwd', 'bwd_data', 'bwd_weights'}
+  # 'onednn' keeps oneDNN's filter gradient; with AVX2 kernels only, 'cpu_per_layer' does not.
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: False)
+  assert _custom_calls(vg('SAME'), x, w, dy) == {'fwd', 'bwd_data'}
+  got = jax.jit(vg('SAME'))(x, w, dy)
+  _assert_close(got, _value_and_grads(lambda a, b: _reference(a, b, 1, 'SAME'), x, w, dy))
   # bf16 and cropping (negative) pads stay on the XLA route, and still match lax.
   xb, wb, dyb = (a.astype(jnp.bfloat16) for a in (x, w, dy))
   assert _custom_calls(vg('SAME'), xb, wb, dyb) == set()
@@ -302,7 +308,11 @@ def test_cpu_per_layer_keeps_xla_on_several_devices(monkeypatch):
   x, w, rng = _random((2, 6, 5, 4, 3), (3, 3, 3, 3, 4))
   dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
   vg = functools.partial(_value_and_grads, functools.partial(conv_lib.conv, impl='cpu_per_layer'))
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: True)
   assert train.conv_impl_name(cfg) == 'cpu_per_layer (oneDNN)/gemm'
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: False)
+  assert train.conv_impl_name(cfg) == ('cpu_per_layer (oneDNN; filter gradients by XLA GEMM: oneDNN '
+                                       'has AVX2 kernels only here)/gemm')
   monkeypatch.setattr(jax, 'device_count', lambda *a: 2)
   assert _custom_calls(vg, x, w, dy) == set()
   assert train.conv_impl_name(cfg) == 'cpu_per_layer (XLA GEMM: 2 devices)/gemm'
