@@ -37,6 +37,13 @@ def open_workdir(workdir) -> pathlib.Path:
   return workdir
 
 
+def device_name() -> str:
+  """The backend and the first device's kind, e.g. 'gpu: NVIDIA H200' or 'cpu'."""
+  kind = getattr(jax.devices()[0], "device_kind", "") or ""
+  backend = jax.default_backend()
+  return backend if backend == "cpu" or not kind else f"{backend}: {kind}"
+
+
 def conv_impl_name(model_config) -> str:
   """The convolution implementation the model will use, 'auto' resolved for this backend."""
   from jaxseg.models import conv as conv_lib
@@ -280,7 +287,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   data = t.data
   num_steps = config.train.num_steps
   log(f"jaxseg: {config.get('name', 'run')} | model={config.model.name} {config.model.spatial_dims}D "
-      f"| devices={jax.device_count()} ({jax.default_backend()}) x {jax.process_count()} process(es) "
+      f"| devices={jax.device_count()} ({device_name()}) x {jax.process_count()} process(es) "
+      f"| dtype={config.model.get('dtype', 'float32')} "
       f"| conv={conv_impl_name(config.model)} "
       f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={workdir}")
   state, stats = fit(t, workdir, wall_start=t_start)

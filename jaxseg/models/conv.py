@@ -617,8 +617,17 @@ CONV_TRANSPOSE_IMPLS: dict[str, Callable[..., Array]] = {
 
 
 def default_conv_transpose_impl(backend: str) -> str:
-  """Fastest measured `conv_transpose` implementation for a backend name."""
-  return 'gemm' if backend == 'cpu' else 'lax'
+  """Fastest measured `conv_transpose` implementation for a backend name: 'gemm' everywhere.
+
+  XLA expresses ``lax.conv_transpose`` as a convolution of the 2x-dilated input, and its
+  filter gradient as a convolution whose window is the whole image (128^3 at nnU-Net's 3D
+  size); cuDNN runs those with slow non-tensor-core or indexed kernels (on an H200 they were
+  most of the bf16 step, benchmarks/README.md 'GPU'). With kernel == stride the blocks do not
+  overlap, so one matmul and an interleaving transpose compute it, and the gradients are
+  matmuls too: cuBLAS on GPU, XLA's GEMM on CPU.
+  """
+  del backend
+  return 'gemm'
 
 
 def _resolve_transpose_impl(impl: str) -> str:

@@ -232,7 +232,7 @@ def test_default_impl_per_backend():
   for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
     assert conv_lib.default_conv_impl(backend) == 'lax'
     assert conv_lib.default_conv_impl(backend, 2) == 'lax'
-    assert conv_lib.default_conv_transpose_impl(backend) == 'lax'
+    assert conv_lib.default_conv_transpose_impl(backend) == 'gemm'
   for nd in (1, 2, 3):
     assert conv_lib.default_conv_impl('cpu', nd) == 'cpu_per_layer'
   assert conv_lib.default_conv_transpose_impl('cpu') == 'gemm'

@@ -1,0 +1,23 @@
+"""jaxseg.compile_options: which XLA options each platform's programs compile with."""
+
+import jax
+import jax.numpy as jnp
+
+from jaxseg import compile_options
+
+
+def test_options_per_platform():
+  assert compile_options.for_platform("cpu") == {"xla_cpu_use_fusion_emitters": False,
+                                                 "xla_backend_optimization_level": 1}
+  # GPU: channels-last convolutions for cuDNN (no transposes around each call).
+  assert compile_options.for_platform("gpu") == {"xla_gpu_force_conv_nhwc": True}
+  assert compile_options.for_platform("tpu") is None
+  # Callers get a copy: changing it leaves the module's table alone.
+  compile_options.for_platform("gpu")["xla_gpu_force_conv_nhwc"] = False
+  assert compile_options.GPU == {"xla_gpu_force_conv_nhwc": True}
+
+
+def test_this_platforms_options_compile():
+  options = compile_options.for_platform(jax.devices()[0].platform)
+  f = jax.jit(lambda x: jnp.sum(x * 2.0), compiler_options=options)
+  assert float(f(jnp.arange(4.0))) == 12.0
