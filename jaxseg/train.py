@@ -276,6 +276,14 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "",
                  "wall_time_before_s": wall_before}
 
 
+def wall_times(t_start: float, earlier_runs_s) -> dict:
+  """report.json's wall times of a run started at `t_start` (a time.time()) whose phases
+  (`fit` calls) had spent `earlier_runs_s` (their stats' wall_time_before_s) in runs before a
+  resume: {"wall_time_s": total over all runs, "wall_time_this_run_s"}."""
+  this_run = time.time() - t_start
+  return {"wall_time_s": this_run + float(sum(earlier_runs_s)), "wall_time_this_run_s": this_run}
+
+
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Supervised training of the configured model in `workdir`, resuming from its latest
   checkpoint. Returns the report dict also written to `workdir/report.json`.
@@ -298,13 +306,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   if not any(r.get("split") == "val" and r.get("step") == num_steps
              for r in report.read_jsonl(metrics_path)):
     report.append_jsonl(metrics_path, {"split": "val", "step": num_steps, **summary})
-  this_run_s = time.time() - t_start
   result = {
       "config": config.to_dict(),
       "steps": num_steps,
       "steps_this_run": stats["steps_this_run"],
-      "wall_time_s": stats["wall_time_before_s"] + this_run_s,  # all runs of this workdir
-      "wall_time_this_run_s": this_run_s,
+      **wall_times(t_start, [stats["wall_time_before_s"]]),  # all runs of this workdir
       "first_step_s": stats["first_step_s"],
       "steps_per_s": stats["steps_per_s"],
       "backend": jax.default_backend(),

@@ -329,7 +329,8 @@ def train_setting(config, setting: Setting, data, subsets, workdir) -> dict:
             "measured_drop_rate": [float(r) for r in 1.0 - drawn.mean(axis=(0, 1))],
             "measured_all_missing_rate": float((~drawn).all(axis=-1).mean()),
             "steps": stats["steps"], "steps_this_run": stats["steps_this_run"],
-            "steps_per_s": stats["steps_per_s"], "wall_time_s": time.time() - t0, "table": table}
+            "steps_per_s": stats["steps_per_s"], "wall_time_s": time.time() - t0,
+            "wall_time_before_s": stats["wall_time_before_s"], "table": table}
   if jax.process_index() == 0:
     report.write_json_atomic(pathlib.Path(workdir) / "report.json", result)
   train.log(f"[{setting.name}] " + " | ".join(f"{k} {v['mean_dice']:.3f}" for k, v in table.items()))
@@ -400,7 +401,7 @@ def run(config, workdir) -> dict:
   result = {
       "config": config.to_dict(),
       "steps": config.train.num_steps,
-      "wall_time_s": time.time() - t0,
+      **train.wall_times(t0, [s["wall_time_before_s"] for s in settings.values()]),
       "backend": jax.default_backend(),
       "device_count": jax.device_count(),
       "metrics": main["table"].get(full),

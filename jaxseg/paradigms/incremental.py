@@ -403,6 +403,8 @@ def run(config, workdir) -> dict:
             + f" | methods: {', '.join(inc.methods)} | conv={train.conv_impl_name(config.model)} "
             + f"| val={len(data.val_ids)} cases | workdir={workdir}")
 
+  earlier_runs_s = []  # per stage: wall time spent on it by runs before a resume
+
   def train_stage(method, stage, params, buffer, loss_consts):
     """Trains (or restores) `stage` for `method`: (model, params, evaluation result)."""
     cfg = _stage_config(config, stage)
@@ -417,6 +419,7 @@ def run(config, workdir) -> dict:
     seen = stages[:stage.index + 1]
     state, stats = train.fit(t, sdir, tag=f"{method or 'all'} {stage.index}:{stage.name}",
                              evaluate_fn=lambda p: evaluate_stage(model, p, stage, seen, data, cfg))
+    earlier_runs_s.append(stats["wall_time_before_s"])
     done = sdir / "stage.json"
     if done.exists():
       result = report.none_to_nan(json.loads(done.read_text()))  # NaN Dice is stored as null
@@ -465,7 +468,7 @@ def run(config, workdir) -> dict:
 
   out = {
       "config": config.to_dict(),
-      "wall_time_s": time.time() - t_start,
+      **train.wall_times(t_start, earlier_runs_s),
       "backend": jax.default_backend(),
       "incremental": {
           "stages": [{"classes": s.name, "domain": s.domain, "steps": s.steps,

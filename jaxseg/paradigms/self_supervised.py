@@ -275,6 +275,7 @@ def pretrain(config, data: pipeline.SegData, workdir: pathlib.Path) -> dict:
   return {
       "workdir": str(workdir), "steps": ss.pretrain_steps, "unlabelled_volumes": len(images),
       "batch_size": b, "wall_time_s": time.time() - t0, "steps_per_s": stats["steps_per_s"],
+      "wall_time_before_s": stats["wall_time_before_s"],
       "train_loss_first": curve[0]["loss"] if curve else None,
       "train_loss_last": curve[-1]["loss"] if curve else None,
       "train_curve": [{k: r[k] for k in ("step", "loss", "reconstruction", "contrastive")}
@@ -328,6 +329,7 @@ def run(config, workdir) -> dict:
     source = pre["workdir"]
 
   table = []
+  earlier_runs_s = [pre["wall_time_before_s"]] if pre else []
   for fraction in sorted(ss.fractions):
     subset = labelled_subset(data, fraction, config.seed)
     pct = int(round(100 * fraction))
@@ -336,6 +338,7 @@ def run(config, workdir) -> dict:
       summary, per_case, stats = finetune(
           config, subset, workdir / f"finetune_{pct}pct_{init}",
           init_from=source if init == "pretrained" else "", tag=tag)
+      earlier_runs_s.append(stats["wall_time_before_s"])
       train.log(f"[{tag}] final mean Dice {summary['mean_dice']:.4f} on {len(data.val_ids)} cases")
       table.append({"fraction": fraction, "labelled_cases": len(subset.train_ids), "init": init,
                     "mean_dice": summary["mean_dice"], "mean_iou": summary["mean_iou"],
@@ -351,7 +354,7 @@ def run(config, workdir) -> dict:
   result = {
       "config": config.to_dict(),
       "paradigm": "self_supervised",
-      "wall_time_s": time.time() - t_start,
+      **train.wall_times(t_start, earlier_runs_s),
       "backend": jax.default_backend(),
       "device_count": jax.device_count(),
       # The pretrained start on all the labels of the largest fraction, as other runs report.

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import helpers
-from jaxseg import paradigms
+from jaxseg import checkpoint, paradigms
 from jaxseg.paradigms import continual, incremental
 from jaxseg.validate import ConfigError
 
@@ -214,6 +214,16 @@ def test_incremental_config_end_to_end_and_resume(tmp_path):
   assert len(_train_lines(work / "distill" / "stage1_spleen" / "metrics.jsonl")) == 4
   np.testing.assert_allclose(out2["incremental"]["methods"]["distill"]["matrix"][1],
                              res["methods"]["distill"]["matrix"][1], atol=1e-6)
+  # The total wall time adds what the restored stages took in the first run (saved with their
+  # checkpoints) to this run's.
+  assert out["wall_time_s"] == out["wall_time_this_run_s"]
+  restored = 0.0
+  for sdir in (work / "stage0_liver-kidney", work / "finetune" / "stage1_spleen"):
+    ckpt = checkpoint.Checkpointer(sdir)
+    restored += ckpt.wall_time_s(ckpt.latest_step())
+    ckpt.close()
+  assert restored > 0
+  np.testing.assert_allclose(out2["wall_time_s"] - out2["wall_time_this_run_s"], restored, rtol=1e-6)
 
   # Changed settings do not silently reuse the stages trained with the old ones.
   with c.unlocked():
