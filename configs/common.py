@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_stages = 5
   c.model.deep_supervision = False
   c.model.conv_impl = "auto"  # "lax" on GPU/TPU, "cpu_per_layer" on CPU (models/conv.py)
+  # Compute dtype of convolutions and activations: "float32" or "bfloat16" (mixed precision:
+  # parameters, optimiser state, norm statistics, softmax and loss stay float32). On an NVIDIA
+  # GPU "float32" convolutions and matmuls run on TF32 tensor cores (XLA's default precision,
+  # as PyTorch's cudnn.allow_tf32); JAX_DEFAULT_MATMUL_PRECISION=highest asks for full fp32.
   c.model.dtype = "float32"
 
   c.data = ml_collections.ConfigDict()
