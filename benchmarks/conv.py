@@ -34,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from jaxseg.models import conv as conv_lib  # pylint: disable=g-import-not-at-top
 
@@ -283,16 +286,6 @@ def table(summary, names) -> str:
   return '\n'.join(lines)
 
 
-def _cpu_model() -> str:
-  try:
-    for line in open('/proc/cpuinfo'):
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--small', action='store_true',
@@ -348,7 +341,7 @@ def main(argv=None):
     versions['torch_threads'] = torch.get_num_threads()
   result = {
       'date': date,
-      'machine': {'cpu': _cpu_model(), 'cores': os.cpu_count(),
+      'machine': {'cpu': cpu_model(), 'cores': os.cpu_count(),
                   'backend': jax.default_backend(),
                   'load_before': load_before, 'load_after': os.getloadavg()},
       'versions': versions,

@@ -27,23 +27,12 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from machine import cpu_info  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ROUTES = {"lax": ({}, "lax"), "gemm": ({"JAXSEG_ONEDNN": "0"}, None), "onednn": ({}, None)}
 ISAS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}}
-
-
-def cpu_info() -> dict:
-  model, flags = platform.processor(), ""
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name") and model in ("", platform.machine()):
-        model = line.split(":", 1)[1].strip()
-      if line.startswith("flags") and not flags:
-        flags = line
-  except OSError:
-    pass
-  return {"cpu": model, "avx512f": " avx512f" in flags, "avx2": " avx2" in flags,
-          "cores": len(os.sched_getaffinity(0))}
 
 
 def run_variant(configs, route, isa, repeats) -> list[dict]:

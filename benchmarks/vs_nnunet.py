@@ -85,6 +85,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
@@ -617,16 +620,6 @@ def start_workers(jobs: list[tuple[str, str, dict, dict]]) -> dict:
 
 
 # --- machine ----------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def nvidia_smi() -> str | None:

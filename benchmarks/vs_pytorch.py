@@ -56,6 +56,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "vs_pytorch_cpu.json"
 FRAMEWORKS = ("jax", "torch", "monai")
@@ -873,16 +876,6 @@ def git_commit() -> str:
                           text=True, check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return ""
-
-
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def merge_results(path: pathlib.Path, key: str, entry: dict) -> None:

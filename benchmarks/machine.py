@@ -1,0 +1,30 @@
+"""What every benchmark prints next to its numbers: the CPU (model, AVX2 / AVX-512, cores)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+
+
+def cpu_info() -> dict:
+  """{'cpu': model name, 'avx2': bool, 'avx512f': bool, 'cores': usable cores} from /proc/cpuinfo
+  (the platform's processor string where there is none)."""
+  model, flags = "", ""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name") and not model:
+        model = line.split(":", 1)[1].strip()
+      if line.startswith("flags") and not flags:
+        flags = line.split(":", 1)[1]
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  words = set(flags.split())
+  return {"cpu": model or platform.processor(), "avx2": "avx2" in words,
+          "avx512f": "avx512f" in words, "cores": cores}
+
+
+def cpu_model() -> str:
+  """The CPU's model name, e.g. 'AMD EPYC'."""
+  return cpu_info()["cpu"]
