@@ -21,3 +21,10 @@ def test_this_platforms_options_compile():
   options = compile_options.for_platform(jax.devices()[0].platform)
   f = jax.jit(lambda x: jnp.sum(x * 2.0), compiler_options=options)
   assert float(f(jnp.arange(4.0))) == 12.0
+
+
+def test_gpu_options_are_known_to_xla():
+  # XLA rejects an unknown option name ("No such compile option") on any backend, so compiling
+  # with the GPU table on CPU catches a misspelt key that only a GPU run would otherwise hit.
+  f = jax.jit(lambda x: x + 1.0, compiler_options=compile_options.for_platform("gpu"))
+  assert float(f(jnp.float32(1.0))) == 2.0
