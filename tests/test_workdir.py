@@ -146,7 +146,8 @@ def test_a_checkpoint_of_another_model_is_one_line(good_run, tmp_path):
   from jaxseg import checkpoint, optim
   from jaxseg.models import build_model
   from jaxseg import sharding
-  tmp, root, workdir, snap = good_run
+  tmp, root, workdir, _ = good_run
+  snap = _snapshot(workdir)  # as left by the tests before (one of them resumes the run)
   config = _config(root, tmp / "cache", base_features=8)
   model = build_model(config.model, num_classes=3)
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)

@@ -344,16 +344,19 @@ def fingerprint(index: DatasetIndex, *, cases: Sequence[str] | None = None,
     ``median_relative_size_after_cropping`` and
     ``foreground_intensity_properties_per_channel`` (``{"0": {"mean",
     "median", "std", "min", "max", "percentile_00_5", "percentile_99_5"}}``),
-    plus ``cases`` and ``channel_names``.
+    plus ``cases``, ``channel_names`` and ``constant_channels`` ([case, channel] pairs
+    whose stored image has one value everywhere).
   """
   cases = list(index.cases if cases is None else cases)
   if max_samples_per_case is None:
     max_samples_per_case = max(1, int(1e7 // max(len(cases), 1)))
   rng = np.random.default_rng(seed)
-  spacings, before, after, rel = [], [], [], []
+  spacings, before, after, rel, constant = [], [], [], [], []
   samples = [[] for _ in index.channel_names]
   for case in cases:
     image, label, geometry = load_case(index, case)
+    constant += [[case, c] for c in range(image.shape[0])
+                 if image[c].size and float(image[c].min()) == float(image[c].max())]
     image, canonical = io.to_canonical(image, geometry)
     label, _ = io.to_canonical(label, geometry)
     _, bbox = nonzero_region(image)
@@ -380,6 +383,7 @@ def fingerprint(index: DatasetIndex, *, cases: Sequence[str] | None = None,
       "shapes_after_crop": after,
       "median_relative_size_after_cropping": float(np.median(rel)) if rel else 1.0,
       "foreground_intensity_properties_per_channel": properties,
+      "constant_channels": constant,
   }
 
 

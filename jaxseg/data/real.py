@@ -28,7 +28,7 @@ from jaxseg.data import preprocess as pp
 from jaxseg.data.errors import InvalidDatasetError
 
 PLAN_VERSION = 1
-_FINGERPRINT_VERSION = 1
+_FINGERPRINT_VERSION = 2  # 2: constant_channels
 
 
 @dataclasses.dataclass
@@ -133,6 +133,7 @@ def prepare(config) -> RealData:
   cache = cache_root(config) / "preprocessed" / _safe(index.name)
   fingerprint = cached_fingerprint(index, cache)
   _check_foreground(index, fingerprint)
+  _check_not_constant(index, fingerprint)
   settings = plan_settings(fingerprint, config)
   lut = np.zeros(max(values) + 1, np.int16)
   lut[values] = np.arange(len(values), dtype=np.int16)
@@ -140,7 +141,6 @@ def prepare(config) -> RealData:
   cases = {}
   for case in index.cases:
     image, label, _ = pp.cached_preprocess(index, case, settings, cache)
-    _check_not_constant(index, case, image)
     cases[case] = (image, label if contiguous else lut[np.asarray(label)])
   plan = {
       "version": PLAN_VERSION,
@@ -168,14 +168,13 @@ def _check_foreground(index: ds.DatasetIndex, fingerprint: dict) -> None:
         "statistics from them")
 
 
-def _check_not_constant(index: ds.DatasetIndex, case: str, image: np.ndarray) -> None:
-  """InvalidDatasetError naming the file if a channel of `case` has one value everywhere
-  (an empty or zero-filled scan: a network learns nothing from it)."""
-  for c in range(image.shape[0]):
-    if image[c].size and float(image[c].max()) == float(image[c].min()):
-      raise InvalidDatasetError(
-          f"{index.image_files[case][c]} is constant (every voxel has the same value): an empty or "
-          "zero-filled scan; remove the case or replace the file")
+def _check_not_constant(index: ds.DatasetIndex, fingerprint: dict) -> None:
+  """InvalidDatasetError naming the file if a channel of a case has one value everywhere in
+  the stored scan (an empty or zero-filled file: a network learns nothing from it)."""
+  for case, c in fingerprint.get("constant_channels", []):
+    raise InvalidDatasetError(
+        f"{index.image_files[case][c]} is constant (every voxel has the same value): an empty or "
+        "zero-filled scan; remove the case or replace the file")
 
 
 def load_preprocessed(config):
