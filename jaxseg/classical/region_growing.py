@@ -1,11 +1,18 @@
 """Seeded region growing: connected threshold, flood with tolerance, confidence connected.
 
-All three are a flood fill inside an intensity window. The flood runs on a
-bit-packed volume (32 voxels per word along the last axis) with whole-line
-fills along every axis per round (see `_flood.py`): a round costs about one
-pass over the packed volume (1/32 of the voxels) and the number of rounds is
-the number of direction changes along the longest shortest path, not its
-length, so there is no O(diameter) sequence of dense dilations.
+All three are a flood fill inside an intensity window, with two algorithms
+(`method`; 'auto' picks one per backend at trace time, same result):
+- 'sweep' (CPU): the flood runs on a bit-packed volume (32 voxels per word
+  along the last axis) with whole-line fills along every axis per round (see
+  `_flood.py`): a round costs about one pass over the packed volume (1/32 of
+  the voxels) and the number of rounds is the number of direction changes
+  along the longest shortest path, not its length, so there is no
+  O(diameter) sequence of dense dilations. Each round is ~4 sequential
+  sweeps over the slices, a kernel launch per slice on a GPU.
+- 'union_find' (GPU, TPU): the components of the window mask that contain a
+  seed: the mask is labelled by union-find on its runs
+  (`components.seeded_components`, a few rounds of whole-table kernels)
+  and the components under a seed are kept.
 
 Seeds are integer coordinates, shape (k, ndim) or (ndim,), in array index
 order (SimpleITK takes (x, y, z); reverse its order). `region_grow` also
@@ -27,6 +34,7 @@ from jax import lax
 from jaxseg.classical import _common
 from jaxseg.classical import _df
 from jaxseg.classical import _flood
+from jaxseg.classical import components
 
 
 # ----------------------------------------------------------------------------
@@ -124,17 +132,21 @@ def _window(x_image, lower, upper):
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("connectivity", "seed_mode"))
-def _grow_bounds_core(image, seeds, lower, upper, *, connectivity, seed_mode):
+@functools.partial(jax.jit, static_argnames=("connectivity", "seed_mode",
+                                             "method"))
+def _grow_bounds_core(image, seeds, lower, upper, *, connectivity, seed_mode,
+                      method):
   ct = _common.compute_dtype(image.dtype)
   lo = _cast_bound(lower.astype(ct), image.dtype)
   hi = _cast_bound(upper.astype(ct), image.dtype)
-  allowed = _flood.pack(_window(image, lo, hi))
+  window = _window(image, lo, hi)
   if seed_mode == "mask":
     seeds_p = _flood.pack(seeds)
   else:
     seeds_p = _packed_seeds(seeds, _inside(seeds, image.shape), image.shape)
-  filled = _flood.flood_packed(seeds_p, allowed, connectivity)
+  if method == "union_find":
+    return components.seeded_components(window, seeds_p, connectivity)
+  filled = _flood.flood_packed(seeds_p, _flood.pack(window), connectivity)
   return _flood.unpack(filled, image.shape[-1])
 
 
@@ -146,8 +158,9 @@ def _add_two(a, b_hi, b_lo):
   return s + (err + b_lo)
 
 
-@functools.partial(jax.jit, static_argnames=("connectivity",))
-def _grow_tolerance_core(image, coords, tol_hi, tol_lo, *, connectivity):
+@functools.partial(jax.jit, static_argnames=("connectivity", "method"))
+def _grow_tolerance_core(image, coords, tol_hi, tol_lo, *, connectivity,
+                         method):
   ct = _common.compute_dtype(image.dtype)
   valid = _inside(coords, image.shape)
   values = _seed_values(image, coords).astype(ct)
@@ -165,16 +178,22 @@ def _grow_tolerance_core(image, coords, tol_hi, tol_lo, *, connectivity):
     c = lax.dynamic_slice_in_dim(coords, i, 1)
     v = lax.dynamic_slice_in_dim(valid, i, 1)
     seed_p = _packed_seeds(c, v, image.shape)
+    if method == "union_find":
+      allowed = _window(image, lo, hi) | _flood.unpack(seed_p, image.shape[-1])
+      return out | components.seeded_components(allowed, seed_p, connectivity)
     allowed = _flood.pack(_window(image, lo, hi)) | seed_p  # seed always in
     return out | _flood.flood_packed(seed_p, allowed, connectivity)
 
+  if method == "union_find":
+    return lax.fori_loop(0, coords.shape[0], one_seed,
+                         jnp.zeros(image.shape, bool))
   out = lax.fori_loop(0, coords.shape[0], one_seed,
                       jnp.zeros((nw,) + image.shape[:-1], jnp.uint32))
   return _flood.unpack(out, image.shape[-1])
 
 
 def region_grow(image, seeds, *, lower=None, upper=None, tolerance=None,
-                connectivity: int = 1):
+                connectivity: int = 1, method: str = "auto"):
   """Voxels connected to the seeds inside an intensity window.
 
   Two references, chosen by the options:
@@ -197,6 +216,9 @@ def region_grow(image, seeds, *, lower=None, upper=None, tolerance=None,
     connectivity: 1 (faces, ITK FaceConnectivity) .. ndim (full
       neighbourhood, ITK FullConnectivity), as scipy.ndimage. Note that
       skimage's `flood` defaults to full connectivity (ndim).
+    method: 'auto' (default), 'sweep' or 'union_find' (see the module
+      docstring): 'auto' takes the packed flood fill ('sweep') on CPU,
+      where it is faster, and union-find on GPU/TPU. Same result.
 
   Returns:
     bool mask of `image.shape`, identical to the reference. Values are
@@ -206,6 +228,7 @@ def region_grow(image, seeds, *, lower=None, upper=None, tolerance=None,
   if image.dtype == jnp.bool_:
     image = image.astype(jnp.uint8)
   _common.neighbour_offsets(image.ndim, connectivity)  # validates
+  method = components.resolve_method(method, "region_grow")
   if tolerance is not None and (lower is not None or upper is not None):
     raise ValueError("region_grow: give either `tolerance` or "
                      "`lower`/`upper`, not both")
@@ -214,12 +237,15 @@ def region_grow(image, seeds, *, lower=None, upper=None, tolerance=None,
   if window:
     lo = -np.inf if lower is None else lower
     hi = np.inf if upper is None else upper
-    if _common.is_concrete(lo, hi) and (np.isnan(np.asarray(lo)).any()
-                                        or np.isnan(np.asarray(hi)).any()):
-      raise ValueError("region_grow: `lower`/`upper` must not be NaN")
+    if _common.is_concrete(lo, hi):
+      # One dtype for int and float bounds (one compiled program): exact
+      # in float64, rounded once to the compute dtype.
+      lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+      if np.isnan(lo).any() or np.isnan(hi).any():
+        raise ValueError("region_grow: `lower`/`upper` must not be NaN")
     lo, hi = jnp.asarray(lo), jnp.asarray(hi)
     return _grow_bounds_core(image, s, lo, hi, connectivity=connectivity,
-                             seed_mode=mode)
+                             seed_mode=mode, method=method)
   tol = 0.0 if tolerance is None else tolerance
   if _common.is_concrete(tol):
     # Split |tol| into float32 hi + lo so that seed +- tol is rounded once,
@@ -233,7 +259,7 @@ def region_grow(image, seeds, *, lower=None, upper=None, tolerance=None,
   else:
     tol_hi, tol_lo = jnp.abs(tol), jnp.zeros_like(tol)
   return _grow_tolerance_core(image, s, tol_hi, tol_lo,
-                              connectivity=connectivity)
+                              connectivity=connectivity, method=method)
 
 
 # ----------------------------------------------------------------------------
@@ -296,9 +322,10 @@ def _keep(pair, keep):
   return tuple(jnp.where(keep, v, jnp.zeros((), v.dtype)) for v in pair)
 
 
-@functools.partial(jax.jit, static_argnames=("initial_radius", "connectivity"))
+@functools.partial(jax.jit, static_argnames=("initial_radius", "connectivity",
+                                             "method"))
 def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
-                     initial_radius, connectivity):
+                     initial_radius, connectivity, method):
   ct = _common.compute_dtype(image.dtype)
   x = image.astype(ct)
   shape = image.shape
@@ -345,6 +372,10 @@ def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
 
   def grow(mean, var, packed, prev_lo, prev_hi):
     lo, hi = _window_bounds(mean, var, mult, lowest, highest, image.dtype)
+    if method == "union_find":
+      grown = components.seeded_components(_window(image, lo, hi), seeds_p,
+                                           connectivity)
+      return _flood.pack(grown), lo, hi
     allowed = _flood.pack(_window(image, lo, hi))
     # A window containing the previous one gives a region containing the
     # previous region (connected to the seeds): flood on from it, same result
@@ -386,7 +417,7 @@ def _confidence_core(image, coords, mult_hi, mult_lo, iterations, *,
 
 def confidence_connected(image, seeds, *, multiplier: float = 2.5,
                          iterations: int = 5, initial_radius: int = 1,
-                         connectivity: int = 1):
+                         connectivity: int = 1, method: str = "auto"):
   """JAX implementation of SimpleITK `ConfidenceConnected`.
 
   Follows ITK's `ConfidenceConnectedImageFilter`: mean and variance of the
@@ -404,6 +435,8 @@ def confidence_connected(image, seeds, *, multiplier: float = 2.5,
     iterations: re-estimation rounds (ITK `NumberOfIterations`).
     initial_radius: neighbourhood radius for the initial statistics.
     connectivity: 1 (faces, as ITK) .. ndim.
+    method: 'auto', 'sweep' or 'union_find', the growth's algorithm, as in
+      `region_grow`.
 
   Returns:
     bool mask identical to SimpleITK's. The statistics and the window are
@@ -421,6 +454,7 @@ def confidence_connected(image, seeds, *, multiplier: float = 2.5,
   if image.dtype == jnp.bool_:
     image = image.astype(jnp.uint8)
   _common.neighbour_offsets(image.ndim, connectivity)
+  method = components.resolve_method(method, "confidence_connected")
   if not isinstance(iterations, (int, np.integer)) or iterations < 0:
     raise ValueError(f"`iterations` must be an integer >= 0; got {iterations!r}")
   if not isinstance(initial_radius, (int, np.integer)) or initial_radius < 0:
@@ -440,4 +474,4 @@ def confidence_connected(image, seeds, *, multiplier: float = 2.5,
   return _confidence_core(image, coords, mult_hi, mult_lo,
                           jnp.int32(iterations),
                           initial_radius=int(initial_radius),
-                          connectivity=connectivity)
+                          connectivity=connectivity, method=method)
