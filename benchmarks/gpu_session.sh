@@ -10,13 +10,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # absl-py, PyYAML, packaging, torch, timm, einops, are there). Fetch them here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl ml-collections nibabel dynamic-network-architectures
-# Parts, each under its own `timeout`
-# cut from one 450 s budget (a part that times out still writes what it measured):
+# Parts (PARTS, default step,infer,step2d), each under its own `timeout` cut from one BUDGET
+# (default 480 s; a part that times out still writes what it measured):
 #   1. environment: nvidia-smi, Python and package versions, jax's devices;
-#   2. train step, all five contestants interleaved (3 rounds x 5 steps), then a jax.profiler
-#      trace of the jax bf16 and fp32 steps (kernel tables) and the XLA dump of their optimised
-#      HLO (op counts), all from the same worker processes (no second compilation);
-#   3. sliding-window inference (240x240x155, with and without 8-flip TTA), 2 rounds.
+#   step:   the 3D train step (nnU-Net 3d_fullres size), contestants interleaved (3 rounds x 5
+#           steps), then a jax.profiler trace of the jax steps (kernel tables) and the XLA dump of
+#           their optimised HLO (op counts), from the same worker processes;
+#   infer:  sliding-window inference (240x240x155, with and without 8-flip TTA), 2 rounds;
+#   step2d: the 2D train step (nnU-Net 2d plan, 12 x 512^2), 3 rounds x 5 steps.
 # $OUT gets at most 6 files: session.log (everything), vs_nnunet.json (all results),
 # kernels_float32.md, kernels_bfloat16.md, hlo_train_step_{float32,bfloat16}.txt.gz.
 OUT=${OUT:?set OUT to the results folder}
@@ -26,13 +27,17 @@ L=$OUT/session.log
 J=$OUT/vs_nnunet.json
 TMP=$(mktemp -d /tmp/vs_nnunet.XXXX)
 B="python3 benchmarks/vs_nnunet.py"
+PARTS=${PARTS:-step,infer,step2d}
 if [ -n "$SMALL" ]; then
-  STEP="$B --small --rounds 2 --steps 2"; INFER="$B --small --infer --rounds 2"; BUDGET=900; STEP_MAX=600
+  STEP="$B --small --rounds 2 --steps 2"; INFER="$B --small --infer --rounds 2"; BUDGET=${BUDGET:-900}
+  STEP2D="$B --small --2d --rounds 2 --steps 2"; STEP_MAX=600
 else
-  WHICH=${WHICH:-jax_fp32,jax_bf16,jax_bf16_nhwc,torch_fp16,torch_compiled_fp16}
-  STEP="$B --rounds 3 --steps 5 --which $WHICH"; INFER="$B --infer --rounds 2 --which ${INFER_WHICH:-$WHICH}"
-  BUDGET=${BUDGET:-450}; STEP_MAX=${STEP_MAX:-300}
+  WHICH=${WHICH:-jax_fp32,jax_bf16,torch_compiled_fp16}
+  STEP="$B --rounds 3 --steps 5 --which $WHICH"; INFER="$B --infer --rounds 2 --which ${INFER_WHICH:-jax_bf16,torch_compiled_fp16}"
+  STEP2D="$B --2d --rounds 3 --steps 5 --which $WHICH"
+  BUDGET=${BUDGET:-480}; STEP_MAX=${STEP_MAX:-200}
 fi
+has() { case ",$PARTS," in *",$1,"*) return 0;; esac; return 1; }
 END=$((SECONDS + BUDGET))
 left() { local t=$((END - SECONDS - ${2:-0})); [ "$t" -gt "$1" ] && t=$1; echo $t; }
 sec() { echo "=== $1 $(date -u +%T) (${SECONDS}s)" | tee -a "$L"; }
@@ -55,22 +60,27 @@ import jaxseg.train, jaxseg.inference; print('jaxseg imports ok from', jaxseg.__
 } >"$TMP/env.txt" 2>&1
 cat "$TMP/env.txt" | tee -a "$L"
 
-sec "train step + profile + HLO"
-timeout -k 15 "$(left $STEP_MAX 165)" $STEP --profile "$TMP/prof" --dump-hlo "$TMP/hlo" --out "$J" >>"$L" 2>&1
-echo "exit $?" | tee -a "$L"
-cp "$TMP"/prof/kernels_*.md "$OUT/" 2>/dev/null
-for d in jax_fp32 jax_bf16; do
-  f=$(ls -S "$TMP/hlo/$d"/*train_step*after_optimizations.txt 2>/dev/null | head -n 1)
-  [ -n "$f" ] && gzip -c "$f" >"$OUT/hlo_train_step_$d.txt.gz"
-done
-
-T=$(left 300)
-if [ "$T" -ge 60 ]; then
+if has step; then
+  sec "train step + profile + HLO"
+  timeout -k 15 "$(left $STEP_MAX 240)" $STEP --profile "$TMP/prof" --dump-hlo "$TMP/hlo" --out "$J" >>"$L" 2>&1
+  echo "exit $?" | tee -a "$L"
+  cp "$TMP"/prof/kernels_*.md "$OUT/" 2>/dev/null
+  for d in jax_fp32 jax_bf16; do
+    f=$(ls -S "$TMP/hlo/$d"/*train_step*after_optimizations.txt 2>/dev/null | head -n 1)
+    [ -n "$f" ] && gzip -c "$f" >"$OUT/hlo_train_step_$d.txt.gz"
+  done
+fi
+if has infer; then
+  T=$(left 150 110)
   sec "inference (${T}s)"
   timeout -k 15 "$T" $INFER --out "$J" >>"$L" 2>&1
   echo "exit $?" | tee -a "$L"
-else
-  sec "inference skipped: ${T}s left"
+fi
+if has step2d; then
+  T=$(left 200)
+  sec "2D train step (${T}s)"
+  timeout -k 15 "$T" $STEP2D --out "$J" >>"$L" 2>&1
+  echo "exit $?" | tee -a "$L"
 fi
 sec end
 rm -rf "$TMP"

@@ -4,6 +4,7 @@
     python benchmarks/vs_nnunet.py --small                # CPU smoke test (about a minute per row)
     python benchmarks/vs_nnunet.py --which jax_bf16,torch_compiled_fp16 --rounds 5 --steps 10
     python benchmarks/vs_nnunet.py --infer                # sliding-window inference instead
+    python benchmarks/vs_nnunet.py --2d                   # nnU-Net's 2d plan: 8 stages, 12 x 512^2
     python benchmarks/vs_nnunet.py --which jax_bf16 --profile /tmp/prof --dump-hlo /tmp/hlo
     bash benchmarks/gpu_session.sh                        # everything above on a GPU, under 8 min
 
@@ -132,11 +133,21 @@ def peak_flops(device_name: str) -> dict | None:
 # Setting and analytic FLOP count
 
 
-def make_spec(small: bool) -> dict:
-  """The network, batch, patch and inference volume (plain JSON, sent to every worker)."""
+def make_spec(small: bool, dims: int = 3) -> dict:
+  """The network, batch, patch and inference volume (plain JSON, sent to every worker).
+
+  dims=3: nnU-Net's 3d_fullres plan (6 stages, 32..320 features, 2 x 128^3). dims=2: nnU-Net's
+  2d plan for 512x512 slices (8 stages, 32..512 features, batch 12 x 512^2)."""
+  if dims == 2:
+    stages = 4 if small else 8
+    return {"small": small, "dims": 2, "num_stages": stages,
+            "features": [min(32 * 2**i, 512) for i in range(stages)],
+            "patch": [64] * 2 if small else [512] * 2, "batch": 4 if small else 12, "in_channels": 1,
+            "classes": 4, "volume": None, "overlap": 0.5}
   stages = 4 if small else 6
   patch = [32] * 3 if small else [128] * 3
-  return {"small": small, "num_stages": stages, "features": [min(32 * 2**i, 320) for i in range(stages)],
+  return {"small": small, "dims": 3, "num_stages": stages,
+          "features": [min(32 * 2**i, 320) for i in range(stages)],
           "patch": patch, "batch": 2, "in_channels": 1, "classes": 4,
           "volume": [40, 40, 32] if small else [240, 240, 155], "overlap": 0.5}
 
@@ -218,10 +229,12 @@ def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
 
 
 def jax_config(spec: dict, dtype: str):
-  """configs/unet3d.py:scale=full at the benchmark's sizes, `model.dtype`, augmentation off."""
+  """configs/unet{2,3}d.py:scale=full at the benchmark's sizes, `model.dtype`, augmentation off."""
   sys.path.insert(0, str(REPO / "configs"))
-  config = importlib.import_module("unet3d").get_config("scale=full")
+  dims = len(spec["patch"])
+  config = importlib.import_module(f"unet{dims}d").get_config("scale=full")
   config.model.num_stages = spec["num_stages"]
+  config.model.max_features = max(spec["features"])
   config.model.dtype = dtype
   config.data.patch_size = tuple(spec["patch"])
   config.train.batch_size = spec["batch"]
@@ -357,11 +370,14 @@ def torch_net(spec: dict, deep_supervision: bool, device: str):
   import torch
   from dynamic_network_architectures.architectures.unet import PlainConvUNet
   n = spec["num_stages"]
+  dims = len(spec["patch"])
+  conv, norm = ((torch.nn.Conv2d, torch.nn.InstanceNorm2d) if dims == 2
+                else (torch.nn.Conv3d, torch.nn.InstanceNorm3d))
   return PlainConvUNet(
       input_channels=spec["in_channels"], n_stages=n, features_per_stage=spec["features"],
-      conv_op=torch.nn.Conv3d, kernel_sizes=3, strides=[1] + [2] * (n - 1),
+      conv_op=conv, kernel_sizes=3, strides=[1] + [2] * (n - 1),
       n_conv_per_stage=[2] * n, num_classes=spec["classes"], n_conv_per_stage_decoder=[2] * (n - 1),
-      conv_bias=True, norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+      conv_bias=True, norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True},
       dropout_op=None, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
       deep_supervision=deep_supervision).to(device)
 
@@ -393,7 +409,8 @@ def setup_torch_train(spec: dict, job: dict):
   x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 1))).to(device)
   y = torch.from_numpy(label.astype(np.int64)).to(device)
   n_out = spec["num_stages"] - 1
-  targets = [y[(slice(None),) + (slice(None, None, 2**i),) * 3].contiguous() for i in range(n_out)]
+  targets = [y[(slice(None),) + (slice(None, None, 2**i),) * len(spec["patch"])].contiguous()
+             for i in range(n_out)]
   weights = np.array([1 / 2**i for i in range(n_out)])
   weights[-1] = 0  # nnU-Net: the lowest resolution does not count
   weights = weights / weights.sum()
@@ -967,7 +984,7 @@ def run_steps(a, spec: dict, machine: dict) -> None:
     rows = summarise_steps(spec, workers, runs)
     if rows:
       print("\n" + step_table(spec, rows) + "\n", flush=True)
-    key = "step" + ("_small" if a.small else "")
+    key = "step" + ("_2d" if spec["dims"] == 2 else "") + ("_small" if a.small else "")
     entry = {"machine": machine, "spec": spec, "train_flops": spec_train_flops(spec),
              "rounds": rounds, "steps_per_round": n, "complete": complete,
              "wall_s": time.time() - t_start, "workers": {k: w.info for k, w in workers.items()},
@@ -1081,6 +1098,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   p.add_argument("--small", action="store_true", help="CPU smoke-test sizes: 4 stages, 32^3, few steps")
+  p.add_argument("--2d", dest="two_d", action="store_true",
+                 help="nnU-Net's 2d plan instead: 8 stages 32..512, batch 12 x 512^2 (--small: 4 stages, 4 x 64^2)")
   p.add_argument("--which", default=",".join(DEFAULT_WHICH),
                  help=f"comma list of contestants, of {', '.join(CONTESTANTS)}")
   p.add_argument("--dtypes", default="float32,bfloat16", help="model.dtype(s) of the jax contestants")
@@ -1102,7 +1121,9 @@ def main(argv=None):
   if a.worker:
     return serve(json.loads(a.worker))
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: finish and write
-  spec = make_spec(a.small)
+  spec = make_spec(a.small, 2 if a.two_d else 3)
+  if a.infer and spec["dims"] == 2:
+    p.error("--infer times the 3D volume; drop --2d")
   machine = machine_info()
   print(machine_line(machine), flush=True)
   if a.infer:

@@ -235,3 +235,13 @@ def test_small_jax_rows_end_to_end(tmp_path):
   assert {"jax_fp32", "jax_bf16"} <= set(rows)
   assert rows["jax_bf16"]["speed_vs_jax_fp32"] > 0
   assert abs(rows["jax_bf16"]["loss_last"] - rows["jax_fp32"]["loss_last"]) < 0.05
+
+
+def test_2d_spec_is_nnunets_2d_plan(bench):
+  spec = bench.make_spec(small=False, dims=2)
+  assert spec["features"] == [32, 64, 128, 256, 512, 512, 512, 512]
+  assert (spec["patch"], spec["batch"], spec["dims"]) == ([512, 512], 12, 2)
+  # the first layer by hand: 12 x 512^2 outputs x 3^2 taps x 1 -> 32 channels, 2 FLOPs per MAC, x3
+  first = 12 * 512 * 512 * 9 * 1 * 32
+  assert dict(bench.unet_layers(spec["patch"], 12, spec["features"], 1, 4))["enc0.conv0"] == first
+  assert bench.spec_train_flops(spec) == bench.unet_train_flops([512, 512], 12, spec["features"], 1, 4)
