@@ -649,9 +649,12 @@ def nvidia_smi() -> str | None:
 
 
 def git_commit() -> str:
+  """HEAD's short hash, with '+changes' when the working tree differs from it (a copied tree)."""
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, timeout=10).stdout.strip()
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,  # noqa: E731
+                                    timeout=10).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+changes" if head and git("status", "--porcelain", "--untracked-files=no") else "")
   except (OSError, subprocess.SubprocessError):
     return ""
 
