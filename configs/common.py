@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_val = 4
   c.data.patch_size = (48, 48, 48)
   c.data.foreground_fraction = 0.33
+  c.data.loader_workers = 0  # threads cutting batches ahead of the step; 0 = half the cores, 1 to 8
+  c.data.loader_prefetch = 0  # batches prepared ahead; 0 = 2 x loader_workers
+  c.data.loader_processes = False  # grain worker processes instead of threads (slower on small hosts)
+  c.data.preprocess_workers = 0  # processes preprocessing missing cache entries; 0 = one per core
   # Real datasets (data.root): nnU-Net's 5-fold cross-validation; fold 'all' trains and
   # validates on every case. Phantoms use num_val instead.
   c.data.fold = ml_collections.FieldReference(0, field_type=object)  # int or 'all'

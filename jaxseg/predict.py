@@ -1,7 +1,8 @@
 """Segments new scans with a trained run: NIfTI (or PNG) in, label files on the input's grid out.
 
     python -m jaxseg.predict --workdir RUN --input DIR_OR_FILE --output DIR
-        [--tta/--no-tta] [--save-probabilities] [--keep-largest] [--checkpoint best|latest]
+        [--tta/--no-tta] [--save-probabilities] [--keep-largest] [--min-size N]
+        [--checkpoint best|latest]
 
 Inputs follow nnU-Net's naming: `<case>_<channel:04d><ending>` (a single-channel model also
 takes plain `<case><ending>`); a file argument picks up its sibling channel files. Each case is
@@ -9,9 +10,11 @@ preprocessed with the run's saved plan (`RUN/plan.json`: reorient, crop, normali
 predicted by Gaussian-weighted sliding window with the mirror flips batched and the tiles split
 over all local devices (`jaxseg.inference.predict_volume`), put back on the input grid
 (`jaxseg.data.preprocess.invert_prediction`) and written as `<case><ending>` with the input's
-shape, affine and header (atomically). `--save-probabilities` adds `<case>.npz` with the class
-probabilities (K, *input shape) on the input grid. Bad input ends with one line on stderr and
-exit status 2.
+shape, affine and header (atomically). `--min-size N` and `--keep-largest` filter each
+foreground class's face-connected components on the input grid with `jaxseg.classical` (all
+classes in one jitted call on the default device, see `postprocess_label`).
+`--save-probabilities` adds `<case>.npz` with the class probabilities (K, *input shape) on the
+input grid. Bad input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -222,26 +225,51 @@ def _stem(path) -> str:
   return path.name[:len(path.name) - len(_ending(path) or "")]
 
 
-def keep_largest_component(label: np.ndarray, values) -> np.ndarray:
+# Bytes of device memory per voxel and class that the component filtering may take at once
+# (mask, int32 labels, int32 sizes, temporaries; see jaxseg.classical.postprocess).
+_POSTPROCESS_BUDGET = 2 << 30
+
+
+def postprocess_label(label, values, *, keep_largest: bool = False, min_size: int = 0):
+  """Per label value in `values`: drops the face-connected components of fewer than `min_size`
+  voxels, then, with `keep_largest`, all but the largest one left (ties: the raster-first
+  component); dropped voxels become 0.
+
+  Runs through `jaxseg.classical.filter_components_per_class`: the label map goes to the
+  default device once, all classes are labelled in one jitted call (batched over classes, a few
+  at a time when the volume is large) and the result comes back once. `keep_largest` alone
+  equals the former host implementation (`scipy.ndimage.label` per class, `np.argmax` of the
+  component sizes), close to nnU-Net's per-class "remove all but the largest component" (which
+  keeps every component tied for the largest size). Returns a NumPy array like `label`.
+
+  The label map is on the host here: `inference.predict_volume` returns host probabilities and
+  `preprocess.invert_prediction` resamples on the host, and the components are those of the
+  input grid (as nnU-Net's post-processing), so it travels to the device once and back once.
+  """
+  from jaxseg import classical  # noqa: PLC0415
+  values = [int(v) for v in values]
+  if not values or not (keep_largest or min_size > 1):
+    return np.asarray(label)
+  per_class = 16 * max(int(np.size(label)), 1)
+  batch = max(1, _POSTPROCESS_BUDGET // per_class)
+  out = classical.filter_components_per_class(
+      label, values, keep_largest=keep_largest, min_size=min_size, connectivity=1,
+      batch_size=None if batch >= len(values) else batch)
+  return np.asarray(out)
+
+
+def keep_largest_component(label, values) -> np.ndarray:
   """Per label value in `values`, keeps only its largest face-connected component (the rest
-  becomes 0), as nnU-Net's `remove_all_but_largest_component` per class."""
-  from scipy import ndimage  # noqa: PLC0415
-  out = np.array(label, copy=True)
-  for v in values:
-    mask = out == v
-    if not mask.any():
-      continue
-    comps, n = ndimage.label(mask)
-    if n > 1:
-      sizes = np.bincount(comps.ravel())
-      sizes[0] = 0
-      out[mask & (comps != int(np.argmax(sizes)))] = 0
-  return out
+  becomes 0); `postprocess_label(label, values, keep_largest=True)`."""
+  return postprocess_label(label, values, keep_largest=True)
 
 
 def predict_case(run: Run, paths, *, tta: bool = True, keep_largest: bool = False,
-                 probabilities: bool = False):
+                 probabilities: bool = False, min_size: int = 0):
   """Segments one case given its channel files.
+
+  `keep_largest` and `min_size` filter the components of every foreground class on the input
+  grid (`postprocess_label`).
 
   Returns (label values on the input grid, the input's Geometry, probabilities (K, *input
   shape) float32 or None).
@@ -263,8 +291,8 @@ def predict_case(run: Run, paths, *, tta: bool = True, keep_largest: bool = Fals
   classes = np.argmax(probs, axis=-1).astype(np.int16)
   values = np.asarray(run.plan["label_values"], np.int32)
   label = values[pp.invert_prediction(classes, record)]
-  if keep_largest:
-    label = keep_largest_component(label, values[1:])
+  if keep_largest or min_size > 1:
+    label = postprocess_label(label, values[1:], keep_largest=keep_largest, min_size=min_size)
   prob_out = (pp.invert_probabilities(np.moveaxis(probs, -1, 0), record) if probabilities
               else None)
   return label, geometry, prob_out
@@ -277,7 +305,8 @@ def save_npz_atomic(path, **arrays) -> None:
 
 
 def predict(workdir, input_path, output_dir, *, tta: bool = True, keep_largest: bool = False,
-            save_probabilities: bool = False, checkpoint: str = "best", log=print) -> list:
+            save_probabilities: bool = False, checkpoint: str = "best", min_size: int = 0,
+            log=print) -> list:
   """Predicts every case under `input_path` into `output_dir`; returns the written paths."""
   run = load_run(workdir, checkpoint=checkpoint)
   cases = find_cases(input_path, len(run.channel_names), run.channel_names)
@@ -289,7 +318,7 @@ def predict(workdir, input_path, output_dir, *, tta: bool = True, keep_largest: 
   for case, paths in cases.items():
     t = time.time()
     label, geometry, probs = predict_case(run, paths, tta=tta, keep_largest=keep_largest,
-                                          probabilities=save_probabilities)
+                                          probabilities=save_probabilities, min_size=min_size)
     target = out / f"{case}{_ending(paths[0])}"
     io.write_image(target, label, geometry)
     written.append(target)
@@ -312,6 +341,9 @@ def parse_args(argv):
                  help="also write <case>.npz with class probabilities on the input grid")
   p.add_argument("--keep-largest", action="store_true",
                  help="keep only the largest connected component of each class")
+  p.add_argument("--min-size", type=int, default=0, metavar="N",
+                 help="remove connected components of fewer than N voxels of each class "
+                      "(before --keep-largest; default 0: none)")
   p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   return p.parse_args(argv)
 
@@ -321,8 +353,11 @@ def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from jaxseg.validate import user_errors  # noqa: PLC0415
   try:
+    if args.min_size < 0:
+      raise PredictError(f"--min-size must be >= 0, got {args.min_size}")
     predict(args.workdir, args.input, args.output, tta=args.tta, keep_largest=args.keep_largest,
-            save_probabilities=args.save_probabilities, checkpoint=args.checkpoint)
+            save_probabilities=args.save_probabilities, checkpoint=args.checkpoint,
+            min_size=args.min_size)
   except (PredictError, InvalidDatasetError, *user_errors()) as e:
     print(f"error: {e}".splitlines()[0], file=sys.stderr)
     return 2

@@ -257,8 +257,8 @@ def _batch_metrics(pred, ref, tolerance, spacing):
   d_pr = jnp.where(bp, to_ref, jnp.nan)
   d_rp = jnp.where(br, to_pred, jnp.nan)
   # fmax skips the NaN of an empty direction, so one empty mask gives inf.
-  hd95 = jnp.fmax(jnp.nanpercentile(d_pr, 95.0, axis=1),
-                  jnp.nanpercentile(d_rp, 95.0, axis=1))
+  hd95 = jnp.fmax(_percentile_of_distances(d_pr, 95.0),
+                  _percentile_of_distances(d_rp, 95.0))
   total = (jnp.where(bp, to_ref, 0.0).sum(1) +
            jnp.where(br, to_pred, 0.0).sum(1))
   within = ((bp & (to_ref <= tolerance)).sum(1) +
@@ -268,6 +268,46 @@ def _batch_metrics(pred, ref, tolerance, spacing):
   nsd = jnp.where(n > 0, within / jnp.maximum(n, 1), nan)
   return {"hd95": hd95.astype(jnp.float32), "assd": assd_.astype(jnp.float32),
           "nsd": nsd.astype(jnp.float32)}
+
+
+def _percentile_of_distances(d, percent: float):
+  """``jnp.nanpercentile(d, percent, axis=1)`` (linear interpolation) of non-negative ``d``
+  ``(B, N)``; NaN entries are left out, NaN where a row has none.
+
+  The two order statistics around the percentile's position are found by a binary search on
+  the float32 bit patterns (which order non-negative floats as their values): 31 counting
+  passes over ``d`` instead of a sort (6x faster on CPU for 4 x 64^3). The order statistics
+  are exact; the interpolation between them may differ from jnp's in the last bit (float32
+  rounding), and where both order statistics are equal the value is returned as it is, so
+  that all-``inf`` distances give ``inf`` (interpolating gives ``inf * 0 = NaN``).
+  """
+  valid = ~jnp.isnan(d)
+  inf_bits = 0x7F800000
+  # NaN entries get a pattern above every candidate, so they are never counted.
+  bits = jnp.where(valid, lax.bitcast_convert_type(d.astype(jnp.float32), jnp.int32),
+                   jnp.int32(inf_bits + 1))
+  n = valid.sum(1, dtype=jnp.int32)
+  pos = jnp.float32(percent / 100.0) * (n - 1).astype(jnp.float32)
+  low, high = jnp.floor(pos), jnp.ceil(pos)
+  ranks = jnp.stack([low, high], 1).astype(jnp.int32)  # (B, 2)
+
+  def halve(_, bounds):
+    # Smallest bit pattern t with #(d <= t) > rank, for both ranks at once.
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    count = (bits[:, None, :] <= mid[..., None]).sum(-1, dtype=jnp.int32)
+    enough = count > ranks
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo = jnp.zeros(ranks.shape, jnp.int32)
+  hi = jnp.full(ranks.shape, inf_bits, jnp.int32)
+  found, _ = lax.fori_loop(0, 31, halve, (lo, hi))
+  values = lax.bitcast_convert_type(found, jnp.float32)
+  v_low, v_high = values[:, 0], values[:, 1]
+  w_high = pos - low
+  interp = v_low * (1 - w_high) + v_high * w_high
+  out = jnp.where(v_low == v_high, v_low, interp)
+  return jnp.where(n > 0, out, jnp.nan)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxseg import (checkpoint, compile_options, inference, metrics, optim, report, sharding, steps,
                     validate)
-from jaxseg.data import pipeline, sampling
+from jaxseg.data import loader, pipeline
 from jaxseg.models import build_model
 from jaxseg.state import TrainState
 
@@ -166,12 +166,7 @@ def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=N
   state = init_state(model, tx, seed=config.seed, in_channels=data.in_channels, mesh=mesh,
                      params=params)
   if batch_fn is None:
-    sampler = sampling.PatchSampler(data.train_images, data.train_labels,
-                                    patch_size=config.data.patch_size,
-                                    foreground_fraction=config.data.foreground_fraction,
-                                    seed=config.seed)
-    b = config.train.batch_size
-    batch_fn = lambda step, indices: sampler.batch(step, b, indices)  # noqa: E731
+    batch_fn = loader.for_training(data, config, mesh)
   key = jax.make_array_from_process_local_data(
       sharding.replicated(mesh), np.asarray(jax.random.key_data(jax.random.key(config.seed))))
   return Trainer(config=config, data=data, model=model, mesh=mesh, tx=tx, state=state,
@@ -233,8 +228,12 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "",
   t_loop = time.time()
   t_window, steps_window = time.time(), 0
   first_step_s = None
+  wait_s, fetched = 0.0, 0
   for step in range(start_step, num_steps):
-    state, m = t.train_step(state, t.batch(step), t.key)
+    t_fetch = time.perf_counter()
+    batch = t.batch(step)
+    wait_s, fetched = wait_s + time.perf_counter() - t_fetch, fetched + 1
+    state, m = t.train_step(state, batch, t.key)
     steps_window += 1
     done = step + 1
     if first_step_s is None:
@@ -250,6 +249,8 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "",
       dt = max(time.time() - t_window, 1e-9)
       rate = steps_window / dt if steps_window else None
       extra = "".join(f" | {k} {float(v):.4f}" for k, v in m.items() if k not in ("loss", "grad_norm"))
+      extra += f" | data wait {wait_s / max(fetched, 1) * 1e3:.1f} ms/step"
+      wait_s, fetched = 0.0, 0
       log(prefix + progress_line(done, num_steps, loss, extra, rate, voxels_per_step, first_step_s))
       if jax.process_index() == 0:
         report.append_jsonl(metrics_path, {"split": "train", "step": done, "steps_per_s": rate,

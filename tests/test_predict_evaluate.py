@@ -113,6 +113,48 @@ def test_predict_round_trip_keeps_the_input_grid(trained, tmp_path):
   assert list(np.load(out / "case1.npz")["label_values"]) == [0, 1, 2]
 
 
+def _host_keep_largest(label, values):
+  """The former host implementation of `predict --keep-largest` (scipy, one class at a time)."""
+  out = np.array(label, copy=True)
+  for v in values:
+    mask = out == v
+    if not mask.any():
+      continue
+    comps, n = ndimage.label(mask)
+    if n > 1:
+      sizes = np.bincount(comps.ravel())
+      sizes[0] = 0
+      out[mask & (comps != int(np.argmax(sizes)))] = 0
+  return out
+
+
+def test_predict_keep_largest_equals_the_host_implementation(trained, monkeypatch):
+  """predict_case's --keep-largest / --min-size (jaxseg.classical, on the device) against the
+  scipy code it replaced, on a case whose predicted classes are in many pieces (the network's
+  probabilities replaced by blotches; resampled and reoriented back to the input grid)."""
+  from jaxseg import inference
+
+  def blotches(apply_fn, params, image, **_):
+    rng = np.random.default_rng(0)
+    noise = ndimage.uniform_filter(rng.random(image.shape[1:] + (3,)), (3, 3, 3, 1))
+    return noise / noise.sum(-1, keepdims=True)
+
+  monkeypatch.setattr(inference, "predict_volume", blotches)
+  root, workdir, _ = trained
+  run = predict.load_run(workdir)
+  paths = [root / "imagesTr" / f"case1_{c:04d}.nii.gz" for c in (0, 1)]
+  raw, _, _ = predict.predict_case(run, paths, tta=False)
+  kept, _, _ = predict.predict_case(run, paths, tta=False, keep_largest=True)
+  want = _host_keep_largest(raw, (1, 2))
+  assert (want != raw).any()  # there was something to remove
+  np.testing.assert_array_equal(kept, want)
+  small, _, _ = predict.predict_case(run, paths, tta=False, min_size=4)
+  for v in (1, 2):
+    comps, _ = ndimage.label(raw == v)
+    sizes = np.bincount(comps.ravel())
+    np.testing.assert_array_equal(small == v, (comps > 0) & (sizes[comps] >= 4))
+
+
 def _write_like(path, array, like):
   img = nib.load(str(like))
   nib.save(nib.Nifti1Image(np.asarray(array, np.uint8), img.affine, img.header), str(path))

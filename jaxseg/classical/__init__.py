@@ -1,7 +1,8 @@
 """Classical segmentation kernels: jitted, vmappable, N-D, equal to their references.
 
 Thresholds (skimage / SimpleITK), seeded region growing (SimpleITK /
-skimage), connected components (scipy) and fuzzy C-means (scikit-fuzzy), each
+skimage), connected components (scipy), per-class component filtering of label
+maps (post-processing) and fuzzy C-means (scikit-fuzzy), each
 a function of arrays with keyword-only options; see the module docstrings for
 the algorithms and the deliberate differences from the references.
 """
@@ -11,6 +12,9 @@ from jaxseg.classical.components import largest_component
 from jaxseg.classical.components import remove_small_components
 from jaxseg.classical.fuzzy_cmeans import fuzzy_cmeans
 from jaxseg.classical.fuzzy_cmeans import spatial_fuzzy_cmeans
+from jaxseg.classical.postprocess import filter_components_per_class
+from jaxseg.classical.postprocess import largest_component_per_class
+from jaxseg.classical.postprocess import remove_small_components_per_class
 from jaxseg.classical.region_growing import confidence_connected
 from jaxseg.classical.region_growing import region_grow
 from jaxseg.classical.threshold import apply_threshold
@@ -22,11 +26,14 @@ from jaxseg.classical.threshold import threshold_otsu
 __all__ = [
     "apply_threshold",
     "confidence_connected",
+    "filter_components_per_class",
     "fuzzy_cmeans",
     "label",
     "largest_component",
+    "largest_component_per_class",
     "region_grow",
     "remove_small_components",
+    "remove_small_components_per_class",
     "spatial_fuzzy_cmeans",
     "threshold_local",
     "threshold_minimum_error",

@@ -28,6 +28,8 @@ class SegData:
   class_names: list
   channel_names: list
   plan: dict | None = None  # real datasets: preprocessing plan and label values (see real.py)
+  # Real datasets: one loader.CaseMeta per training case, from the cache (None: computed).
+  train_meta: list | None = None
 
   @property
   def num_classes(self) -> int:
@@ -79,7 +81,7 @@ def fold_split(case_ids, data_config):
 def load_cases(config) -> SegData:
   """Loads and splits the dataset named by `config.data` (see the module docstring)."""
   data = config.data
-  plan = None
+  plan = metas = None
   if data.get("root"):
     from jaxseg.data import real  # noqa: PLC0415  (imports nibabel only when needed)
     prepared = real.prepare(config)
@@ -87,6 +89,7 @@ def load_cases(config) -> SegData:
     train_ids, val_ids = fold_split(sorted(cases), data)
     plan = dict(prepared.plan, split={"fold": data.get("fold", 0), "train": train_ids,
                                       "val": val_ids})
+    metas = [prepared.metas[i] for i in train_ids]
   else:
     cases, names, channels = _phantoms(data, config.seed)
     train_ids, val_ids = seeded_split(sorted(cases), num_val=data.num_val, seed=config.seed)
@@ -94,7 +97,7 @@ def load_cases(config) -> SegData:
       train_images=[cases[i][0] for i in train_ids], train_labels=[cases[i][1] for i in train_ids],
       train_ids=train_ids,
       val_images=[cases[i][0] for i in val_ids], val_labels=[cases[i][1] for i in val_ids],
-      val_ids=val_ids, class_names=names, channel_names=channels, plan=plan)
+      val_ids=val_ids, class_names=names, channel_names=channels, plan=plan, train_meta=metas)
 
 
 PLAN_FILE = "plan.json"

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxseg import cache
 from jaxseg.data import dataset as ds
+from jaxseg.data import loader
 from jaxseg.data import preprocess as pp
 from jaxseg.data.errors import InvalidDatasetError
 
@@ -33,13 +34,16 @@ _FINGERPRINT_VERSION = 2  # 2: constant_channels
 
 @dataclasses.dataclass
 class RealData:
-  """cases: case id -> (image float32 (C, *S), label int16 (*S) of class indices);
-  class_names / label_values ordered by label value; channel_names; plan (JSON-ready dict)."""
+  """cases: case id -> (image float32 (C, *S), label (*S) of class indices), read-only memmaps
+  of the cache (labels with values other than 0..K-1 as `loader.MappedLabel`s, mapped on read);
+  class_names / label_values ordered by label value; channel_names; plan (JSON-ready dict);
+  metas: case id -> `loader.CaseMeta` (foreground points, image minimum) from the cache."""
   cases: dict
   class_names: list
   label_values: list
   channel_names: list
   plan: dict
+  metas: dict = dataclasses.field(default_factory=dict)
 
 
 def cache_root(config) -> pathlib.Path:
@@ -122,11 +126,20 @@ def settings_from_dict(d: dict[str, Any]) -> pp.PreprocessSettings:
   return pp.PreprocessSettings(**{k: tup(v) for k, v in d.items()})
 
 
-def prepare(config) -> RealData:
+def _log(msg: str) -> None:
+  import jax  # noqa: PLC0415
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def prepare(config, *, log=_log) -> RealData:
   """Indexes, plans and preprocesses (cached) the dataset at `config.data.root`.
 
-  Returns a `RealData`; its plan holds the preprocessing settings, the dataset's file ending,
-  dimensionality, channels and label values (see `jaxseg.predict`).
+  Cases missing from the cache are preprocessed by `config.data.preprocess_workers` processes
+  (default `preprocess.default_workers()`), with progress lines through `log`
+  (`preprocess.preprocess_dataset`; default: printed by process 0). Returns a `RealData`; its plan holds the preprocessing
+  settings, the dataset's file ending, dimensionality, channels and label values (see
+  `jaxseg.predict`).
   """
   index = index_for(config)
   class_names, values = class_table(index)
@@ -138,10 +151,10 @@ def prepare(config) -> RealData:
   lut = np.zeros(max(values) + 1, np.int16)
   lut[values] = np.arange(len(values), dtype=np.int16)
   contiguous = values == list(range(len(values)))
-  cases = {}
-  for case in index.cases:
-    image, label, _ = pp.cached_preprocess(index, case, settings, cache)
-    cases[case] = (image, label if contiguous else lut[np.asarray(label)])
+  entries = pp.preprocess_dataset(index, index.cases, settings, cache,
+                                  workers=config.data.get("preprocess_workers", 0) or None, log=log)
+  cases = {case: (e.image, e.label if contiguous else loader.MappedLabel(e.label, lut))
+           for case, e in entries.items()}
   plan = {
       "version": PLAN_VERSION,
       "dataset": {"root": str(index.root.resolve()), "name": index.name,
@@ -154,7 +167,8 @@ def prepare(config) -> RealData:
       "median_spacing": [float(v) for v in np.median(fingerprint["spacings"], axis=0)],
   }
   return RealData(cases=cases, class_names=class_names, label_values=values,
-                  channel_names=list(index.channel_names), plan=plan)
+                  channel_names=list(index.channel_names), plan=plan,
+                  metas={case: e.meta for case, e in entries.items()})
 
 
 def _check_foreground(index: ds.DatasetIndex, fingerprint: dict) -> None:
