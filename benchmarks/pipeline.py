@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 from jaxseg import report, sharding, steps, train  # noqa: E402
 from jaxseg.data import augment, loader  # noqa: E402
-from jaxseg.paradigms import supervised  # noqa: E402
+from jaxseg import objectives  # noqa: E402
 
 _PROBS = ("rotation_prob", "scale_prob", "noise_prob", "blur_prob", "brightness_prob",
           "contrast_prob", "lowres_prob", "gamma_prob", "gamma_inverted_prob")
@@ -99,7 +99,7 @@ def run(config, repeats: int):
     sec, first = _timed(lambda i, fn=fn: fn(jax.random.key(i + 1), batch), repeats * 4)
     row(name, sec, first=first, note="jitted augment_batch alone")
 
-  loss_fn = supervised.make_loss_fn(t.model, config, t.data.num_classes)
+  loss_fn = objectives.supervised(t.model, config, t.data.num_classes)
   off = dataclasses.replace(settings, **{k: 0.0 for k in _PROBS}, elastic_prob=0.0)
   variants = {"train step, nnU-Net augmentation": settings, "train step, mirror only": off}
   compiled, compile_s, states = {}, {}, {}

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from jaxseg import optim, sharding, steps, train  # noqa: E402
 from jaxseg.models import build_model  # noqa: E402
-from jaxseg.paradigms import supervised  # noqa: E402
+from jaxseg import objectives  # noqa: E402
 
 
 def peak_memory_mb() -> float:
@@ -50,7 +50,7 @@ def bench_config(name: str, arg: str | None, repeats: int, num_classes: int = 4,
   mesh = sharding.make_mesh()
   model = build_model(config.model, num_classes=num_classes)
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  loss_fn = supervised.make_loss_fn(model, config, num_classes)
+  loss_fn = objectives.supervised(model, config, num_classes)
   t0 = time.perf_counter()
   state = train.init_state(model, tx, seed=0, in_channels=in_channels, mesh=mesh)
   jax.block_until_ready(state)

@@ -280,13 +280,13 @@ def setup_jax_train(spec: dict, job: dict):
 
   from jaxseg import optim, sharding, steps, train
   from jaxseg.models import build_model
-  from jaxseg.paradigms import supervised
+  from jaxseg import objectives
 
   config = jax_config(spec, job["dtype"])
   mesh = sharding.make_mesh()
   model = build_model(config.model, num_classes=spec["classes"])
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  loss_fn = supervised.make_loss_fn(model, config, spec["classes"])
+  loss_fn = objectives.supervised(model, config, spec["classes"])
   state = train.init_state(model, tx, seed=0, in_channels=spec["in_channels"], mesh=mesh)
   step = steps.make_train_step(loss_fn, tx, mesh, config.augment)
   image, label = make_train_data(spec)

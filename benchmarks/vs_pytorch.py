@@ -149,13 +149,13 @@ def setup_jax(spec: dict, t_launch: float):
 
   from jaxseg import inference, optim, sharding, steps as steps_lib, train
   from jaxseg.models import build_model
-  from jaxseg.paradigms import supervised
+  from jaxseg import objectives
 
   config = _jax_config(spec)
   mesh = sharding.make_mesh()
   model = build_model(config.model, num_classes=spec["classes"])
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  loss_fn = supervised.make_loss_fn(model, config, spec["classes"])
+  loss_fn = objectives.supervised(model, config, spec["classes"])
   state = train.init_state(model, tx, seed=0, in_channels=1, mesh=mesh)
   train_step = steps_lib.make_train_step(loss_fn, tx, mesh, config.augment)
   image, label = make_data(spec)
@@ -614,13 +614,13 @@ def profile_jax_step(spec: dict, steps: int) -> dict:
 
   from jaxseg import optim, sharding, steps as steps_lib, train
   from jaxseg.models import build_model
-  from jaxseg.paradigms import supervised
+  from jaxseg import objectives
 
   config = _jax_config(spec)
   mesh = sharding.make_mesh()
   model = build_model(config.model, num_classes=spec["classes"])
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  loss_fn = supervised.make_loss_fn(model, config, spec["classes"])
+  loss_fn = objectives.supervised(model, config, spec["classes"])
   state = train.init_state(model, tx, seed=0, in_channels=1, mesh=mesh)
   step = steps_lib.make_train_step(loss_fn, tx, mesh, config.augment)
   image, label = make_data(spec)

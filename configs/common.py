@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.gamma_retain_stats = True
 
   c.loss = ml_collections.ConfigDict()
+  c.loss.name = "dice_ce"  # 'dice_ce': nnU-Net's Dice + cross-entropy; 'ce': cross-entropy alone
   c.loss.batch_dice = False
 
   c.optimizer = ml_collections.ConfigDict()
@@ -123,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.overlap = 0.5  # sliding-window step as a fraction of the patch
   c.eval.batch_size = 4  # network inputs per forward pass (tiles, or tiles x flips with TTA)
   c.eval.mirror_axes = ()  # mirror TTA axes, e.g. (0, 1, 2)
+  c.eval.surface_metrics = True  # HD95, ASSD, NSD of every validation case next to Dice
+  c.eval.nsd_tolerance_mm = 1.0  # NSD: border voxels within this distance count as agreeing
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 250

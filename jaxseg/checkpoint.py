@@ -64,7 +64,7 @@ class Checkpointer:
     try:
       return self._latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except (ValueError, KeyError, TypeError) as e:
-      from jaxseg.data.errors import WorkdirMismatchError  # noqa: PLC0415
+      from jaxseg.errors import WorkdirMismatchError  # noqa: PLC0415
       first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
       raise WorkdirMismatchError(
           f"{self._latest.directory / str(step)} holds the state of another model or optimiser "

@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 
 from jaxseg.data import io
-from jaxseg.data.errors import InvalidDatasetError
+from jaxseg.errors import InvalidDatasetError
 
 METRICS = ("dice", "iou", "hd95", "assd", "nsd")
 _MARGIN = 2

@@ -28,7 +28,7 @@ import pathlib
 import jax
 import numpy as np
 
-from jaxseg.validate import ConfigError
+from jaxseg.errors import ConfigError
 
 PARTS = {
     "encoder": lambda name: name.startswith("enc"),

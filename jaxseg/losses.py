@@ -76,18 +76,33 @@ def downsample_labels(labels, factor: int):
   return labels[index]
 
 
-def segmentation_loss(outputs, labels, *, num_classes: int, batch_dice: bool = False):
-  """Dice + CE of one output, or deep-supervision weighted sum over a list of outputs.
+LOSSES = ("dice_ce", "ce")
+
+
+def single_loss(logits, labels, *, name: str = "dice_ce", num_classes: int, batch_dice: bool = False):
+  """The loss `name` of one output: 'dice_ce' (`dice_ce`, nnU-Net's) or 'ce' (`cross_entropy`
+  alone, the classic FCN loss)."""
+  if name == "ce":
+    return cross_entropy(logits, labels)
+  if name == "dice_ce":
+    return dice_ce(logits, labels, num_classes=num_classes, batch_dice=batch_dice)
+  raise ValueError(f"loss {name!r} is not one of {LOSSES}")
+
+
+def segmentation_loss(outputs, labels, *, num_classes: int, batch_dice: bool = False,
+                      name: str = "dice_ce"):
+  """The loss `name` ('dice_ce' or 'ce', `single_loss`) of one output, or the deep-supervision
+  weighted sum over a list of outputs.
 
   `outputs` is logits (N,*S,C) or a list of logits at full, 1/2, 1/4, ... resolution; labels
   are downsampled to each output's size.
   """
+  kw = dict(name=name, num_classes=num_classes, batch_dice=batch_dice)
   if not isinstance(outputs, (list, tuple)):
-    return dice_ce(outputs, labels, num_classes=num_classes, batch_dice=batch_dice)
+    return single_loss(outputs, labels, **kw)
   weights = deep_supervision_weights(len(outputs))
   total = 0.0
   for w, out in zip(weights, outputs):
     factor = labels.shape[1] // out.shape[1]
-    total = total + w * dice_ce(out, downsample_labels(labels, factor),
-                                num_classes=num_classes, batch_dice=batch_dice)
+    total = total + w * single_loss(out, downsample_labels(labels, factor), **kw)
   return total

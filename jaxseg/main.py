@@ -23,8 +23,8 @@ def _runner(name: str):
     from jaxseg import paradigms
     return paradigms.run
   if name == "classical":
-    from jaxseg.classical import pipeline
-    return pipeline.run
+    from jaxseg import classical_run
+    return classical_run.run
   raise ValueError(f"runner={name!r} is not valid; choose one of ['classical', 'train']")
 
 
@@ -124,7 +124,7 @@ def main(argv) -> int:
     return 2
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / config.get("name", "run"))
-  from jaxseg.validate import user_errors
+  from jaxseg.errors import user_errors
   try:
     _runner(config.get("runner", "train"))(config, workdir)
   except user_errors() as e:

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxseg import atomic
 from jaxseg.data import io
-from jaxseg.data.errors import InvalidDatasetError
+from jaxseg.errors import InvalidDatasetError
 
 
 class PredictError(ValueError):
@@ -351,7 +351,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
   """Command-line entry point; returns the exit status (2 for bad input)."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  from jaxseg.validate import user_errors  # noqa: PLC0415
+  from jaxseg.errors import user_errors  # noqa: PLC0415
   try:
     if args.min_size < 0:
       raise PredictError(f"--min-size must be >= 0, got {args.min_size}")

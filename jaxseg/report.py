@@ -9,23 +9,7 @@ import pathlib
 import numpy as np
 
 from jaxseg import atomic
-
-
-def json_safe(obj):
-  """`obj` with NumPy scalars and arrays as Python values and every NaN or infinite float as
-  None: what `json` writes as standard JSON (`null`; bare NaN/Infinity are not JSON). Dicts,
-  lists and tuples are converted recursively; other objects are returned as they are."""
-  if isinstance(obj, dict):
-    return {k: json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_safe(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return json_safe(obj.tolist())
-  if isinstance(obj, (np.floating, np.integer, np.bool_)):
-    obj = obj.item()
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  return obj
+from jaxseg.atomic import dumps, json_safe, write_json_atomic  # noqa: F401  (report's JSON API)
 
 
 def none_to_nan(obj):
@@ -36,18 +20,6 @@ def none_to_nan(obj):
   if isinstance(obj, list):
     return [none_to_nan(v) for v in obj]
   return math.nan if obj is None else obj
-
-
-def dumps(obj, **kwargs) -> str:
-  """Standard JSON text of `obj` (see `json_safe`); raises TypeError for objects JSON lacks."""
-  return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
-
-
-def write_json_atomic(path, obj) -> None:
-  """Writes `obj` as JSON (`dumps`) to a temporary file in the same folder, then renames it
-  over `path`."""
-  with atomic.atomic_path(path) as tmp, open(tmp, "w") as f:
-    json.dump(json_safe(obj), f, allow_nan=False, indent=2)
 
 
 def append_jsonl(path, record: dict) -> None:

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import (checkpoint, compile_options, inference, metrics, optim, report, sharding, steps,
-                    validate)
+from jaxseg import (checkpoint, compile_options, inference, metrics, objectives, optim, report,
+                    sharding, steps, validate)
 from jaxseg.data import loader, pipeline
 from jaxseg.models import build_model
 from jaxseg.state import TrainState
@@ -93,24 +93,37 @@ def init_state(model, tx, *, seed: int, in_channels: int, mesh, params=None) -> 
                  compiler_options=options)()
 
 
-def evaluate(predict_fn, params, data: pipeline.SegData, config, *, keep_predictions=False):
-  """Dice/IoU of sliding-window predictions on the validation cases.
+def eval_spacing(data: pipeline.SegData):
+  """Voxel size (mm) of the validation arrays: the preprocessing's target spacing for a real
+  dataset, 1 per axis for the phantoms (None)."""
+  plan = data.plan or {}
+  spacing = (plan.get("preprocessing") or {}).get("target_spacing")
+  return tuple(float(v) for v in spacing) if spacing else None
 
-  Returns (summary dict from `metrics.summarise`, per-case dice (N, K), predictions or None).
+
+def evaluate(predict_fn, params, data: pipeline.SegData, config, *, keep_predictions=False):
+  """Scores of sliding-window predictions on the validation cases: Dice and IoU, and with
+  `config.eval.surface_metrics` (default on) HD95, ASSD and NSD (`metrics.score_cases`, on the
+  device, in mm on the preprocessed grid; NSD tolerance `config.eval.nsd_tolerance_mm`).
+
+  Returns (summary, per-case dice (N, K), predictions or None). The summary holds the means
+  and per-class scores, `eval_s` (seconds of the whole evaluation) and `metrics_fraction` (the
+  share of it spent scoring; the rest is prediction).
   """
+  t0 = time.perf_counter()
   preds = []
   for image in data.val_images:
     probs = inference.predict_volume(predict_fn, params, image, patch=tuple(config.data.patch_size),
                                      overlap=config.eval.overlap, batch_size=config.eval.batch_size,
                                      mirror_axes=tuple(config.eval.mirror_axes))
     preds.append(np.argmax(probs, axis=-1).astype(np.uint8))
-  dices, ious = [], []
-  for pred, ref in zip(preds, data.val_labels):
-    d, i = metrics.dice_iou(jnp.asarray(pred)[None], jnp.asarray(ref)[None], num_classes=data.num_classes)
-    dices.append(np.asarray(d)[0])
-    ious.append(np.asarray(i)[0])
-  summary = metrics.summarise(np.stack(dices), np.stack(ious), data.class_names)
-  return summary, np.stack(dices), (preds if keep_predictions else None)
+  summary, per_case = metrics.score_cases(
+      preds, data.val_labels, class_names=data.class_names, spacing=eval_spacing(data),
+      surface_metrics=config.eval.get("surface_metrics", True),
+      nsd_tolerance=config.eval.get("nsd_tolerance_mm", 1.0))
+  summary["eval_s"] = time.perf_counter() - t0
+  summary["metrics_fraction"] = summary["metrics_s"] / max(summary["eval_s"], 1e-9)
+  return summary, per_case["dice"], (preds if keep_predictions else None)
 
 
 @dataclasses.dataclass
@@ -145,7 +158,7 @@ def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=N
   `devices` (default: all) restricts the mesh, e.g. to compare 1 and 8 devices in a test.
   Paradigms replace parts: `data` (a `SegData`, default `pipeline.load_cases(config)`),
   `model` (default from `config.model`), `loss_fn` (params, batch, key) -> (loss, aux) (default
-  supervised Dice + CE), `batch_fn` (default: patches of `data` with foreground oversampling)
+  `objectives.supervised`: `config.loss.name`, Dice + CE unless set), `batch_fn` (default: patches of `data` with foreground oversampling)
   and `params` (initial parameters, e.g. a previous stage's; default: a fresh init);
   `loss_consts`: arrays passed to `loss_fn` as a fourth argument (see `steps.make_train_step`).
   """
@@ -156,8 +169,7 @@ def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=N
   model = model if model is not None else build_model(config.model, num_classes=data.num_classes)
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
   if loss_fn is None:
-    from jaxseg.paradigms import supervised  # noqa: PLC0415
-    loss_fn = supervised.make_loss_fn(model, config, data.num_classes)
+    loss_fn = objectives.supervised(model, config, data.num_classes)
   if params is None and config.get("init_from"):
     from jaxseg import init_from  # noqa: PLC0415
     fresh = init_state(model, tx, seed=config.seed, in_channels=data.in_channels, mesh=mesh).params
@@ -173,6 +185,17 @@ def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=N
                  train_step=steps.make_train_step(loss_fn, tx, mesh, config.augment,
                                                     loss_consts=loss_consts),
                  predict_fn=steps.make_predict_fn(model), batch_fn=batch_fn, key=key)
+
+
+def eval_costs(summary: dict) -> str:
+  """The surface metrics and the evaluation's cost for the eval log line ('' when absent)."""
+  out = ""
+  if "mean_hd95" in summary:
+    out += (f" | HD95 {summary['mean_hd95']:.2f} ASSD {summary['mean_assd']:.2f} mm"
+            f" NSD {summary['mean_nsd']:.3f}")
+  if "eval_s" in summary:
+    out += f" | eval {summary['eval_s']:.1f} s, scoring {100 * summary.get('metrics_fraction', 0):.0f}%"
+  return out
 
 
 def progress_line(done: int, num_steps: int, loss: float, extra: str, rate, voxels_per_step: int,
@@ -262,7 +285,8 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "",
       per_class = summary.get("dice_per_class", {})
       log(f"{prefix}eval  {done:>6} | mean Dice {summary['mean_dice']:.4f}"
           + (f" | mean IoU {summary['mean_iou']:.4f}" if "mean_iou" in summary else "")
-          + (" | " + " ".join(f"{k} {v:.3f}" for k, v in per_class.items()) if per_class else ""))
+          + (" | " + " ".join(f"{k} {v:.3f}" for k, v in per_class.items()) if per_class else "")
+          + eval_costs(summary))
       if jax.process_index() == 0:
         report.append_jsonl(metrics_path, {"split": "val", "step": done, **summary})
       ckpt.save_best(done, state, {"mean_dice": summary["mean_dice"]})
@@ -297,7 +321,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   num_steps = config.train.num_steps
   log(f"jaxseg: {config.get('name', 'run')} | model={config.model.name} {config.model.spatial_dims}D "
       f"| devices={jax.device_count()} ({device_name()}) x {jax.process_count()} process(es) "
-      f"| dtype={config.model.get('dtype', 'float32')} "
+      f"| dtype={config.model.get('dtype', 'float32')} | loss={config.loss.get('name', 'dice_ce')} "
       f"| conv={conv_impl_name(config.model)} "
       f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={workdir}")
   state, stats = fit(t, workdir, wall_start=t_start)
@@ -309,6 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     report.append_jsonl(metrics_path, {"split": "val", "step": num_steps, **summary})
   result = {
       "config": config.to_dict(),
+      "loss": config.loss.get("name", "dice_ce"),
       "steps": num_steps,
       "steps_this_run": stats["steps_this_run"],
       **wall_times(t_start, [stats["wall_time_before_s"]]),  # all runs of this workdir

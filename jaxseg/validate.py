@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-
-class ConfigError(ValueError):
-  """A config field has a value the run cannot use."""
-
-
-def user_errors() -> tuple:
-  """Exceptions that report bad input (config, files, data) rather than a bug in jaxseg.
-
-  The command-line tools print these as one line and exit with status 2, no traceback.
-  """
-  errors = [ConfigError, FileNotFoundError, FloatingPointError]
-  try:
-    from jaxseg.data.errors import InvalidDatasetError, WorkdirMismatchError
-    errors += [InvalidDatasetError, WorkdirMismatchError]
-  except ImportError:
-    pass
-  return tuple(errors)
+from jaxseg.errors import ConfigError
 
 
 def _choice(field, value, choices):
@@ -41,6 +25,7 @@ def _check_conv_impl(impl):
 
 def check_train_config(config, *, device_count: int) -> None:
   """Raises ConfigError for the first problem found in a training config."""
+  from jaxseg import losses
   from jaxseg.models import MODELS
   from jaxseg.optim import OPTIMIZERS
   from jaxseg.paradigms import PARADIGMS
@@ -49,6 +34,7 @@ def check_train_config(config, *, device_count: int) -> None:
   _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
   _choice("optimizer.schedule", config.optimizer.get("schedule", "poly"), {"poly", "cosine", "constant"})
   _choice("paradigm", config.get("paradigm", "supervised"), PARADIGMS)
+  _choice("loss.name", config.loss.get("name", "dice_ce"), losses.LOSSES)
   _choice("model.spatial_dims", config.model.spatial_dims, {2, 3})
   _check_conv_impl(config.model.get("conv_impl", "auto"))
   _positive("train.num_steps", config.train.num_steps)

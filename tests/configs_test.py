@@ -25,18 +25,18 @@ def test_config_builds_and_steps(name, arg, tmp_path):
   assert config.name
   runner = config.get("runner", "train")
   if runner == "classical":
-    pytest.importorskip("jaxseg.classical.pipeline")
-    from jaxseg.classical import pipeline
+    pytest.importorskip("jaxseg.classical_run")
+    from jaxseg import classical_run
     with config.unlocked():
       config.data.cache_dir = str(tmp_path)
       config.data.num_cases = 2
       config.data.num_val = 1
       config.data.phantom_shape = (16, 16, 16)
-    result = pipeline.run(config, tmp_path / "run")
+    result = classical_run.run(config, tmp_path / "run")
     # The written masks and report.json agree with a NumPy Dice per case.
     import json
     import nibabel as nib
-    data = pipeline.pipeline.load_cases(config)
+    data = classical_run.pipeline.load_cases(config)
     target = [data.class_names.index(t) for t in config.classical.target]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     ids = data.train_ids + data.val_ids

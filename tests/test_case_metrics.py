@@ -128,3 +128,27 @@ def test_bad_input():
   with pytest.raises(ValueError, match="spacings"):
     metrics.case_metrics(np.zeros((4, 4), int), np.zeros((4, 4), int), num_classes=2,
                          spacing=(1, 1, 1))
+
+
+def test_score_cases_by_hand():
+  """Two 2D cases, classes background/a/b at 2 mm x 1 mm: case 0 perfect; case 1 has class a
+  shifted by one row (2 mm) and class b missing from the prediction."""
+  ref = np.zeros((8, 8), np.int32)
+  ref[2:5, 2:5] = 1
+  ref[6:8, 6:8] = 2
+  shifted = np.zeros_like(ref)
+  shifted[3:6, 2:5] = 1
+  summary, per_case = metrics.score_cases([ref, shifted], [ref, ref], class_names=["bg", "a", "b"],
+                                          spacing=(2.0, 1.0), nsd_tolerance=1.0)
+  np.testing.assert_allclose(per_case["dice"][0], [1, 1, 1])
+  np.testing.assert_allclose(per_case["dice"][1, 1:], [2 * 6 / 18, 0.0])
+  np.testing.assert_allclose(per_case["hd95"][0, 1:], [0.0, 0.0])
+  assert per_case["hd95"][1, 1] == pytest.approx(2.0) and np.isinf(per_case["hd95"][1, 2])
+  assert per_case["nsd"][1, 2] == 0.0 and np.isnan(per_case["hd95"][0, 0])
+  assert summary["dice_per_class"] == pytest.approx({"a": (1 + 2 / 3) / 2, "b": 0.5})
+  assert summary["hd95_per_class"]["a"] == pytest.approx(1.0) and np.isinf(summary["mean_hd95"])
+  assert summary["metrics_s"] > 0
+  dice_only, per = metrics.score_cases([shifted], [ref], class_names=["bg", "a", "b"],
+                                       surface_metrics=False)
+  assert set(per) == {"dice", "iou"} and "mean_hd95" not in dice_only
+  assert dice_only["mean_dice"] == pytest.approx((2 / 3 + 0) / 2)

@@ -57,6 +57,8 @@ def test_front_door_with_the_default_config(isa, tmp_path):
   report = json.loads((workdir / "report.json").read_text())
   assert report["steps"] == 8 and len(report["per_case"]) == 4
   assert 0.0 <= report["metrics"]["mean_dice"] <= 1.0
+  assert 0.0 <= report["metrics"]["mean_nsd"] <= 1.0  # surface metrics at every evaluation
+  assert "HD95" in r.stdout and "scoring" in r.stdout  # ... in the eval line, with their cost
   losses = _losses(workdir)
   assert len(losses) == 8 and np.all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < np.mean(losses[:3])  # Adam at 3e-3 lowers Dice + CE at once

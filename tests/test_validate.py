@@ -4,7 +4,8 @@ import pytest
 
 import helpers  # noqa: F401
 import unet3d
-from jaxseg.validate import ConfigError, check_train_config
+from jaxseg.errors import ConfigError
+from jaxseg.validate import check_train_config
 
 
 def _cfg():
@@ -16,6 +17,7 @@ def _cfg():
 @pytest.mark.parametrize("field,value,message", [
     ("model.name", "resnet", r"model.name='resnet' is not valid; choose one of \['fcn', 'unet'\]"),
     ("optimizer.name", "lamb", r"optimizer.name='lamb' is not valid; choose one of \['adam', 'adamw', 'sgd'\]"),
+    ("loss.name", "focal", r"loss.name='focal' is not valid; choose one of \['ce', 'dice_ce'\]"),
     ("paradigm", "magic", r"paradigm='magic' is not valid; choose one of"),
     ("train.num_steps", 0, r"train.num_steps must be a positive integer, got 0"),
     ("train.batch_size", -2, r"train.batch_size must be a positive integer, got -2"),

@@ -13,7 +13,7 @@ import pytest
 from helpers import tiny
 import unet3d  # noqa: E402 (configs/ is on the path once helpers is imported)
 from jaxseg import predict, train
-from jaxseg.data.errors import InvalidDatasetError, WorkdirMismatchError
+from jaxseg.errors import InvalidDatasetError, WorkdirMismatchError
 from test_predict_evaluate import make_dataset
 
 

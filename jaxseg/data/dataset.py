@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from jaxseg.data import io
-from jaxseg.data.errors import InvalidDatasetError
+from jaxseg.errors import InvalidDatasetError
 
 # Tolerance for "same grid" between channels and the label (mm / relative).
 AFFINE_ATOL = 1e-3

@@ -23,7 +23,7 @@ from nibabel import orientations
 from PIL import Image
 
 from jaxseg import atomic
-from jaxseg.data.errors import InvalidDatasetError
+from jaxseg.errors import InvalidDatasetError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 PNG_ENDINGS = (".png",)

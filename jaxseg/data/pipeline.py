@@ -68,7 +68,7 @@ def fold_split(case_ids, data_config):
   Raises ConfigError naming the fields when the fold is invalid for the number of cases.
   """
   from jaxseg.data import dataset  # noqa: PLC0415
-  from jaxseg.validate import ConfigError  # noqa: PLC0415
+  from jaxseg.errors import ConfigError  # noqa: PLC0415
   fold = data_config.get("fold", 0)
   num_folds = int(data_config.get("num_folds", 5))
   try:
@@ -123,7 +123,7 @@ def check_same_run(workdir, plan: dict) -> None:
   """Raises WorkdirMismatchError if `workdir/plan.json` exists and belongs to a run of another
   dataset, channel list, class list or model than `plan`; the message names what differs."""
   import json  # noqa: PLC0415
-  from jaxseg.data.errors import WorkdirMismatchError  # noqa: PLC0415
+  from jaxseg.errors import WorkdirMismatchError  # noqa: PLC0415
   path = pathlib.Path(workdir) / PLAN_FILE
   if not path.is_file():
     return
@@ -160,10 +160,10 @@ def write_plan(workdir, config, data: SegData) -> pathlib.Path:
   Only process 0 writes. Returns the path.
   """
   import jax  # noqa: PLC0415
-  from jaxseg import report  # noqa: PLC0415
+  from jaxseg import atomic  # noqa: PLC0415
   path = pathlib.Path(workdir) / PLAN_FILE
   plan = make_plan(config, data)
   check_same_run(workdir, plan)
   if jax.process_index() == 0:
-    report.write_json_atomic(path, plan)
+    atomic.write_json_atomic(path, plan)
   return path

@@ -26,7 +26,7 @@ from jaxseg import cache
 from jaxseg.data import dataset as ds
 from jaxseg.data import loader
 from jaxseg.data import preprocess as pp
-from jaxseg.data.errors import InvalidDatasetError
+from jaxseg.errors import InvalidDatasetError
 
 PLAN_VERSION = 1
 _FINGERPRINT_VERSION = 2  # 2: constant_channels
@@ -112,7 +112,7 @@ def plan_settings(fingerprint: dict[str, Any], config) -> pp.PreprocessSettings:
   if target:
     ndim = len(fingerprint["spacings"][0]) if fingerprint["spacings"] else len(target)
     if len(target) != ndim:
-      from jaxseg.validate import ConfigError  # noqa: PLC0415
+      from jaxseg.errors import ConfigError  # noqa: PLC0415
       raise ConfigError(f"data.target_spacing={target} has {len(target)} axes but the dataset's "
                         f"images have {ndim}")
     overrides["target_spacing"] = target

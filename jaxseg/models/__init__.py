@@ -15,7 +15,7 @@ def build_model(model_config, *, num_classes: int):
   fields = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
   unknown = sorted(set(cfg) - fields)
   if unknown:
-    from jaxseg.validate import ConfigError
+    from jaxseg.errors import ConfigError
     raise ConfigError(f"model.{unknown[0]} is not a field of model.name={name!r}; "
                       f"valid fields: {sorted(fields)}")
   cfg["dtype"] = jnp.dtype(cfg.get("dtype", "float32"))

@@ -18,7 +18,7 @@ PARADIGMS = {
 
 def get(name: str):
   """The module of paradigm `name`; ConfigError naming the valid ones if there is none."""
-  from jaxseg.validate import ConfigError  # noqa: PLC0415
+  from jaxseg.errors import ConfigError  # noqa: PLC0415
   if name not in PARADIGMS:
     raise ConfigError(f"paradigm={name!r} is not valid; choose one of {sorted(PARADIGMS)}")
   return importlib.import_module(PARADIGMS[name])

@@ -37,7 +37,7 @@ import numpy as np
 from jaxseg import inference, losses, metrics, report
 from jaxseg.data import multimodal, pipeline, synthetic
 from jaxseg.models import hemis, unet
-from jaxseg.validate import ConfigError
+from jaxseg.errors import ConfigError
 
 FUSIONS = ("early", "hemis")
 BASELINES = ("single", "no_dropout")
@@ -162,19 +162,17 @@ def subset_predict_fn(model, fusion: str):
 
 
 def evaluate_subset(apply_fn, params, data: pipeline.SegData, config, available) -> dict:
-  """Dice summary (`metrics.summarise`) of sliding-window predictions of the validation cases
-  with only the channels flagged in `available` (M,) given to the model."""
+  """Scores (`metrics.score_cases`, Dice alone) of sliding-window predictions of the
+  validation cases with only the channels flagged in `available` (M,) given to the model."""
   mask = jnp.asarray(np.asarray(available, bool))
-  dices, ious = [], []
-  for image, ref in zip(data.val_images, data.val_labels):
+  preds = []
+  for image in data.val_images:
     probs = inference.predict_volume(apply_fn, (params, mask), image, patch=tuple(config.data.patch_size),
                                      overlap=config.eval.overlap, batch_size=config.eval.batch_size,
                                      mirror_axes=tuple(config.eval.mirror_axes))
-    pred = np.argmax(probs, axis=-1)
-    d, i = metrics.dice_iou(jnp.asarray(pred)[None], jnp.asarray(ref)[None], num_classes=data.num_classes)
-    dices.append(np.asarray(d)[0])
-    ious.append(np.asarray(i)[0])
-  return metrics.summarise(np.stack(dices), np.stack(ious), data.class_names)
+    preds.append(np.argmax(probs, axis=-1))
+  return metrics.score_cases(preds, data.val_labels, class_names=data.class_names,
+                             surface_metrics=False)[0]
 
 
 # Configuration.

@@ -48,7 +48,7 @@ from jaxseg import inference, metrics, report, train
 from jaxseg.data import pipeline, sampling
 from jaxseg.models import build_model
 from jaxseg.paradigms import continual
-from jaxseg.validate import ConfigError
+from jaxseg.errors import ConfigError
 
 METHODS = ("finetune", "replay", "distill", "ewc")
 

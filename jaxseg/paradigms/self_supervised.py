@@ -45,7 +45,7 @@ import numpy as np
 from jaxseg import report
 from jaxseg.data import augment, pipeline, synthetic
 from jaxseg.models import build_model
-from jaxseg.validate import ConfigError
+from jaxseg.errors import ConfigError
 
 INITS = ("pretrained", "random")
 

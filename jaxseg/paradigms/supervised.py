@@ -1,25 +1,12 @@
-"""Supervised training: Dice + CE on labelled patches (with deep supervision if the model has it)."""
+"""Supervised training: `config.loss.name` (Dice + CE by default, or cross-entropy) on labelled
+patches, with deep supervision where the model has it. The loop is `jaxseg.train.run`; the
+objective is `jaxseg.objectives.supervised`."""
 
 from __future__ import annotations
 
-from jaxseg import losses
-
-
-def make_loss_fn(model, config, num_classes: int):
-  """loss_fn(params, batch, key) -> (loss, aux metrics dict)."""
-  batch_dice = config.loss.get("batch_dice", False)
-
-  def loss_fn(params, batch, key):
-    del key
-    outputs = model.apply({"params": params}, batch["image"])
-    loss = losses.segmentation_loss(outputs, batch["label"], num_classes=num_classes,
-                                    batch_dice=batch_dice)
-    return loss, {}
-
-  return loss_fn
+from jaxseg import train
 
 
 def run(config, workdir) -> dict:
-  """`jaxseg.train.run`: one supervised training run."""
-  from jaxseg import train  # noqa: PLC0415
+  """One supervised training run in `workdir` (`jaxseg.train.run`); returns its report."""
   return train.run(config, workdir)

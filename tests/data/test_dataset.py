@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jaxseg.data import dataset as ds
-from jaxseg.data.errors import InvalidDatasetError
+from jaxseg.errors import InvalidDatasetError
 
 from tiny_datasets import write_case, write_dataset_json
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jaxseg.data import io
-from jaxseg.data.errors import InvalidDatasetError
+from jaxseg.errors import InvalidDatasetError
 
 AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 5.0],
                    [0, 0, 0, 1]])

@@ -18,7 +18,7 @@ import unet3d
 from jaxseg.data import dataset as ds
 from jaxseg.data import loader, pipeline, real
 from jaxseg.data import preprocess as pp
-from jaxseg.data.errors import InvalidDatasetError
+from jaxseg.errors import InvalidDatasetError
 from tiny_datasets import write_case, write_dataset_json
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

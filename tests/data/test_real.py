@@ -14,9 +14,9 @@ import unet3d
 from jaxseg.data import dataset as ds
 from jaxseg.data import pipeline, real
 from jaxseg.data import preprocess as pp
-from jaxseg.data.errors import InvalidDatasetError
+from jaxseg.errors import InvalidDatasetError
 from jaxseg.models import build_model
-from jaxseg.validate import ConfigError
+from jaxseg.errors import ConfigError
 from tiny_datasets import tiny_cases, write_case, write_dataset_json
 
 

@@ -17,7 +17,7 @@ from jaxseg import paradigms
 from jaxseg.data import multimodal, synthetic
 from jaxseg.models import hemis
 from jaxseg.paradigms import cross_modal
-from jaxseg.validate import ConfigError
+from jaxseg.errors import ConfigError
 
 CONFIG = helpers.REPO / "configs" / "unet3d_crossmodal.py"
 

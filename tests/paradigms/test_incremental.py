@@ -14,7 +14,7 @@ import pytest
 import helpers
 from jaxseg import checkpoint, paradigms
 from jaxseg.paradigms import continual, incremental
-from jaxseg.validate import ConfigError
+from jaxseg.errors import ConfigError
 
 
 def _softmax(x):

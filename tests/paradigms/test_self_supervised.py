@@ -16,7 +16,7 @@ import helpers
 from jaxseg import checkpoint, init_from, paradigms, train
 from jaxseg.models.unet import UNet
 from jaxseg.paradigms import self_supervised as ss
-from jaxseg.validate import ConfigError
+from jaxseg.errors import ConfigError
 
 CONFIG = helpers.REPO / "configs" / "unet3d_selfsup.py"
 

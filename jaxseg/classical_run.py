@@ -78,7 +78,7 @@ def run(config, workdir) -> dict:
 
   Returns the report dict also written to `workdir/report.json`.
   """
-  from jaxseg.validate import ConfigError
+  from jaxseg.errors import ConfigError
   t_start = time.time()
   workdir = pathlib.Path(workdir)
   cfg = config.classical

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg.classical import pipeline
+from jaxseg import classical_run
 
 
 def _layered_image():
@@ -21,18 +21,18 @@ def _layered_image():
 def test_hierarchical_otsu_finds_the_brightest_tissue():
   img = _layered_image()
   cfg = ml_collections.ConfigDict({"levels": 3, "nbins": 256})
-  got = np.asarray(pipeline.METHODS["otsu_brightest"](jnp.asarray(img), cfg, None))
+  got = np.asarray(classical_run.METHODS["otsu_brightest"](jnp.asarray(img), cfg, None))
   np.testing.assert_array_equal(got, img > 0.3)
 
 
 def test_body_fcm_finds_the_brightest_tissue():
   img = _layered_image()
   cfg = ml_collections.ConfigDict({"n_clusters": 3, "m": 2.0, "tol": 1e-5, "max_iter": 200})
-  got = pipeline.METHODS["fcm_brightest"](jnp.asarray(img), cfg, None)
+  got = classical_run.METHODS["fcm_brightest"](jnp.asarray(img), cfg, None)
   np.testing.assert_array_equal(got, img > 0.3)
 
 
 def test_simulated_click_is_the_deepest_voxel():
   mask = np.zeros((15, 15), bool)
   mask[2:13, 2:13] = True  # 11 x 11 box: the centre (7, 7) is the one deepest voxel
-  assert pipeline.simulated_click(mask) == (7, 7)
+  assert classical_run.simulated_click(mask) == (7, 7)
