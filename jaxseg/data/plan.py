@@ -1,0 +1,739 @@
+"""nnU-Net v2's experiment planning: network topology, patch and batch size per configuration.
+
+Pure functions of a dataset fingerprint (:func:`jaxseg.data.dataset.fingerprint`) and a memory
+budget, mirroring ``nnunetv2.experiment_planning.experiment_planners.default_experiment_planner.
+ExperimentPlanner`` (nnU-Net 2.8.1, the default ``nnUNetPlans``) and ``network_topology.
+get_pool_and_conv_props``. Nothing here trains or builds a network: the plan says what
+nnU-Net's PlainConvUNet would be for the data (stages, per-stage per-axis strides and kernels,
+features) and how large its patch and batch are.
+
+The steps, as nnU-Net takes them:
+
+1. Target spacing (:func:`jaxseg.data.preprocess.plan_target_spacing`: the median spacing, or
+   the 10th percentile along a coarse axis of anisotropic data) and the median shape of the
+   cases after resampling to it (:func:`median_resampled_shape`).
+2. Per configuration (:func:`plan_configuration`): an initial patch with the aspect ratio of
+   the spacing (isotropic in mm) and the volume of 256^3 (3D) or 2048^2 (2D) voxels, clipped
+   to the median shape; the topology for it (:func:`network_topology`: an axis is pooled while
+   its feature map is at least 8 voxels and its spacing is within 2x of the finest; kernels are
+   1 along an axis until its spacing is within 2x of the finest, then 3); the patch is padded
+   to a multiple of each axis's total stride. While the estimated memory of a batch of 2
+   (:func:`activation_elements` times :data:`BYTES_PER_ACTIVATION`) exceeds the budget, the
+   axis largest relative to the median shape is shrunk by one stride step and the topology
+   re-planned. The batch then fills the budget, capped so that one batch holds at most 5% of
+   the dataset's voxels, and is at least 2.
+3. Configurations (:func:`plan_experiment`): ``2d`` (slices across the coarsest axis),
+   ``3d_fullres`` (3D data only) and ``3d_lowres`` when the fullres patch covers less than a
+   quarter of the median image: the spacing is raised in steps of 3% (first the axes more
+   than 2x finer than the coarsest, then all) until the patch covers a quarter of the
+   (smaller) median image; it is dropped again if the lowres median image is less than 2x
+   smaller than the fullres one.
+
+Axis order. Fields are reported in the fingerprint's axis order (jaxseg's canonical RAS order).
+nnU-Net plans in its own order (SimpleITK's, the reverse of a NIfTI file's array order, then
+the coarsest axis moved first: ``transpose_forward``); ties in its argmax/argsort decide which
+axis is shrunk first. :func:`plan_experiment` therefore plans internally in that order
+(:func:`nnunet_axis_order`) and maps the results back, so a plan matches nnU-Net's value for
+value once its axes are permuted. E.g. the spleen CT at (0.795, 0.795, 5) mm in RAS order gets
+first-stage kernels (3, 3, 1) and strides (2, 2, 1), nnU-Net's 1x3x3 and 1x2x2 for its
+(5, 0.795, 0.795) order.
+
+Memory estimate. nnU-Net's ``static_estimate_VRAM_usage`` counts the elements of the feature
+maps the network stores for a sample (``compute_conv_feature_map_size``: each conv's output,
+each transposed conv's output and the final segmentation, no deep supervision) and compares
+that count with reference values (560e6 for 3D at batch 2, 85e6 for 2D at batch 12) said to
+correspond to 8 GB. :func:`activation_elements` computes the same count from the topology;
+:data:`BYTES_PER_ACTIVATION` is nnU-Net's calibration expressed as bytes per counted element
+(8 GB / (2 x 560e6) = 7.14 B in 3D, 8 GB / (12 x 85e6) = 7.84 B in 2D): a counted conv output
+stands for itself, its normalisation and non-linearity outputs and their gradients in mixed
+precision, plus the weights, optimizer state and workspace amortised. The default budget is
+nnU-Net's 8 GB; a different device passes its own ``memory_gb`` (and may pass its own
+``bytes_per_activation``, e.g. measured once for jaxseg's float32 networks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from jaxseg.data import preprocess as pp
+
+BASE_FEATURES = 32
+MAX_FEATURES = {2: 512, 3: 320}
+MIN_FEATURE_MAP_EDGE = 4  # nnU-Net's UNet_featuremap_min_edge_length
+CONVS_PER_STAGE = 2  # encoder and decoder (UNet_blocks_per_stage_encoder/decoder)
+MIN_BATCH_SIZE = 2
+MAX_DATASET_COVERED = 0.05
+INITIAL_PATCH_EDGE = {2: 2048, 3: 256}
+LOWRES_CREATION_THRESHOLD = 0.25
+LOWRES_SPACING_STEP = 1.03
+LOWRES_MIN_SHRINK = 2.0
+DEFAULT_MEMORY_GB = 8.0
+# nnU-Net's calibration: a network whose feature maps count REFERENCE_ACTIVATIONS elements per
+# sample trains at batch REFERENCE_BATCH in REFERENCE_GB.
+REFERENCE_ACTIVATIONS = {2: 85_000_000, 3: 560_000_000}
+REFERENCE_BATCH = {2: 12, 3: 2}
+REFERENCE_GB = 8.0
+BYTES_PER_ACTIVATION = {d: REFERENCE_GB * 1e9 / (REFERENCE_ACTIVATIONS[d] * REFERENCE_BATCH[d])
+                        for d in (2, 3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A U-Net's shape for a patch (nnU-Net's ``get_pool_and_conv_props`` result).
+
+  Attributes:
+    num_pool_per_axis: how often each axis is downsampled.
+    strides: per stage, per axis (stage 0 is all ones: it works at full resolution).
+    kernel_sizes: per stage, per axis (1 or 3; the bottleneck is always 3).
+    patch_size: the patch padded up to a multiple of ``divisible_by`` per axis.
+    divisible_by: per axis, ``2 ** num_pool_per_axis``.
+  """
+  num_pool_per_axis: tuple[int, ...]
+  strides: tuple[tuple[int, ...], ...]
+  kernel_sizes: tuple[tuple[int, ...], ...]
+  patch_size: tuple[int, ...]
+  divisible_by: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigurationPlan:
+  """One configuration (``2d``, ``3d_fullres`` or ``3d_lowres``) as nnU-Net plans it.
+
+  Per-axis fields are in the order of ``axes`` (axes of the fingerprint's array order; a 2D
+  configuration of 3D data leaves out its ``slice_axis``).
+
+  Attributes:
+    name: the configuration's name.
+    axes: the data axes the fields refer to.
+    spacing: target spacing in mm.
+    median_shape: the median case's shape in voxels at ``spacing`` (may be fractional).
+    patch_size, batch_size: the training patch and batch.
+    num_pool_per_axis, strides, kernel_sizes: the network's topology (see :class:`Topology`).
+    features_per_stage: 32 doubling per stage, capped at 320 (3D) or 512 (2D).
+    n_conv_per_stage, n_conv_per_stage_decoder: convolutions per encoder / decoder stage.
+    num_input_channels, num_classes: network input channels and outputs (background included).
+    activations_per_sample: :func:`activation_elements` for one sample.
+    bytes_per_activation: the calibration used (see the module docstring).
+    memory_budget_gb: the budget the patch and batch were fitted to.
+    estimated_memory_gb: ``batch_size * activations_per_sample * bytes_per_activation / 1e9``.
+    dataset_voxels: voxels of the dataset at this spacing (median image times cases), the
+      base of the 5% batch cap.
+    batch_dice: nnU-Net's choice of Dice over the batch (True for 2d, and for 3d_fullres
+      when a 3d_lowres exists).
+  """
+  name: str
+  axes: tuple[int, ...]
+  spacing: tuple[float, ...]
+  median_shape: tuple[float, ...]
+  patch_size: tuple[int, ...]
+  batch_size: int
+  num_pool_per_axis: tuple[int, ...]
+  strides: tuple[tuple[int, ...], ...]
+  kernel_sizes: tuple[tuple[int, ...], ...]
+  features_per_stage: tuple[int, ...]
+  n_conv_per_stage: tuple[int, ...]
+  n_conv_per_stage_decoder: tuple[int, ...]
+  num_input_channels: int
+  num_classes: int
+  activations_per_sample: int
+  bytes_per_activation: float
+  memory_budget_gb: float
+  estimated_memory_gb: float
+  dataset_voxels: float
+  batch_dice: bool = False
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.strides)
+
+  @property
+  def patch_coverage(self) -> float:
+    """The patch's voxels over the median image's."""
+    return float(np.prod(self.patch_size, dtype=np.float64) /
+                 np.prod(self.median_shape, dtype=np.float64))
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["num_stages"] = self.num_stages
+    d["patch_coverage"] = self.patch_coverage
+    return _jsonable(d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+  """All configurations for a dataset (:func:`plan_experiment`).
+
+  Attributes:
+    ndim: spatial dimensions of the data.
+    num_cases: training cases.
+    target_spacing: the full-resolution target spacing (fingerprint order).
+    median_spacing, median_shape_before_resampling: the fingerprint's medians (after cropping).
+    median_shape: the median case's shape at ``target_spacing``.
+    nnunet_axis_order: the permutation nnU-Net plans in (see :func:`nnunet_axis_order`).
+    slice_axis: the axis the 2d configuration slices across (the coarsest); ``None`` for 2D data.
+    memory_gb: the memory budget.
+    configurations: name -> :class:`ConfigurationPlan` (``2d``, ``3d_fullres``, ``3d_lowres``).
+    lowres_decision: why ``3d_lowres`` exists or not, in words.
+  """
+  ndim: int
+  num_cases: int
+  target_spacing: tuple[float, ...]
+  median_spacing: tuple[float, ...]
+  median_shape_before_resampling: tuple[float, ...]
+  median_shape: tuple[float, ...]
+  nnunet_axis_order: tuple[int, ...]
+  slice_axis: int | None
+  memory_gb: float
+  configurations: dict[str, ConfigurationPlan]
+  lowres_decision: str
+
+  def to_dict(self) -> dict[str, Any]:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d["configurations"] = {k: c.to_dict() for k, c in self.configurations.items()}
+    return _jsonable(d)
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  return x
+
+
+# Topology.
+
+
+def network_topology(spacing: Sequence[float], patch_size: Sequence[float], *,
+                     min_feature_map_edge: int = MIN_FEATURE_MAP_EDGE) -> Topology:
+  """Stages, per-axis strides and kernels, and the padded patch for ``patch_size``.
+
+  Matches nnU-Net v2's ``get_pool_and_conv_props`` (with no cap on the number of pools):
+  stage after stage, the axes whose current feature map is at least ``2 *
+  min_feature_map_edge`` voxels and whose current spacing is less than 2x the finest of those
+  axes are downsampled by 2 (their spacing doubles, their size halves, rounded up); a single
+  such axis is downsampled only while at least ``3 * min_feature_map_edge``. An axis's kernel
+  is 1 until its current spacing is less than 2x the finest current spacing, then 3 for good;
+  the last stage (bottleneck) has 3 everywhere. So a coarse axis (spleen's 5 mm slices next to
+  0.8 mm) gets kernel 1 and stride 1 in the first stages, until the in-plane axes have been
+  pooled to within 2x of it.
+
+  Args:
+    spacing: per axis, in mm (> 0).
+    patch_size: per axis, in voxels (> 0; may be fractional, as nnU-Net's clipped median).
+
+  Returns:
+    A :class:`Topology`; its ``patch_size`` is ``patch_size`` rounded up to a multiple of
+    ``divisible_by`` per axis.
+  """
+  spacing = _positive("spacing", spacing)
+  patch = _positive("patch_size", patch_size)
+  if len(spacing) != len(patch):
+    raise ValueError(f"spacing {spacing} has {len(spacing)} axes but patch_size {patch} has "
+                     f"{len(patch)}")
+  dim = len(spacing)
+  cur_spacing, cur_size = list(spacing), list(patch)
+  num_pool = [0] * dim
+  kernel = [1] * dim
+  strides, kernels = [(1,) * dim], []
+  while True:
+    valid = [a for a in range(dim) if cur_size[a] >= 2 * min_feature_map_edge]
+    if not valid:
+      break
+    finest_valid = min(cur_spacing[a] for a in valid)
+    valid = [a for a in valid if cur_spacing[a] / finest_valid < 2]
+    if len(valid) == 1 and cur_size[valid[0]] < 3 * min_feature_map_edge:
+      break
+    if not valid:
+      break
+    finest = min(cur_spacing)
+    kernel = [3 if k == 3 or cur_spacing[a] / finest < 2 else 1 for a, k in enumerate(kernel)]
+    stride = [1] * dim
+    for a in valid:
+      stride[a] = 2
+      num_pool[a] += 1
+      cur_spacing[a] *= 2
+      cur_size[a] = math.ceil(cur_size[a] / 2)
+    strides.append(tuple(stride))
+    kernels.append(tuple(kernel))
+  kernels.append((3,) * dim)
+  divisible = tuple(2 ** n for n in num_pool)
+  padded = tuple(int(math.ceil(p / d) * d) for p, d in zip(patch, divisible))
+  return Topology(tuple(num_pool), tuple(strides), tuple(kernels), padded, divisible)
+
+
+def features_per_stage(num_stages: int, ndim: int) -> tuple[int, ...]:
+  """nnU-Net's widths: ``min(cap, 32 * 2**stage)``, cap 320 in 3D and 512 in 2D."""
+  return tuple(min(MAX_FEATURES[ndim], BASE_FEATURES * 2 ** s) for s in range(num_stages))
+
+
+def activation_elements(patch_size: Sequence[int], strides: Sequence[Sequence[int]],
+                        features: Sequence[int], num_classes: int, *,
+                        n_conv_per_stage: Sequence[int] | None = None,
+                        n_conv_per_stage_decoder: Sequence[int] | None = None) -> int:
+  """Elements of the feature maps a PlainConvUNet stores for one sample.
+
+  The count of dynamic_network_architectures' ``PlainConvUNet.compute_conv_feature_map_size``
+  (what nnU-Net's ``static_estimate_VRAM_usage`` returns), without deep supervision: with
+  ``V_s`` the voxels of stage ``s``'s feature map (the patch floor-divided by the strides up to
+  ``s``) and ``F_s`` its features,
+
+    sum_s n_conv[s] * F_s * V_s                         (encoder convs)
+    + sum_{s < last} (n_conv_dec + 1) * F_s * V_s       (decoder convs and the transposed conv
+                                                         that brings stage s+1 up to stage s)
+    + num_classes * V_0                                 (the segmentation output).
+
+  ``n_conv_per_stage`` defaults to 2 per stage, ``n_conv_per_stage_decoder`` to 2 per decoder
+  stage (index 0 is the decoder stage next to the bottleneck, as nnU-Net's).
+  """
+  n = len(strides)
+  if len(features) != n:
+    raise ValueError(f"features has {len(features)} stages but strides has {n}")
+  enc = list(n_conv_per_stage) if n_conv_per_stage is not None else [CONVS_PER_STAGE] * n
+  dec = (list(n_conv_per_stage_decoder) if n_conv_per_stage_decoder is not None
+         else [CONVS_PER_STAGE] * (n - 1))
+  if len(enc) != n or len(dec) != n - 1:
+    raise ValueError(f"n_conv_per_stage needs {n} entries (has {len(enc)}) and "
+                     f"n_conv_per_stage_decoder {n - 1} (has {len(dec)})")
+  size = [int(p) for p in patch_size]
+  voxels = []
+  for stride in strides:
+    if len(stride) != len(size):
+      raise ValueError(f"stride {tuple(stride)} has {len(stride)} axes but patch_size has "
+                       f"{len(size)}")
+    size = [s // st for s, st in zip(size, stride)]
+    voxels.append(int(np.prod(size, dtype=np.int64)))
+  total = sum(enc[s] * features[s] * voxels[s] for s in range(n))
+  for d in range(n - 1):  # decoder stage d works at encoder stage n - 2 - d
+    s = n - 2 - d
+    total += (dec[d] + 1) * features[s] * voxels[s]
+  total += num_classes * voxels[0]
+  return int(total)
+
+
+# One configuration.
+
+
+def _budget_activations(memory_gb: float, ndim: int, bytes_per_activation: float | None) -> float:
+  """Activation elements of a whole batch that fit in ``memory_gb``."""
+  if bytes_per_activation is None:  # nnU-Net's reference values, exactly
+    return REFERENCE_ACTIVATIONS[ndim] * REFERENCE_BATCH[ndim] * memory_gb / REFERENCE_GB
+  return memory_gb * 1e9 / bytes_per_activation
+
+
+def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], *,
+                       num_input_channels: int, num_classes: int, dataset_voxels: float,
+                       memory_gb: float = DEFAULT_MEMORY_GB,
+                       bytes_per_activation: float | None = None,
+                       name: str | None = None, axes: Sequence[int] | None = None
+                       ) -> ConfigurationPlan:
+  """Patch, topology and batch for one configuration.
+
+  As nnU-Net v2's ``ExperimentPlanner.get_plans_for_configuration`` (PlainConvUNet, 2 convs
+  per stage): the initial patch is ``1 / spacing`` scaled to the volume of 256^3 voxels (3D)
+  or 2048^2 (2D), rounded, clipped to ``median_shape``; :func:`network_topology` pads it.
+  While a batch of 2 needs more than ``memory_gb`` (:func:`activation_elements` times
+  ``bytes_per_activation``), the axis with the largest ``patch / median_shape`` (ties: the
+  last such axis) is reduced: by the stride product that the topology of the patch minus
+  one current stride product along that axis asks for, and the topology is re-planned. Then
+  ``batch = round(budget / memory of one sample)``, at most ``round(5% of dataset_voxels /
+  patch voxels)``, at least 2.
+
+  Args:
+    spacing: target spacing per axis (mm), 2 or 3 axes.
+    median_shape: the median case's shape at ``spacing`` (voxels).
+    num_input_channels: image channels.
+    num_classes: network outputs, background included (nnU-Net: ``len(labels)``).
+    dataset_voxels: voxels of the whole dataset at ``spacing`` (median image voxels times
+      cases: nnU-Net's ``approximate_n_voxels_dataset``).
+    memory_gb: the device's budget (nnU-Net's ``gpu_memory_target_in_gb``, default 8).
+    bytes_per_activation: bytes per counted feature-map element; default nnU-Net's
+      calibration (:data:`BYTES_PER_ACTIVATION`).
+    name: the configuration's name (default ``'2d'`` or ``'3d_fullres'`` by dimension).
+    axes: the data axes the per-axis fields refer to (default ``0 .. ndim-1``).
+
+  Returns:
+    A :class:`ConfigurationPlan` in the axis order given.
+
+  Raises:
+    ValueError: naming the field, for bad input or a budget that no patch fits.
+  """
+  spacing = _positive("spacing", spacing)
+  median = _positive("median_shape", median_shape)
+  ndim = len(spacing)
+  if ndim not in (2, 3):
+    raise ValueError(f"spacing {spacing}: planning needs 2 or 3 axes, got {ndim}")
+  if len(median) != ndim:
+    raise ValueError(f"median_shape {median} has {len(median)} axes but spacing {spacing} has "
+                     f"{ndim}")
+  _positive_int("num_input_channels", num_input_channels)
+  _positive_int("num_classes", num_classes)
+  if not (isinstance(dataset_voxels, (int, float, np.integer, np.floating)) and dataset_voxels > 0):
+    raise ValueError(f"dataset_voxels must be > 0, got {dataset_voxels!r}")
+  if not (isinstance(memory_gb, (int, float, np.integer, np.floating)) and memory_gb > 0):
+    raise ValueError(f"memory_gb must be > 0, got {memory_gb!r}")
+  if bytes_per_activation is not None and not bytes_per_activation > 0:
+    raise ValueError(f"bytes_per_activation must be > 0, got {bytes_per_activation!r}")
+  axes = tuple(range(ndim)) if axes is None else tuple(int(a) for a in axes)
+  if len(axes) != ndim:
+    raise ValueError(f"axes {axes} has {len(axes)} entries but spacing has {ndim}")
+  name = name or ("2d" if ndim == 2 else "3d_fullres")
+  bpa = BYTES_PER_ACTIVATION[ndim] if bytes_per_activation is None else float(bytes_per_activation)
+  budget = _budget_activations(float(memory_gb), ndim, bytes_per_activation)
+
+  inv = 1.0 / np.asarray(spacing, np.float64)
+  edge = INITIAL_PATCH_EDGE[ndim]
+  initial = [round(float(v)) for v in inv * (edge ** ndim / np.prod(inv)) ** (1 / ndim)]
+  initial = [min(i, m) for i, m in zip(initial, median)]
+  topo = network_topology(spacing, initial)
+
+  def estimate(t: Topology) -> int:
+    return activation_elements(t.patch_size, t.strides, features_per_stage(len(t.strides), ndim),
+                               num_classes)
+
+  est = estimate(topo)
+  while MIN_BATCH_SIZE * est > budget:
+    patch = list(topo.patch_size)
+    ratios = [p / m for p, m in zip(patch, median)]
+    axis = max(a for a in range(ndim) if ratios[a] == max(ratios))
+    trial = list(patch)
+    trial[axis] -= topo.divisible_by[axis]
+    if trial[axis] < 1:
+      raise ValueError(_too_small(memory_gb, topo, est, bpa))
+    step = network_topology(spacing, trial).divisible_by[axis]
+    patch[axis] -= step
+    new = network_topology(spacing, patch)
+    if new.patch_size == topo.patch_size:
+      raise ValueError(_too_small(memory_gb, topo, est, bpa))
+    topo = new
+    est = estimate(topo)
+
+  batch = round(budget / est)
+  cap = round(float(dataset_voxels) * MAX_DATASET_COVERED /
+              float(np.prod(topo.patch_size, dtype=np.float64)))
+  batch = max(min(batch, cap), MIN_BATCH_SIZE)
+  n = len(topo.strides)
+  return ConfigurationPlan(
+      name=name, axes=axes, spacing=tuple(float(s) for s in spacing),
+      median_shape=tuple(float(m) for m in median), patch_size=topo.patch_size,
+      batch_size=int(batch), num_pool_per_axis=topo.num_pool_per_axis, strides=topo.strides,
+      kernel_sizes=topo.kernel_sizes, features_per_stage=features_per_stage(n, ndim),
+      n_conv_per_stage=(CONVS_PER_STAGE,) * n, n_conv_per_stage_decoder=(CONVS_PER_STAGE,) * (n - 1),
+      num_input_channels=int(num_input_channels), num_classes=int(num_classes),
+      activations_per_sample=est, bytes_per_activation=bpa, memory_budget_gb=float(memory_gb),
+      estimated_memory_gb=batch * est * bpa / 1e9, dataset_voxels=float(dataset_voxels))
+
+
+def _too_small(memory_gb, topo, est, bpa) -> str:
+  return (f"memory_gb={memory_gb}: too small to plan a network; the smallest patch reached, "
+          f"{topo.patch_size}, needs {MIN_BATCH_SIZE * est * bpa / 1e9:.3g} GB for a batch of "
+          f"{MIN_BATCH_SIZE}")
+
+
+def override_configuration(config: ConfigurationPlan, **fields) -> ConfigurationPlan:
+  """``config`` with ``fields`` replaced (e.g. ``patch_size=(64, 64, 64), batch_size=2``).
+
+  Unknown field names raise ValueError naming them. The result is checked (per-stage lists of
+  one length, patch divisible by each axis's total stride) and its memory estimate
+  recomputed; the patch and batch are taken as given, not fitted to the budget.
+  """
+  known = {f.name for f in dataclasses.fields(ConfigurationPlan)}
+  derived = {"activations_per_sample", "estimated_memory_gb", "bytes_per_activation"}
+  unknown = sorted(set(fields) - (known - derived))
+  if unknown:
+    raise ValueError(f"cannot override {unknown}: fields are {sorted(known - derived)}")
+  tuples = {"patch_size", "strides", "kernel_sizes", "features_per_stage", "n_conv_per_stage",
+            "n_conv_per_stage_decoder", "spacing", "median_shape", "num_pool_per_axis", "axes"}
+  fields = {k: _tuple(v) if k in tuples else v for k, v in fields.items()}
+  c = dataclasses.replace(config, **fields)
+  ndim = len(c.spacing)
+  n = len(c.strides)
+  for key in ("kernel_sizes", "features_per_stage", "n_conv_per_stage"):
+    if len(getattr(c, key)) != n:
+      raise ValueError(f"{key} has {len(getattr(c, key))} stages but strides has {n}")
+  if len(c.n_conv_per_stage_decoder) != n - 1:
+    raise ValueError(f"n_conv_per_stage_decoder has {len(c.n_conv_per_stage_decoder)} entries; "
+                     f"{n} stages need {n - 1}")
+  for key in ("patch_size", "median_shape", "axes"):
+    if len(getattr(c, key)) != ndim:
+      raise ValueError(f"{key} {getattr(c, key)} has {len(getattr(c, key))} axes, spacing {ndim}")
+  for key in ("strides", "kernel_sizes"):
+    for s, v in enumerate(getattr(c, key)):
+      if len(v) != ndim:
+        raise ValueError(f"{key}[{s}] = {v} has {len(v)} axes, spacing {ndim}")
+  _positive_int("batch_size", c.batch_size)
+  total = [int(np.prod([s[a] for s in c.strides])) for a in range(ndim)]
+  for a, (p, t) in enumerate(zip(c.patch_size, total)):
+    if p % t:
+      raise ValueError(f"patch_size {c.patch_size}: axis {a} ({p}) is not a multiple of that "
+                       f"axis's total stride {t} (strides {c.strides})")
+  num_pool = tuple(int(round(math.log2(t))) for t in total)
+  est = activation_elements(c.patch_size, c.strides, c.features_per_stage, c.num_classes,
+                            n_conv_per_stage=c.n_conv_per_stage,
+                            n_conv_per_stage_decoder=c.n_conv_per_stage_decoder)
+  return dataclasses.replace(c, num_pool_per_axis=num_pool, activations_per_sample=est,
+                             estimated_memory_gb=c.batch_size * est * c.bytes_per_activation / 1e9)
+
+
+def _tuple(x):
+  return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# The whole experiment.
+
+
+def median_resampled_shape(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]],
+                           target_spacing: Sequence[float]) -> tuple[float, ...]:
+  """The per-axis median of the cases' shapes after resampling to ``target_spacing``.
+
+  As nnU-Net's ``plan_experiment``: per case ``round(spacing / target * shape)``
+  (``compute_new_shape``), then ``np.median`` per axis (fractional for an even case count).
+  """
+  new = [[int(round(s / t * n)) for s, t, n in zip(sp, target_spacing, sh)]
+         for sp, sh in zip(spacings, shapes)]
+  return tuple(float(v) for v in np.median(np.asarray(new, np.float64), axis=0))
+
+
+def nnunet_axis_order(spacing: Sequence[float]) -> tuple[int, ...]:
+  """The order (data axes) nnU-Net plans a case of ``spacing`` in, for jaxseg's array order.
+
+  nnU-Net reads a NIfTI file through SimpleITK, whose arrays have the file's axes reversed,
+  then moves the coarsest axis first (``determine_transpose``; ties: the first in its order).
+  In the fingerprint's order that is: the coarsest axis (ties: the last), then the others
+  from last to first. For 2D data nnU-Net keeps the array order (identity). This assumes the
+  file's axes are already the canonical RAS ones up to signs (true for the shared datasets;
+  :func:`jaxseg.data.io.to_canonical` may permute otherwise, and only tie-breaking is
+  affected).
+  """
+  spacing = [float(s) for s in spacing]
+  if len(spacing) != 3:
+    return tuple(range(len(spacing)))
+  coarse = max(a for a in range(3) if spacing[a] == max(spacing))
+  return (coarse,) + tuple(a for a in (2, 1, 0) if a != coarse)
+
+
+def _remap(config: ConfigurationPlan, order: Sequence[int]) -> ConfigurationPlan:
+  """``config`` planned in ``order`` (internal index i = data axis order[i]) in ascending
+  data-axis order."""
+  out_axes = tuple(sorted(order))
+  pos = [list(order).index(a) for a in out_axes]
+
+  def per_axis(v):
+    return tuple(v[p] for p in pos)
+  return dataclasses.replace(
+      config, axes=out_axes, spacing=per_axis(config.spacing),
+      median_shape=per_axis(config.median_shape), patch_size=per_axis(config.patch_size),
+      num_pool_per_axis=per_axis(config.num_pool_per_axis),
+      strides=tuple(per_axis(s) for s in config.strides),
+      kernel_sizes=tuple(per_axis(k) for k in config.kernel_sizes))
+
+
+def plan_experiment(fingerprint: Mapping[str, Any], *, num_classes: int,
+                    memory_gb: float = DEFAULT_MEMORY_GB,
+                    bytes_per_activation: float | None = None,
+                    target_spacing: Sequence[float] | None = None,
+                    num_input_channels: int | None = None,
+                    anisotropy_threshold: float = pp.ANISOTROPY_THRESHOLD) -> ExperimentPlan:
+  """nnU-Net's ``2d``, ``3d_fullres`` and (when needed) ``3d_lowres`` plans for a fingerprint.
+
+  As nnU-Net v2's ``ExperimentPlanner.plan_experiment`` (default planner, ``nnUNetPlans``):
+  target spacing by :func:`jaxseg.data.preprocess.plan_target_spacing` (or
+  ``target_spacing``); median shape after resampling (:func:`median_resampled_shape`);
+  ``3d_fullres`` for 3D data whose median extent along nnU-Net's first (coarsest) axis is not
+  1; ``2d`` on the other two axes (slices across the coarsest axis); ``3d_lowres`` when the
+  fullres patch holds fewer than 25% of the median image's voxels: the spacing grows by 3% per
+  step (only the axes more than 2x finer than the coarsest while there are such, else all
+  axes) and each step is planned with the median shape at that spacing, until the patch holds
+  25%; dropped if the fullres median image then has fewer than 2x the lowres one's voxels.
+  Planning is done in :func:`nnunet_axis_order` and reported in the fingerprint's order.
+
+  Args:
+    fingerprint: needs ``spacings`` and ``shapes_after_crop`` (per case, one order), and
+      ``channel_names`` unless ``num_input_channels`` is given.
+    num_classes: network outputs, background included (``len(dataset.json['labels'])``).
+    memory_gb, bytes_per_activation: the budget (see :func:`plan_configuration`).
+    target_spacing: overrides the planned full-resolution spacing.
+    anisotropy_threshold: for the target spacing (nnU-Net: 3).
+
+  Returns:
+    An :class:`ExperimentPlan`.
+  """
+  for key in ("spacings", "shapes_after_crop"):
+    if key not in fingerprint:
+      raise ValueError(f"fingerprint has no {key!r} (keys: {sorted(fingerprint)})")
+  spacings = [tuple(float(v) for v in s) for s in fingerprint["spacings"]]
+  shapes = [tuple(int(v) for v in s) for s in fingerprint["shapes_after_crop"]]
+  if not spacings:
+    raise ValueError("fingerprint['spacings'] is empty: no cases to plan for")
+  if len(spacings) != len(shapes):
+    raise ValueError(f"fingerprint has {len(spacings)} spacings but {len(shapes)} "
+                     "shapes_after_crop")
+  ndim = len(spacings[0])
+  for i, (sp, sh) in enumerate(zip(spacings, shapes)):
+    if len(sp) != ndim or len(sh) != ndim:
+      raise ValueError(f"fingerprint case {i}: spacing {sp} and shape {sh} must both have "
+                       f"{ndim} axes")
+    _positive(f"fingerprint['spacings'][{i}]", sp)
+    _positive(f"fingerprint['shapes_after_crop'][{i}]", sh)
+  if ndim not in (2, 3):
+    raise ValueError(f"fingerprint['spacings']: planning needs 2D or 3D data, got {ndim} axes")
+  if num_input_channels is None:
+    if "channel_names" not in fingerprint:
+      raise ValueError("fingerprint has no 'channel_names'; pass num_input_channels")
+    num_input_channels = len(fingerprint["channel_names"])
+  if target_spacing is None:
+    target = pp.plan_target_spacing(spacings, shapes, anisotropy_threshold=anisotropy_threshold)
+  else:
+    target = _positive("target_spacing", target_spacing)
+    if len(target) != ndim:
+      raise ValueError(f"target_spacing {target} has {len(target)} axes but the data has {ndim}")
+  target = tuple(float(t) for t in target)
+  median = median_resampled_shape(spacings, shapes, target)
+  n_cases = len(spacings)
+  order = nnunet_axis_order(target)
+  sp_i = np.asarray([target[a] for a in order], np.float64)
+  med_i = np.asarray([median[a] for a in order], np.float64)
+  dataset_voxels = float(np.prod(med_i, dtype=np.float64) * n_cases)
+  common = dict(num_input_channels=num_input_channels, num_classes=num_classes,
+                memory_gb=memory_gb, bytes_per_activation=bytes_per_activation)
+  configs: dict[str, ConfigurationPlan] = {}
+  decision = "2D data: no 3D configurations"
+  if ndim == 3 and med_i[0] != 1:
+    fullres = plan_configuration(sp_i, med_i, dataset_voxels=dataset_voxels, name="3d_fullres",
+                                 axes=order, **common)
+    lowres, decision = _plan_lowres(fullres, sp_i, med_i, n_cases, order, common)
+    fullres = dataclasses.replace(fullres, batch_dice=lowres is not None)
+    if lowres is not None:
+      configs["3d_lowres"] = _remap(lowres, order)
+    configs["3d_fullres"] = _remap(fullres, order)
+  elif ndim == 3:
+    decision = "median extent 1 along the coarsest axis: no 3D configurations (as nnU-Net)"
+  two_d = order[1:] if ndim == 3 else order
+  plan_2d = plan_configuration(sp_i[-2:], med_i[-2:], dataset_voxels=dataset_voxels, name="2d",
+                               axes=two_d, **common)
+  configs = {"2d": dataclasses.replace(_remap(plan_2d, two_d), batch_dice=True), **configs}
+  return ExperimentPlan(
+      ndim=ndim, num_cases=n_cases, target_spacing=target,
+      median_spacing=tuple(float(v) for v in np.median(np.asarray(spacings), axis=0)),
+      median_shape_before_resampling=tuple(float(v) for v in np.median(np.asarray(shapes), axis=0)),
+      median_shape=median, nnunet_axis_order=order, slice_axis=order[0] if ndim == 3 else None,
+      memory_gb=float(memory_gb), configurations=configs, lowres_decision=decision)
+
+
+def _plan_lowres(fullres, spacing, median, n_cases, order, common):
+  """(3d_lowres plan or None, the reason in words), as nnU-Net's ``plan_experiment``."""
+  patch_voxels = float(np.prod(fullres.patch_size, dtype=np.float64))
+  fullres_voxels = float(np.prod(median, dtype=np.float64))
+  coverage = patch_voxels / fullres_voxels
+  if coverage >= LOWRES_CREATION_THRESHOLD:
+    return None, (f"not needed: the 3d_fullres patch holds {coverage:.0%} of the median image's "
+                  f"voxels (nnU-Net adds 3d_lowres below {LOWRES_CREATION_THRESHOLD:.0%})")
+  lowres_spacing = np.array(spacing, np.float64)
+  median_voxels = fullres_voxels
+  lowres = None
+  while patch_voxels / median_voxels < LOWRES_CREATION_THRESHOLD:
+    ratio = lowres_spacing.max() / lowres_spacing
+    if np.any(ratio > 2):
+      lowres_spacing[ratio > 2] *= LOWRES_SPACING_STEP
+    else:
+      lowres_spacing *= LOWRES_SPACING_STEP
+    scaled = spacing / lowres_spacing * median
+    median_voxels = float(np.prod(scaled, dtype=np.float64))
+    lowres = plan_configuration(lowres_spacing.copy(), tuple(round(float(v)) for v in scaled),
+                                dataset_voxels=median_voxels * n_cases, name="3d_lowres",
+                                axes=order, **common)
+    patch_voxels = float(np.prod(lowres.patch_size, dtype=np.float64))
+  shrink = fullres_voxels / median_voxels
+  if shrink < LOWRES_MIN_SHRINK:
+    return None, (f"dropped: the 3d_fullres patch holds {coverage:.0%} of the median image "
+                  f"(< {LOWRES_CREATION_THRESHOLD:.0%}), but the lowres median image would be "
+                  f"only {shrink:.2f}x smaller (nnU-Net drops it below {LOWRES_MIN_SHRINK:g}x)")
+  return lowres, (f"added: the 3d_fullres patch holds {coverage:.0%} of the median image "
+                  f"(< {LOWRES_CREATION_THRESHOLD:.0%}); at the lowres spacing its patch holds "
+                  f"{patch_voxels / median_voxels:.0%} of a {shrink:.1f}x smaller median image")
+
+
+# Printing.
+
+
+def _fmt(v, digits=4) -> str:
+  if isinstance(v, (tuple, list)):
+    return " x ".join(_fmt(x, digits) for x in v)
+  if isinstance(v, float):
+    return f"{v:.{digits}g}"
+  return str(v)
+
+
+def configuration_rows(c: ConfigurationPlan) -> list[tuple[str, str]]:
+  """(field, value) rows for one configuration, in :func:`plan_table`'s order."""
+  return [
+      ("axes", ",".join(str(a) for a in c.axes)),
+      ("spacing (mm)", _fmt(c.spacing)),
+      ("median shape (voxels)", _fmt(c.median_shape, 5)),
+      ("patch size", _fmt(c.patch_size)),
+      ("patch / median image", f"{c.patch_coverage:.1%}"),
+      ("batch size", str(c.batch_size)),
+      ("stages", str(c.num_stages)),
+      ("pools per axis", _fmt(c.num_pool_per_axis)),
+      ("strides per stage", "  ".join("x".join(map(str, s)) for s in c.strides)),
+      ("kernels per stage", "  ".join("x".join(map(str, k)) for k in c.kernel_sizes)),
+      ("features per stage", "-".join(map(str, c.features_per_stage))),
+      ("convs enc / dec", f"{c.n_conv_per_stage[0]} / "
+                          f"{c.n_conv_per_stage_decoder[0] if c.n_conv_per_stage_decoder else '-'}"),
+      ("activations / sample", f"{c.activations_per_sample / 1e6:.1f} M"),
+      ("memory est. / budget", f"{c.estimated_memory_gb:.2f} / {c.memory_budget_gb:g} GB"),
+      ("batch dice", str(c.batch_dice)),
+  ]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+  line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |"
+  sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def plan_table(plan: ExperimentPlan) -> str:
+  """The plan as a printable Markdown table: one column per configuration, one row per field,
+  preceded by the dataset-level values and followed by the 3d_lowres decision."""
+  if not isinstance(plan, ExperimentPlan):
+    raise TypeError(f"plan_table needs an ExperimentPlan (plan_experiment's result), got "
+                    f"{type(plan).__name__}")
+  names = list(plan.configurations)
+  rows_by = {n: configuration_rows(plan.configurations[n]) for n in names}
+  fields = [f for f, _ in rows_by[names[0]]]
+  rows = [[f] + [dict(rows_by[n])[f] for n in names] for f in fields]
+  head = (f"{plan.num_cases} case(s), {plan.ndim}D; target spacing {_fmt(plan.target_spacing)} mm "
+          f"(median {_fmt(plan.median_spacing)}); median shape {_fmt(plan.median_shape, 5)} "
+          f"voxels at target (before resampling {_fmt(plan.median_shape_before_resampling, 5)}); "
+          f"memory budget {plan.memory_gb:g} GB")
+  if plan.slice_axis is not None:
+    head += f"; 2d slices across axis {plan.slice_axis}"
+  return "\n".join([head, "", _table(["field"] + names, rows), "",
+                    f"3d_lowres: {plan.lowres_decision}"])
+
+
+# Checks.
+
+
+def _positive(name: str, values) -> tuple[float, ...]:
+  try:
+    out = tuple(float(v) for v in values)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a sequence of numbers, got {values!r}") from None
+  if not out or not all(math.isfinite(v) and v > 0 for v in out):
+    raise ValueError(f"{name} must be positive numbers, got {out}")
+  return out
+
+
+def _positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
