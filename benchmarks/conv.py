@@ -1,6 +1,6 @@
 """Convolution implementations on the convolution shapes of jaxseg's U-Nets.
 
-Times every implementation in `jaxseg.models.conv.CONV_IMPLS` (and PyTorch's
+Times every route in `jaxseg.cpu_conv.CONV_IMPLS` (and PyTorch's
 conv2d/conv3d where torch is installed) on each convolution of a 3D U-Net
 (features 16-32-64-128, patch 2x1x64^3 at the first level, halving per level)
 and a 2D U-Net (8x1x256^2): forward, and forward + backward (gradients for the
@@ -38,6 +38,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from machine import cpu_model  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from jaxseg import cpu_conv  # pylint: disable=g-import-not-at-top
+from jaxseg.models import build as model_build  # pylint: disable=g-import-not-at-top
 from jaxseg.models import conv as conv_lib  # pylint: disable=g-import-not-at-top
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / 'results' / 'conv_cpu.json'
@@ -121,12 +123,19 @@ def unet_cases(nd: int, batch: int, size: int,
   return list(cases.values())
 
 
+def _transpose_impl(impl: str) -> str:
+  """The transposed convolution a model built with conv_impl=`impl` upsamples with
+  (`jaxseg.models.build.conv_modules`): XLA's for 'lax', the GEMM one for every other."""
+  return 'lax' if impl == 'lax' else 'gemm'
+
+
 def _jax_fns(case: Case, impl: str):
   if case.kind == 'transpose':
+    fn = conv_lib.CONV_TRANSPOSE_IMPLS[_transpose_impl(impl)]
     f = lambda x, w: conv_lib.conv_transpose(x, w, strides=case.strides,
-                                             impl=impl)
+                                             convolution=fn)
   else:
-    f = lambda x, w: conv_lib.conv(x, w, strides=case.strides,
+    f = lambda x, w: cpu_conv.conv(x, w, strides=case.strides,
                                    padding='SAME', impl=impl)
   argnums = (0, 1) if case.needs_dx else (1,)
   # The loss reads every output, so the forward pass cannot be dropped.
@@ -179,8 +188,7 @@ def _key(case: Case, impl: str) -> str:
   """Implementations that compute a case identically are timed once."""
   if impl == 'torch' or case.kind != 'transpose':
     return impl
-  resolved = conv_lib._resolve_transpose_impl(impl)  # pylint: disable=protected-access
-  return 'transpose:' + resolved
+  return 'transpose:' + _transpose_impl(impl)
 
 
 def run(cases: list[Case], impls: list[str], reps: int, use_torch: bool,
@@ -303,13 +311,13 @@ def main(argv=None):
   if args.impls:
     impls = args.impls.split(',')
   elif args.small:
-    impls = ['lax'] + sorted({conv_lib.default_conv_impl('cpu', nd)
+    impls = ['lax'] + sorted({model_build.default_conv_impl('cpu', nd)
                               for nd in dims})
   else:
-    impls = list(conv_lib.CONV_IMPLS)
+    impls = list(cpu_conv.CONV_IMPLS)
   for impl in impls:
-    if impl not in conv_lib.CONV_IMPLS:
-      p.error(f'unknown impl {impl!r}; choose from {list(conv_lib.CONV_IMPLS)}')
+    if impl not in cpu_conv.CONV_IMPLS:
+      p.error(f'unknown impl {impl!r}; choose from {list(cpu_conv.CONV_IMPLS)}')
   reps = args.reps or (3 if args.small else 5)
   shapes = {3: (1, 32) if args.small else (2, 64),
             2: (2, 64) if args.small else (8, 256)}
@@ -326,7 +334,7 @@ def main(argv=None):
   timing = run(cases, impls, reps, not args.no_torch)
   summary = summarize(cases, timing)
   print(table(summary, timing['names']))
-  default = {f'{nd}d': conv_lib.default_conv_impl(jax.default_backend(), nd)
+  default = {f'{nd}d': model_build.default_conv_impl(jax.default_backend(), nd)
              for nd in dims}
   print(f'default_conv_impl({jax.default_backend()!r}): {default}')
   versions = {'jax': jax.__version__, 'python': platform.python_version()}

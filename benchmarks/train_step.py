@@ -22,7 +22,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -909,7 +909,7 @@ def summarise_steps(spec: dict, workers: dict, runs: dict) -> dict:
            "loss_first": info["first_loss"], "loss_last": rs[-1]["loss"], "params": info["params"],
            "timed_steps": len(times), "raw_step_s": times}
     rows[name] = row
-  for name, row in rows.items():
+  for row in rows.values():
     for ref, key in ((REFERENCE, "speed_vs_nnunet"), (JAX_REFERENCE, "speed_vs_jax_fp32")):
       row[key] = rows[ref]["step_s"] / row["step_s"] if ref in rows else None
   return rows

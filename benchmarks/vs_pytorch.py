@@ -457,7 +457,7 @@ def profile_pieces(spec: dict, reps: int) -> list[dict]:
   import flax.linen as nn
 
   from jaxseg import losses, optim
-  from jaxseg.models import conv as conv_lib
+  from jaxseg import cpu_conv as conv_lib  # the CPU default, 'cpu_per_layer'
   torch.set_num_threads(os.cpu_count())
   dims = spec["dims"]
   rng = np.random.default_rng(0)
@@ -496,7 +496,7 @@ def profile_pieces(spec: dict, reps: int) -> list[dict]:
       return torch.ops.aten.convolution_backward(
           tdy, tx, tw, None, [s] * dims, [pad] * dims, [1] * dims, transposed, [0] * dims, 1, mask)
 
-    fns = {"jax_fwd": jblock(fwd, xj, wj), "torch_fwd": lambda: convf(tx, tw, stride=s, padding=pad),
+    fns = {"jax_fwd": jblock(fwd, xj, wj), "torch_fwd": lambda f=convf, x=tx, w=tw, s=s, p=pad: f(x, w, stride=s, padding=p),
            "jax_dw": jblock(dw, xj, wj, dyj),
            "torch_dw": lambda: t_bwd([False, True, False])}
     if layer["dx"]:
@@ -523,7 +523,7 @@ def profile_pieces(spec: dict, reps: int) -> list[dict]:
     params = norm.init(jax.random.key(0), xj)
     na = lambda p, x: nn.leaky_relu(norm.apply(p, x), 0.01)  # noqa: E731
     fwd = jax.jit(na)
-    fb = jax.jit(lambda p, x: jax.grad(lambda p, x: jnp.sum(na(p, x) ** 2), argnums=(0, 1))(p, x))
+    fb = jax.jit(lambda p, x, na=na: jax.grad(lambda p, x: jnp.sum(na(p, x) ** 2), argnums=(0, 1))(p, x))
     tx = to_torch(x).requires_grad_(True)
     tw = torch.ones(shape[-1], requires_grad=True)
     tb = torch.zeros(shape[-1], requires_grad=True)

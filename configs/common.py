@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_features = 320
   c.model.num_stages = 5
   c.model.deep_supervision = False
-  c.model.conv_impl = "auto"  # "lax" on GPU/TPU, "cpu_per_layer" on CPU (models/conv.py)
+  c.model.conv_impl = "auto"  # "lax" on GPU/TPU, "cpu_per_layer" on CPU (models/build.py)
   # Compute dtype of convolutions and activations: "float32" or "bfloat16" (mixed precision:
   # parameters, optimiser state, norm statistics, softmax and loss stay float32). On an NVIDIA
   # GPU "float32" convolutions and matmuls run on TF32 tensor cores (XLA's default precision,
@@ -134,6 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 50
   c.train.checkpoint_every = 50
   c.train.keep_checkpoints = 2
+  c.train.best_metric = "mean_dice"  # validation score that picks best/ (any key of the eval summary)
+  c.train.best_mode = "max"  # 'max' or 'min' (e.g. best_metric='mean_hd95', best_mode='min')
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234" for multi-host

@@ -26,8 +26,8 @@ from __future__ import annotations
 import pathlib
 
 import jax
-import numpy as np
 
+from jaxseg import checkpoint
 from jaxseg.errors import ConfigError
 
 PARTS = {
@@ -35,32 +35,20 @@ PARTS = {
     "all_but_head": lambda name: not name.startswith("head"),
 }
 DEFAULT_PART = "encoder"
-_ITEM = "default"  # orbax's folder for the single unnamed item of a CheckpointManager step
-
-
-def _steps(folder: pathlib.Path) -> list[pathlib.Path]:
-  """Complete numbered step directories in `folder` (orbax renames them when finished)."""
-  return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()
-                 and (p / _ITEM).is_dir()), key=lambda p: int(p.name))
 
 
 def resolve_checkpoint(path) -> pathlib.Path:
-  """The orbax item directory that `path` names (see the module docstring).
+  """The orbax item folder that `path` names (see the module docstring).
 
   Raises ConfigError naming `init_from` when `path` does not exist or holds no checkpoint.
   """
   path = pathlib.Path(path).expanduser()
   if not path.exists():
     raise ConfigError(f"init_from={str(path)!r} does not exist")
-  if (path / "_METADATA").exists() or (path / "manifest.ocdbt").exists():
-    return path
-  if (path / _ITEM).is_dir():
-    return path / _ITEM
-  for folder in (path, path / "checkpoints", path / "pretrain" / "checkpoints"):
-    if folder.is_dir():
-      steps = _steps(folder)
-      if steps:
-        return steps[-1] / _ITEM
+  for candidate in (path, path / "checkpoints", path / "pretrain" / "checkpoints"):
+    item = checkpoint.item_of(candidate)
+    if item is not None:
+      return item
   raise ConfigError(f"init_from={str(path)!r} holds no orbax checkpoint: expected a step "
                     f"directory, a directory of steps, a workdir with checkpoints/ or a "
                     f"self_supervised workdir with pretrain/checkpoints/")
@@ -68,21 +56,12 @@ def resolve_checkpoint(path) -> pathlib.Path:
 
 def read_unet_params(path) -> dict:
   """The U-Net parameter tree (NumPy arrays) of the checkpoint that `path` names."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  item = resolve_checkpoint(path)
-  checkpointer = ocp.PyTreeCheckpointer()
   try:
-    tree = dict(checkpointer.metadata(item).item_metadata)
-  except (OSError, ValueError, KeyError) as e:
-    raise ConfigError(f"init_from={str(path)!r}: cannot read the checkpoint at {item}: {e}") from e
-  if "params" not in tree:
-    raise ConfigError(f"init_from={str(path)!r}: the checkpoint at {item} has no 'params' "
-                      f"(entries: {sorted(tree)})")
-  meta = tree["params"]
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-  restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-      item={"params": meta}, restore_args={"params": restore_args}, partial_restore=True))
-  params = restored["params"]
+    params = checkpoint.read_params(resolve_checkpoint(path))
+  except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"init_from={str(path)!r}: {e}") from e
   return params["unet"] if isinstance(params.get("unet"), dict) else params
 
 

@@ -126,6 +126,9 @@ def main(argv) -> int:
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / config.get("name", "run"))
   from jaxseg.errors import user_errors
   try:
+    if config.get("runner", "train") == "train":
+      from jaxseg import validate
+      validate.check_train_config(config)  # before the run creates its workdir
     _runner(config.get("runner", "train"))(config, workdir)
   except user_errors() as e:
     print(f"error: {e}", file=sys.stderr)

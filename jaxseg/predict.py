@@ -95,10 +95,9 @@ def load_run(workdir, *, checkpoint: str = "best") -> Run:
   import ml_collections  # noqa: PLC0415
 
   from jaxseg import checkpoint as ckpt_lib  # noqa: PLC0415
-  from jaxseg import optim, sharding, steps  # noqa: PLC0415
+  from jaxseg import sharding, steps  # noqa: PLC0415
   from jaxseg.data import real  # noqa: PLC0415
   from jaxseg.models import build_model  # noqa: PLC0415
-  from jaxseg.state import TrainState  # noqa: PLC0415
 
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
@@ -131,36 +130,34 @@ def load_run(workdir, *, checkpoint: str = "best") -> Run:
     raise PredictError(f"{plan_path} holds no config and {workdir / 'report.json'} is missing")
   config = ml_collections.ConfigDict(config_dict)
 
-  steps_dirs = [d for sub in ("best", "checkpoints") for d in (workdir / sub).glob("*")
-                if d.name.isdigit()]
-  if not steps_dirs:
+  folders = [workdir / "best", workdir / "checkpoints"]
+  if checkpoint == "latest":
+    folders = folders[1:]
+  items = [ckpt_lib.item_of(f) for f in folders]
+  items = [i for i in items if i is not None]
+  if not items:
     raise PredictError(f"--workdir {workdir} has no checkpoint (nothing in {workdir / 'best'} or "
                        f"{workdir / 'checkpoints'}); train longer or check the path")
 
   num_classes = len(plan["class_names"])
   model = build_model(config.model, num_classes=num_classes)
-  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
   in_shape = (1,) + (model.downsampling,) * model.spatial_dims + (len(plan["channel_names"]),)
-
-  def init():
-    params = model.init(jax.random.key(0), jnp.zeros(in_shape, jnp.float32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  repl = sharding.replicated(sharding.make_mesh())
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                          jax.eval_shape(init))
-  ck = ckpt_lib.Checkpointer(workdir)
+  expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(in_shape, jnp.float32)))["params"]
+  item = items[0]
   try:
-    state = ck.restore_best(abstract) if checkpoint == "best" else None
-    if state is None:
-      state = ck.restore_latest(abstract)
-  finally:
-    ck.close()
-  if state is None:
-    raise PredictError(f"--workdir {workdir}: no complete checkpoint could be restored")
+    params = ckpt_lib.read_params(item)
+  except ValueError as e:
+    raise PredictError(f"--workdir {workdir}: {e}") from e
+  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), expected)
+  if got != want:
+    raise PredictError(f"{item} holds parameters that do not fit the model of {plan_path} "
+                       f"(another run's checkpoint?)")
+  params = jax.device_put(params, sharding.replicated(sharding.make_mesh()))
+  step = int(item.parent.name)
   return Run(workdir=workdir, config=config, plan=plan,
              settings=real.settings_from_dict(plan["preprocessing"]),
-             predict_fn=steps.make_predict_fn(model), params=state.params, step=int(state.step))
+             predict_fn=steps.make_predict_fn(model), params=params, step=step)
 
 
 _CHANNEL = re.compile(r"^(.+)_(\d{4})$")

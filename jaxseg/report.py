@@ -65,24 +65,25 @@ def drop_records_after(path, step: int) -> int:
   return len(lines) - len(keep)
 
 
+def subplots(*args, figsize=None, **kwargs):
+  """(figure, axes) as `plt.subplots` makes them, without pyplot: no GUI backend is chosen or
+  switched (a notebook keeps its own) and no figure is left registered."""
+  from matplotlib.figure import Figure  # noqa: PLC0415
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(*args, **kwargs)
+
+
 def save_figure(fig, path) -> None:
-  """Saves a matplotlib figure as PNG atomically and closes it."""
-  import matplotlib.pyplot as plt
-  try:
-    with atomic.atomic_path(path, suffix=".png") as tmp:
-      fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  finally:
-    plt.close(fig)
+  """Saves a figure (from `subplots`) as PNG atomically."""
+  with atomic.atomic_path(path, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def plot_curves(records, path) -> None:
   """Training loss and validation mean Dice against the step."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   train = [r for r in records if r.get("split") == "train"]
   val = [r for r in records if r.get("split") == "val"]
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, (a, b) = subplots(1, 2, figsize=(10, 3.8))
   if train:
     a.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
   a.set(xlabel="step", ylabel="training loss (Dice + CE)", title="Training loss")
@@ -104,17 +105,16 @@ def plot_overlay(image, reference, prediction, class_names, path, *, title="") -
   image (C, *S), reference/prediction (*S); 3D volumes are cut at the axial (last-axis) slice
   with the most reference foreground.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib  # noqa: PLC0415
+  import matplotlib.lines  # noqa: PLC0415
   img = np.asarray(image)[0]
   ref = np.asarray(reference)
   pred = np.asarray(prediction)
   if ref.ndim == 3:
     z = int(np.argmax((ref > 0).sum(axis=(0, 1))))
     img, ref, pred = img[..., z], ref[..., z], pred[..., z]
-  fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
-  cmap = plt.get_cmap("tab10")
+  fig, axes = subplots(1, 3, figsize=(12, 4.2))
+  cmap = matplotlib.colormaps["tab10"]
   for ax, lab, name in ((axes[1], ref, "reference"), (axes[2], pred, "prediction")):
     ax.imshow(img.T, cmap="gray", origin="lower")
     for k in range(1, len(class_names)):
@@ -123,7 +123,7 @@ def plot_overlay(image, reference, prediction, class_names, path, *, title="") -
     ax.set_title(name)
   axes[0].imshow(img.T, cmap="gray", origin="lower")
   axes[0].set_title("image" + (f" ({title})" if title else ""))
-  handles = [plt.Line2D([], [], color=cmap(k % 10), label=class_names[k]) for k in range(1, len(class_names))]
+  handles = [matplotlib.lines.Line2D([], [], color=cmap(k % 10), label=class_names[k]) for k in range(1, len(class_names))]
   axes[2].legend(handles=handles, fontsize=8, loc="lower right")
   for ax in axes:
     ax.axis("off")

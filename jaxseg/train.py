@@ -18,7 +18,8 @@ import numpy as np
 from jaxseg import (checkpoint, compile_options, inference, metrics, objectives, optim, report,
                     sharding, steps, validate)
 from jaxseg.data import loader, pipeline
-from jaxseg.models import build_model
+# conv_impl_name: the run log's conv= field, also used by the paradigms and benchmarks.
+from jaxseg.models.build import build_model, conv_impl_name
 from jaxseg.state import TrainState
 
 
@@ -42,26 +43,6 @@ def device_name() -> str:
   kind = getattr(jax.devices()[0], "device_kind", "") or ""
   backend = jax.default_backend()
   return backend if backend == "cpu" or not kind else f"{backend}: {kind}"
-
-
-def conv_impl_name(model_config) -> str:
-  """The convolution implementation the model will use, 'auto' resolved for this backend."""
-  from jaxseg.models import conv as conv_lib
-  impl = model_config.get("conv_impl", "auto")
-  if impl != "auto":
-    return impl
-  name = conv_lib.default_conv_impl(jax.default_backend(), model_config.spatial_dims)
-  if name == "cpu_per_layer":
-    from jaxseg.models import onednn
-    if jax.device_count() > 1:
-      name += f" (XLA GEMM: {jax.device_count()} devices)"
-    elif onednn.fast_filter_grad():
-      name += " (oneDNN)"
-    elif onednn.available():
-      name += " (oneDNN; filter gradients by XLA GEMM: oneDNN has AVX2 kernels only here)"
-    else:
-      name += f" (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})"
-  return f"{name}/{conv_lib.default_conv_transpose_impl(jax.default_backend())}"
 
 
 def init_params(model, *, seed: int, in_channels: int):
@@ -166,7 +147,9 @@ def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=N
   mesh = sharding.make_mesh(devices)
   validate.check_train_config(config, device_count=mesh.size)
   data = data if data is not None else pipeline.load_cases(config)
-  model = model if model is not None else build_model(config.model, num_classes=data.num_classes)
+  if model is None:
+    model = build_model(config.model, num_classes=data.num_classes,
+                        platform=mesh.devices.flat[0].platform, device_count=mesh.size)
   tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
   if loss_fn is None:
     loss_fn = objectives.supervised(model, config, data.num_classes)
@@ -210,13 +193,15 @@ def progress_line(done: int, num_steps: int, loss: float, extra: str, rate, voxe
   return head + f"{rate:.2f} steps/s | {rate * voxels_per_step / 1e6:.2f} Mvox/s | ETA {eta}"
 
 
-def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "",
-        wall_start: float | None = None) -> tuple[TrainState, dict]:
+def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: float | None = None,
+        best_metric: str | None = None, best_mode: str | None = None) -> tuple[TrainState, dict]:
   """The training loop of one phase in `workdir`: resume from its latest checkpoint, step to
   `config.train.num_steps`, log progress, evaluate every `eval_every` steps, checkpoint.
 
-  `evaluate_fn(params) -> summary` (default: sliding-window Dice on `t.data`'s validation
-  cases) must return a dict with 'mean_dice'; the best state by it is kept in `workdir/best`.
+  `evaluate_fn(params) -> summary` (default: `evaluate` on `t.data`'s validation cases)
+  returns a dict of scores; the best state by `summary[best_metric]` (default
+  `config.train.best_metric`, 'mean_dice'; `best_mode` 'max' or 'min', default
+  `config.train.best_mode`, 'max') is kept in `workdir/best`.
   `tag` prefixes the progress lines (e.g. a stage name). Appends to `workdir/metrics.jsonl`;
   on resume, first drops its records past the restored step (logged before a kill, logged
   again now). Checkpoints carry the wall time since `wall_start` (a `time.time()`, default:
@@ -233,7 +218,10 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "",
   t_start = time.time()
   wall_start = t_start if wall_start is None else wall_start
   state = t.state
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.get("keep_checkpoints", 2))
+  best_metric = best_metric or config.train.get("best_metric", "mean_dice")
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.get("keep_checkpoints", 2),
+                                 best_metric=best_metric,
+                                 best_mode=best_mode or config.train.get("best_mode", "max"))
   restored = ckpt.restore_latest(checkpoint.abstract_like(state))
   wall_before = 0.0
   if restored is not None:
@@ -283,13 +271,15 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "",
       summary = evaluate_fn(state.params)
       last_eval = (done, summary)
       per_class = summary.get("dice_per_class", {})
-      log(f"{prefix}eval  {done:>6} | mean Dice {summary['mean_dice']:.4f}"
+      log(f"{prefix}eval  {done:>6} | "
+          + (f"mean Dice {summary['mean_dice']:.4f}" if "mean_dice" in summary
+             else f"{best_metric} {summary[best_metric]:.4f}")
           + (f" | mean IoU {summary['mean_iou']:.4f}" if "mean_iou" in summary else "")
           + (" | " + " ".join(f"{k} {v:.3f}" for k, v in per_class.items()) if per_class else "")
           + eval_costs(summary))
       if jax.process_index() == 0:
         report.append_jsonl(metrics_path, {"split": "val", "step": done, **summary})
-      ckpt.save_best(done, state, {"mean_dice": summary["mean_dice"]})
+      ckpt.save_best(done, state, summary)
       t_window, steps_window = time.time(), 0  # evaluation time is not step time
     if done % config.train.checkpoint_every == 0 or done == num_steps:
       ckpt.save(done, state, wall_time_s=wall_before + time.time() - wall_start)
@@ -319,10 +309,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   pipeline.write_plan(workdir, config, t.data)  # what jaxseg.predict needs to rebuild the run
   data = t.data
   num_steps = config.train.num_steps
+  conv = conv_impl_name(config.model, platform=t.mesh.devices.flat[0].platform, device_count=t.mesh.size)
   log(f"jaxseg: {config.get('name', 'run')} | model={config.model.name} {config.model.spatial_dims}D "
       f"| devices={jax.device_count()} ({device_name()}) x {jax.process_count()} process(es) "
       f"| dtype={config.model.get('dtype', 'float32')} | loss={config.loss.get('name', 'dice_ce')} "
-      f"| conv={conv_impl_name(config.model)} "
+      f"| conv={conv} "
       f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={workdir}")
   state, stats = fit(t, workdir, wall_start=t_start)
   metrics_path = workdir / "metrics.jsonl"

@@ -16,15 +16,20 @@ def _positive(field, value):
 
 
 def _check_conv_impl(impl):
-  from jaxseg.models import conv, onednn
-  _choice("model.conv_impl", impl, {"auto", *conv.CONV_IMPLS})
-  if impl == "onednn" and not onednn.available():
+  from jaxseg.models.build import CONV_IMPLS
+  _choice("model.conv_impl", impl, {"auto", *CONV_IMPLS})
+  if impl != "onednn":
+    return
+  from jaxseg.cpu_conv import onednn  # only where oneDNN is asked for by name
+  if not onednn.available():
     raise ConfigError(f"model.conv_impl='onednn' is unavailable here: {onednn.unavailable_reason()}; "
                       "use 'auto' (XLA's convolutions when oneDNN is missing)")
 
 
-def check_train_config(config, *, device_count: int) -> None:
-  """Raises ConfigError for the first problem found in a training config."""
+def check_train_config(config, *, device_count: int | None = None) -> None:
+  """Raises ConfigError for the first problem found in a training config; the batch's
+  divisibility by the device count only when `device_count` is given (`jaxseg.main` checks the
+  rest before anything is created on disk, `train.setup` again with its mesh)."""
   from jaxseg import losses
   from jaxseg.models import MODELS
   from jaxseg.optim import OPTIMIZERS
@@ -54,7 +59,7 @@ def check_train_config(config, *, device_count: int) -> None:
   if bad:
     raise ConfigError(f"data.patch_size={patch} must be divisible by the network's total downsampling "
                       f"{factor} (= 2**(model.num_stages - 1) with num_stages={config.model.num_stages})")
-  if config.train.batch_size % device_count:
+  if device_count and config.train.batch_size % device_count:
     raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by the device "
                       f"count {device_count}; use a multiple of {device_count}")
   if not 0.0 <= config.data.foreground_fraction <= 1.0:

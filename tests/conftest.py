@@ -1,6 +1,5 @@
 """Shared test fixtures."""
 
-import os
 import pathlib
 
 import pytest

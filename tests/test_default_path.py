@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxseg.models import onednn
+from jaxseg.cpu_conv import onednn
 from test_predict_evaluate import make_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxseg.models import FCN, MODELS, UNet
@@ -45,4 +44,4 @@ def test_fcn_shapes_and_skip_fusion(dims, shape):
 
 
 def test_models_dict_names():
-  assert set(MODELS) == {"unet", "fcn"}
+  assert set(MODELS) == {"unet", "fcn", "hemis"}

@@ -15,7 +15,6 @@ from scipy import ndimage
 
 from jaxseg import evaluate, predict
 from jaxseg.data import dataset as ds
-from jaxseg.data import io
 from jaxseg.data import preprocess as pp
 from jaxseg.data import real
 

@@ -15,7 +15,7 @@ def _cfg():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model.name", "resnet", r"model.name='resnet' is not valid; choose one of \['fcn', 'unet'\]"),
+    ("model.name", "resnet", r"model.name='resnet' is not valid; choose one of \['fcn', 'hemis', 'unet'\]"),
     ("optimizer.name", "lamb", r"optimizer.name='lamb' is not valid; choose one of \['adam', 'adamw', 'sgd'\]"),
     ("loss.name", "focal", r"loss.name='focal' is not valid; choose one of \['ce', 'dice_ce'\]"),
     ("paradigm", "magic", r"paradigm='magic' is not valid; choose one of"),
@@ -36,7 +36,7 @@ def test_bad_field_is_named(field, value, message):
 
 
 def test_onednn_impl_without_onednn_is_named(monkeypatch):
-  from jaxseg.models import onednn
+  from jaxseg.cpu_conv import onednn
   monkeypatch.setattr(onednn, "available", lambda: False)
   monkeypatch.setattr(onednn, "unavailable_reason", lambda: "oneDNN not found (test)")
   c = _cfg()
@@ -59,12 +59,14 @@ def test_batch_not_divisible_by_devices():
 def test_main_prints_one_line_and_exits_2(tmp_path):
   import subprocess
   import sys
+  workdir = tmp_path / "run"
   r = subprocess.run([sys.executable, "-m", "jaxseg.main", "--config=configs/unet3d.py",
-                      f"--workdir={tmp_path}", "--config.optimizer.name=lamb"],
+                      f"--workdir={workdir}", "--config.optimizer.name=lamb"],
                      capture_output=True, text=True, cwd=helpers.REPO, timeout=300)
   assert r.returncode == 2
   assert "error: optimizer.name='lamb' is not valid" in r.stderr
   assert "Traceback" not in r.stderr
+  assert not workdir.exists()  # validated before the run creates anything
 
 
 @pytest.mark.parametrize("args,message", [

@@ -99,6 +99,9 @@ def filter_components_per_class(label_map, classes, *, keep_largest=False,
                                 batch_size=None):
   """Per class: drops components smaller than `min_size`, then optionally
   all but the largest one that is left; dropped voxels become `background`.
+  `remove_small_components_per_class` and `largest_component_per_class` in one
+  call (skimage `remove_small_objects`, then scipy `ndimage.label` + argmax of
+  the sizes, per class).
 
   Args:
     label_map: integer array (*spatial), any number of dimensions >= 1, a

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg.models import layers
+from jaxseg.models.conv import Conv, ConvTranspose
 
 
 class FCN(nn.Module):
@@ -18,14 +19,16 @@ class FCN(nn.Module):
   input size with (bi/tri)linear interpolation, as FCN-8s' final fixed bilinear upsampling.
 
   Input (N, *spatial, C_in) with spatial sizes divisible by 2**(num_stages - 1).
-  Returns logits (N, *spatial, num_classes).
+  Returns logits (N, *spatial, num_classes). `conv` and `conv_transpose` build the
+  convolutions (Flax's `Conv` signature); parameters do not depend on them.
   """
   num_classes: int
   spatial_dims: int = 2
   base_features: int = 32
   max_features: int = 256
   num_stages: int = 5
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef = Conv
+  conv_transpose: layers.ModuleDef = ConvTranspose
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -33,18 +36,18 @@ class FCN(nn.Module):
     if self.num_stages < 3:
       raise ValueError(f"FCN needs num_stages >= 3 (three score layers), got {self.num_stages}")
     feats = layers.stage_features(self.base_features, self.max_features, self.num_stages)
-    kw = dict(spatial_dims=self.spatial_dims, conv_impl=self.conv_impl, dtype=self.dtype)
+    kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, dtype=self.dtype)
     in_shape = x.shape
     x = x.astype(self.dtype)
     stages = []
     for i, f in enumerate(feats):
       x = layers.Stage(f, strides=1 if i == 0 else 2, name=f"enc{i}", **kw)(x)
       stages.append(x)
-    scores = [layers.head(self.num_classes, self.spatial_dims, self.conv_impl, self.dtype,
+    scores = [layers.head(self.num_classes, self.spatial_dims, self.conv, self.dtype,
                           name=f"score{k}")(stages[-1 - k]) for k in range(3)]
     y = scores[0]
     for k in (1, 2):
-      y = layers.upsample(self.num_classes, self.spatial_dims, 2, self.conv_impl, self.dtype,
+      y = layers.upsample(self.num_classes, self.spatial_dims, 2, self.conv_transpose, self.dtype,
                           name=f"up{k}")(y) + scores[k]
     y = y.astype(jnp.float32)
     out_shape = in_shape[:-1] + (self.num_classes,)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.models import layers
+from jaxseg.models.conv import Conv, ConvTranspose
 
 
 def hemis_fuse(features, available):
@@ -47,7 +48,8 @@ class HeMISUNet(nn.Module):
   Call with x (N, *S, M) (one channel per modality) and optionally `available` (N, M) (default:
   all); returns logits (N, *S, num_classes), or with `deep_supervision` a list of logits at
   full, 1/2, 1/4, ... resolution. Parameters: `mod{m}_enc{i}` (or `enc{i}` with
-  `shared_encoder`), then `up{i}`, `dec{i}`, `head{i}` named as in `UNet`.
+  `shared_encoder`), then `up{i}`, `dec{i}`, `head{i}` named as in `UNet`; `conv` and
+  `conv_transpose` as in `UNet`.
   """
   num_classes: int
   spatial_dims: int = 3
@@ -56,12 +58,13 @@ class HeMISUNet(nn.Module):
   num_stages: int = 5
   deep_supervision: bool = False
   shared_encoder: bool = False
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef = Conv
+  conv_transpose: layers.ModuleDef = ConvTranspose
   dtype: Any = jnp.float32
 
   def encode(self, x, feats, prefix):
     """Encoder features of one (N, *S, C) input at every stage (highest resolution first)."""
-    kw = dict(spatial_dims=self.spatial_dims, conv_impl=self.conv_impl, dtype=self.dtype)
+    kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, dtype=self.dtype)
     skips = []
     for i, f in enumerate(feats):
       x = layers.Stage(f, strides=1 if i == 0 else 2, name=f"{prefix}enc{i}", **kw)(x)
@@ -85,8 +88,9 @@ class HeMISUNet(nn.Module):
     skips = [hemis_fuse(s, available).astype(self.dtype) for s in per_stage]
 
     return layers.unet_decoder(skips[-1], skips, feats, num_classes=self.num_classes,
-                               spatial_dims=self.spatial_dims, conv_impl=self.conv_impl,
-                               dtype=self.dtype, deep_supervision=self.deep_supervision)
+                               spatial_dims=self.spatial_dims, conv=self.conv,
+                               conv_transpose=self.conv_transpose, dtype=self.dtype,
+                               deep_supervision=self.deep_supervision)
 
   @property
   def downsampling(self) -> int:

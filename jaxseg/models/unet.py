@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.models import layers
+from jaxseg.models.conv import Conv, ConvTranspose
 
 
 class UNet(nn.Module):
@@ -21,6 +22,9 @@ class UNet(nn.Module):
   With `return_features=True` the call returns `(that output, bottleneck)`, the deepest
   encoder stage's features (N, *spatial / 2**(num_stages - 1), F) (self-supervised pretraining
   pools them); parameters are the same either way.
+
+  `conv` and `conv_transpose` build the convolutions and the upsampling transposed convolutions
+  (Flax's `Conv` signature); parameters do not depend on them.
   """
   num_classes: int
   spatial_dims: int = 3
@@ -28,13 +32,14 @@ class UNet(nn.Module):
   max_features: int = 320
   num_stages: int = 5
   deep_supervision: bool = False
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef = Conv
+  conv_transpose: layers.ModuleDef = ConvTranspose
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, return_features: bool = False):
     feats = layers.stage_features(self.base_features, self.max_features, self.num_stages)
-    kw = dict(spatial_dims=self.spatial_dims, conv_impl=self.conv_impl, dtype=self.dtype)
+    kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, dtype=self.dtype)
     x = x.astype(self.dtype)
     skips = []
     for i, f in enumerate(feats):
@@ -42,6 +47,7 @@ class UNet(nn.Module):
       skips.append(x)
     bottleneck = x
     out = layers.unet_decoder(x, skips, feats, num_classes=self.num_classes,
+                              conv_transpose=self.conv_transpose,
                               deep_supervision=self.deep_supervision, **kw)
     return (out, bottleneck) if return_features else out
 

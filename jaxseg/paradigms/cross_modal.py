@@ -34,9 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import inference, losses, metrics, report
+from jaxseg import inference, losses, metrics, models, report
 from jaxseg.data import multimodal, pipeline, synthetic
-from jaxseg.models import hemis, unet
 from jaxseg.errors import ConfigError
 
 FUSIONS = ("early", "hemis")
@@ -105,15 +104,12 @@ def training_masks(key_data, *, num_steps: int, batch_size: int, num_modalities:
 
 
 def build_model(model_config, *, fusion: str, num_classes: int, shared_encoder: bool = False):
-  """The U-Net of `model_config` ('early') or its HeMIS variant with the same stage sizes."""
-  kw = dict(num_classes=num_classes, spatial_dims=model_config.spatial_dims,
-            base_features=model_config.base_features, max_features=model_config.max_features,
-            num_stages=model_config.num_stages, deep_supervision=model_config.deep_supervision,
-            conv_impl=model_config.get("conv_impl", "auto"),
-            dtype=jnp.dtype(model_config.get("dtype", "float32")))
+  """The U-Net of `model_config` ('early') or its HeMIS variant ('hemis') with the same fields,
+  built by `jaxseg.models.build_model` (every U-Net field and the convolution choice carry over)."""
   if fusion == "hemis":
-    return hemis.HeMISUNet(shared_encoder=shared_encoder, **kw)
-  return unet.UNet(**kw)
+    return models.build_model(model_config, num_classes=num_classes, name="hemis",
+                              shared_encoder=shared_encoder)
+  return models.build_model(model_config, num_classes=num_classes, name="unet")
 
 
 def apply_model(model, fusion: str, params, image, available):
@@ -358,13 +354,10 @@ def summarise(settings: dict, modalities) -> dict:
 
 def plot_table(settings: dict, subsets, path) -> None:
   """Heat map of mean Dice, settings x subsets, annotated."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
   names = list(settings)
   cols = [subset_name(s) for s in subsets]
   values = np.array([[settings[n]["table"][c]["mean_dice"] for c in cols] for n in names])
-  fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 1.0 + 0.55 * len(names)))
+  fig, ax = report.subplots(figsize=(1.6 + 1.3 * len(cols), 1.0 + 0.55 * len(names)))
   im = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
   for (r, c), v in np.ndenumerate(values):
     ax.text(c, r, f"{v:.3f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=9)

@@ -488,11 +488,8 @@ def run(config, workdir) -> dict:
 
 def plot_matrix(results: dict, stage_names, path) -> None:
   """One panel per method: Dice of each stage's classes (lines) after each training stage."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
   n = len(results)
-  fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), sharey=True, squeeze=False)
+  fig, axes = report.subplots(1, n, figsize=(3.2 * n, 3.0), sharey=True, squeeze=False)
   for ax, (method, r) in zip(axes[0], results.items()):
     m = r["matrix"]
     for j, name in enumerate(stage_names):

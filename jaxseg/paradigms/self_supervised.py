@@ -14,8 +14,8 @@ Both tasks share one forward pass of the 2B masked views. All corruption runs on
 drawn from the step's key. Unlabelled volumes: the labelled training cases with their labels
 ignored plus `selfsup.extra_unlabelled_cases` more phantoms (phantom seed + 1); with `data.root`
 the training split's images. `pretrain/` resumes like any run; its evaluation reports the
-pretext loss on fixed held-out patches of the validation images, with `mean_dice` = minus that
-loss (the training loop keeps the best state by `mean_dice`).
+pretext loss on fixed held-out patches of the validation images (the training loop keeps the
+state with the lowest as `best/`).
 
 The study then fine-tunes the segmentation U-Net on `selfsup.fractions` of the labelled
 training cases (at least one case; the same seeded subset for both starts) from the pretrained
@@ -32,7 +32,6 @@ fraction and start, and the pretext loss curves.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import time
 
@@ -263,12 +262,12 @@ def pretrain(config, data: pipeline.SegData, workdir: pathlib.Path) -> dict:
 
   def evaluate_fn(params):
     loss, aux = eval_pretext(params)
-    return {"mean_dice": -float(loss), "pretext_loss": float(loss),
-            **{k: float(v) for k, v in aux.items()}}
+    return {"pretext_loss": float(loss), **{k: float(v) for k, v in aux.items()}}
 
   train.log(f"[pretrain] {len(images)} unlabelled volumes | {ss.pretrain_steps} steps of "
             f"{b} patches x 2 views | workdir={workdir}")
-  _, stats = train.fit(t, workdir, evaluate_fn=evaluate_fn, tag="pretrain")
+  _, stats = train.fit(t, workdir, evaluate_fn=evaluate_fn, tag="pretrain",
+                       best_metric="pretext_loss", best_mode="min")
   records = report.read_jsonl(workdir / "metrics.jsonl")
   curve = _last_per_step([r for r in records if r.get("split") == "train"])
   held = _last_per_step([r for r in records if r.get("split") == "val"])
@@ -377,11 +376,8 @@ def run(config, workdir) -> dict:
 def plot_study(table, pre, path) -> None:
   """Grouped bars of mean Dice per labelled fraction (pretrained vs random, per-class Dice as
   dots), and the pretext loss curves (training and held-out); written via a temporary file."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
   fractions = sorted({r["fraction"] for r in table})
-  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (a, b) = report.subplots(1, 2, figsize=(11, 4))
   width = 0.38
   for j, init in enumerate(INITS):
     rows = [next(r for r in table if r["fraction"] == f and r["init"] == init) for f in fractions]
@@ -408,8 +404,4 @@ def plot_study(table, pre, path) -> None:
     b.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
   b.set(xlabel="pretraining step", ylabel="pretext loss", title="Pretext losses")
   b.grid(alpha=0.3)
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  plt.close(fig)
-  os.replace(tmp, path)
+  report.save_figure(fig, path)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxseg.models import onednn
+from jaxseg.cpu_conv import onednn
 
 needs_onednn = pytest.mark.skipif(
     not onednn.available(),
@@ -68,7 +68,7 @@ def test_wrapper_passes_its_check_with_avx2_kernels():
   env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2', JAX_PLATFORMS='cpu',
              JAXSEG_ONEDNN_LIB=str(onednn._build()))
   env.pop('XLA_FLAGS', None)
-  r = subprocess.run([sys.executable, '-m', 'jaxseg.models.onednn'], env=env,
+  r = subprocess.run([sys.executable, '-m', onednn.SELF_CHECK_MODULE], env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
 

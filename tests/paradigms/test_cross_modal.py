@@ -4,7 +4,6 @@ configs/unet3d_crossmodal.py end to end on tiny shapes."""
 import importlib.util
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,6 @@ import importlib.util
 import itertools
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -3,7 +3,7 @@
 XLA:CPU runs convolutions and their gradients far below this CPU's
 arithmetic peak (benchmarks/README_conv.md); oneDNN, the library PyTorch
 uses on CPU, runs the same products 3-4x faster than jaxseg's GEMM loops.
-This module compiles `jaxseg/native/onednn_conv.cc` against the oneDNN
+This module compiles `native/onednn_conv.cc` (next to it) against the oneDNN
 wheel (`onednn-cpu-gomp`, headers from `onednn-devel-cpu-gomp`) and jaxlib's
 FFI headers on first use, caches the shared library under
 ``$JAXSEG_CACHE`` (default ``~/.cache/jaxseg``, where the phantom data is
@@ -22,7 +22,7 @@ seconds once.
 `available()` says whether they can be used; when oneDNN, its headers or a
 C++ compiler are missing, when ``JAXSEG_ONEDNN=0`` is set, or when the self
 check failed, it returns False and `unavailable_reason()` says why, and
-`jaxseg.models.conv` keeps XLA's convolutions.
+`jaxseg.cpu_conv`'s routes keep XLA's convolutions.
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ import numpy as np
 
 from jaxseg import atomic, cache
 
-_SOURCE = pathlib.Path(__file__).resolve().parent.parent / 'native' / 'onednn_conv.cc'
+_SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'onednn_conv.cc'
 _TARGETS = ('fwd', 'bwd_data', 'bwd_weights')
 _LIB_NAME = 'libjaxseg_onednn.so'
+# The child process of `self_check` (python -m ...).
+SELF_CHECK_MODULE = 'jaxseg.cpu_conv.onednn_selfcheck'
 
 _reason: str | None = None
 
@@ -137,6 +139,11 @@ _CHECK_CASES = (
 )
 
 
+def _call_into(fn, results: dict, name: str) -> None:
+  """results[name] = fn(), computed (a thread's target in `_check_in_process`)."""
+  results[name] = jax.block_until_ready(fn())
+
+
 def _check_in_process() -> None:
   """Raises AssertionError unless the registered custom calls match lax on `_CHECK_CASES`
   (forward, input and filter gradient, jitted), on the main thread and on three worker threads
@@ -166,14 +173,11 @@ def _check_in_process() -> None:
     k = rng.standard_normal(k_shape, np.float32)
     dy = rng.standard_normal((x_shape[0],) + out + (k_shape[-1],), np.float32)
     want = jax.jit(products, static_argnums=(2, 3, 5))(x, k, strides, pads, dy, True)
-    mine = jax.jit(products, static_argnums=(2, 3, 5))
-    got = {}
-
-    def worker(name):
-      got[name] = jax.block_until_ready(mine(x, k, strides, pads, dy, False))
-
-    got['main thread'] = jax.block_until_ready(mine(x, k, strides, pads, dy, False))
-    threads = [threading.Thread(target=worker, args=(f'worker thread {i}',)) for i in range(3)]
+    mine = functools.partial(jax.jit(products, static_argnums=(2, 3, 5)), x, k, strides, pads, dy,
+                             False)
+    got = {'main thread': jax.block_until_ready(mine())}
+    threads = [threading.Thread(target=_call_into, args=(mine, got, f'worker thread {i}'))
+               for i in range(3)]
     for t in threads:
       t.start()
     for t in threads:
@@ -217,7 +221,7 @@ def self_check(path: pathlib.Path, timeout_s: float = 300.0) -> str | None:
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAXSEG_ONEDNN_LIB=str(path))
   env.pop('XLA_FLAGS', None)  # one device, whatever the parent asked for
   try:
-    proc = subprocess.run([sys.executable, '-m', 'jaxseg.models.onednn'], env=env,
+    proc = subprocess.run([sys.executable, '-m', SELF_CHECK_MODULE], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
   except subprocess.TimeoutExpired:
     reason = f'it did not finish in {timeout_s:.0f} s'
@@ -307,12 +311,3 @@ def conv_filter_grad(x, dy, kernel_shape, strides, pads):
                           jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
                           vmap_method='sequential')(x, dy, **_attrs(strides, pads))
 
-
-if __name__ == '__main__':
-  # The child process of `self_check`: exit status 0 when the library passes.
-  _register(pathlib.Path(os.environ['JAXSEG_ONEDNN_LIB']))
-  try:
-    _check_in_process()
-  except AssertionError as e:
-    print(e, file=sys.stderr)
-    sys.exit(1)

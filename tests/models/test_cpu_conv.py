@@ -1,0 +1,286 @@
+"""Every route of the CPU convolution backend (`jaxseg.cpu_conv`) against lax and flax.linen."""
+
+import dataclasses
+import functools
+import pathlib
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseg import cpu_conv
+from jaxseg.cpu_conv import dispatch, gemm, onednn
+from jaxseg.models import conv as conv_lib
+
+from test_conv import MODULE_CASES, _assert_close, _random, _value_and_grads, random_params
+
+# 'lax' is the reference itself; it is exercised through the module tests.
+IMPLS = [k for k in cpu_conv.CONV_IMPLS if k != 'lax']
+
+needs_onednn = pytest.mark.skipif(
+    not onednn.available(),
+    reason=f'oneDNN custom calls unavailable: {onednn.unavailable_reason()}')
+
+# (x shape, kernel shape, strides, padding, chunk bytes): 2D and 3D, stride 1
+# and 2, odd and even sizes, 2 to 16 channels, a 1x1 head, an even kernel,
+# explicit pads. Chunk bytes force the looped impls through one GEMM (None),
+# one plane per chunk (500), several planes or several batch entries per
+# chunk (see test_chunking).
+CASES = [
+    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), 1, 'SAME', 500),
+    ((1, 8, 9, 6, 5), (3, 3, 3, 5, 8), 2, 'SAME', None),
+    ((4, 5, 6, 7, 2), (3, 3, 3, 2, 3), (2, 1, 2), 'VALID', 13_000),
+    ((1, 6, 5, 6, 4), (2, 2, 2, 4, 2), 1, 'SAME', 500),
+    ((2, 4, 6, 4, 16), (1, 1, 1, 16, 2), 1, 'SAME', None),
+    ((4, 9, 8, 16), (3, 3, 16, 16), 1, 'SAME', 38_400),
+    ((3, 11, 9, 3), (3, 3, 3, 4), (2, 1), ((1, 2), (0, 1)), 500),
+]
+
+
+def _case_id(case):
+  x_shape, k_shape, strides, padding, chunk = case
+  pad = padding if isinstance(padding, str) else 'explicit'
+  return (f'{len(k_shape) - 2}d-x{"x".join(map(str, x_shape))}-'
+          f'k{k_shape[0]}-s{strides}-{pad}-chunk{chunk}')
+
+
+def _reference(x, w, strides, padding):
+  nd = w.ndim - 2
+  if isinstance(strides, int):
+    strides = (strides,) * nd
+  spec = ('NHWC', 'HWIO', 'NHWC') if nd == 2 else ('NDHWC', 'DHWIO', 'NDHWC')
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, spec)
+  return lax.conv_general_dilated(x, w, strides, padding,
+                                  dimension_numbers=dn)
+
+
+@pytest.mark.parametrize('case,impl', [
+    pytest.param(case, impl, id=f'{_case_id(case)}-{impl}',
+                 marks=[needs_onednn] if impl == 'onednn' else [])
+    for case in CASES for impl in IMPLS
+    # 'gemm' has no loop and plain autodiff: a few shapes suffice.
+    if impl != 'gemm' or case in (CASES[0], CASES[1], CASES[-1])])
+def test_conv_matches_lax_under_jit(case, impl, monkeypatch):
+  x_shape, k_shape, strides, padding, chunk = case
+  if chunk is not None:
+    monkeypatch.setattr(gemm, '_CHUNK_BYTES', chunk)
+  x, w, rng = _random(x_shape, k_shape)
+  want_y = _reference(x, w, strides, padding)
+  dy = jnp.asarray(rng.standard_normal(want_y.shape), jnp.float32)
+  ref = functools.partial(_reference, strides=strides, padding=padding)
+  f = functools.partial(cpu_conv.conv, strides=strides, padding=padding, impl=impl)
+  got = jax.jit(functools.partial(_value_and_grads, f))(x, w, dy)
+  _assert_close(got, jax.jit(functools.partial(_value_and_grads, ref))(x, w, dy))
+
+
+@pytest.mark.parametrize('impl', ['gemm_split'])
+def test_conv_matches_lax_without_jit(impl, monkeypatch):
+  monkeypatch.setattr(gemm, '_CHUNK_BYTES', 500)
+  x, w, _ = _random((2, 5, 6, 3), (3, 3, 3, 4), seed=1)
+  f = functools.partial(cpu_conv.conv, strides=1, impl=impl)
+  ref = functools.partial(_reference, strides=1, padding='SAME')
+  loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(fn(x, w)))  # noqa: E731
+  _assert_close((f(x, w),) + jax.grad(loss(f), (0, 1))(x, w),
+                (ref(x, w),) + jax.grad(loss(ref), (0, 1))(x, w))
+
+
+@pytest.mark.parametrize('flax_cls,own_cls,kwargs', MODULE_CASES,
+                         ids=lambda v: str(v) if isinstance(v, dict) else '')
+def test_module_with_the_cpu_default_matches_flax(flax_cls, own_cls, kwargs):
+  # The module definitions `jaxseg.models.build` makes of a CPU route: same parameters and
+  # outputs as flax.linen's.
+  nd = len(kwargs['kernel_size'])
+  x = jax.random.normal(jax.random.key(1), (2,) + (7, 6, 5)[:nd] + (3,))
+  ref = flax_cls(**kwargs)
+  if own_cls is conv_lib.Conv:
+    own = own_cls(**kwargs, convolution=cpu_conv.convolution('cpu_per_layer'))
+  else:
+    own = own_cls(**kwargs)  # the GEMM transposed convolution is the default everywhere
+  assert (jax.eval_shape(own.init, jax.random.key(0), x)
+          == jax.eval_shape(ref.init, jax.random.key(0), x))
+  params = random_params(ref, x)
+  np.testing.assert_allclose(jax.jit(own.apply)(params, x), jax.jit(ref.apply)(params, x),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_impl_names_the_choices():
+  x = jnp.ones((1, 4, 4, 2))
+  with pytest.raises(ValueError, match="'lax'.*'gemm_split'"):
+    cpu_conv.conv(x, jnp.ones((3, 3, 2, 2)), impl='cudnn')
+  with pytest.raises(ValueError, match='valid choices'):
+    cpu_conv.convolution('nope')
+
+
+def test_same_resolution_gives_the_same_function():
+  # Modules holding a route compare equal when built twice (jit caches keyed on them hit).
+  assert cpu_conv.convolution('cpu_per_layer') is cpu_conv.convolution('cpu_per_layer')
+  assert cpu_conv.convolution('gemm_split', device_count=4) is cpu_conv.CONV_IMPLS['gemm_split']
+
+
+def test_chunking():
+  # pylint: disable-next=protected-access
+  chunks = lambda *a: dataclasses.astuple(gemm._chunking(*a))  # noqa: E731
+  # (out, batch entries per chunk, planes per chunk, chunks)
+  # CASES[2] forward: 2 batch entries per chunk.
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(gemm, '_CHUNK_BYTES', 13_000)
+    assert chunks(4, (2, 4, 3), 27 * 2 * 4) == ((2, 4, 3), 2, 2, 2)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(gemm, '_CHUNK_BYTES', 38_400)
+    # CASES[5]: gemm_split forward 2 entries per chunk; im2col filter
+    # gradient 3 planes per chunk.
+    assert chunks(4, (9, 8), 3 * 16 * 4 * 10 / 8) == ((9, 8), 2, 9, 2)
+    assert chunks(4, (9, 8), 9 * 16 * 4) == ((9, 8), 1, 3, 12)
+    assert chunks(1, (7, 8), 1e9) == ((7, 8), 1, 1, 7)
+
+
+@pytest.mark.parametrize('x_shape,k_shape,strides,expected', [
+    ((2, 128, 128, 64), (3, 3, 64, 8), 1, ('split', 'lax', 'lax')),
+    ((2, 128, 128, 64), (3, 3, 64, 24), 2, ('lax', 'lax', 'split')),
+    ((2, 24, 20, 64), (3, 3, 64, 32), 1, ('lax', 'lax', 'split')),
+    ((2, 24, 20, 8), (3, 3, 8, 16), 1, ('lax', 'lax', 'lax')),
+    ((2, 24, 20, 8), (3, 3, 8, 32), 1, ('lax', 'lax', 'im2col')),
+    ((2, 24, 20, 8), (1, 1, 8, 4), 1, ('lax', 'lax', 'im2col')),
+    ((1, 9, 8, 7, 4), (3, 3, 3, 4, 8), 1, ('split', 'split', 'split')),
+])
+def test_cpu_per_layer_choices(x_shape, k_shape, strides, expected, monkeypatch):
+  # Each rule of `cpu_products` (the route without oneDNN) once: the choice,
+  # and values and both gradients equal to lax's for that combination.
+  monkeypatch.setattr(onednn, 'available', lambda: False)
+  nd = len(k_shape) - 2
+  st = (strides,) * nd
+  assert cpu_conv.cpu_products(x_shape, k_shape, st) == expected
+  x, w, rng = _random(x_shape, k_shape)
+  fn = functools.partial(cpu_conv.conv, strides=strides, padding='SAME', impl='cpu_per_layer')
+  ref_fn = lambda a, b: _reference(a, b, strides, 'SAME')  # noqa: E731
+  dy = jnp.asarray(rng.standard_normal(ref_fn(x, w).shape), jnp.float32)
+  got = _value_and_grads(fn, x, w, dy)
+  want = _value_and_grads(ref_fn, x, w, dy)
+  for g, r in zip(got, want):
+    scale = float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4 * scale)
+
+
+def _custom_calls(fn, *args):
+  """Names of the FFI custom calls in fn's jaxpr (forward and backward)."""
+  text = str(jax.make_jaxpr(fn)(*args))
+  return {n for n in ('fwd', 'bwd_data', 'bwd_weights')
+          if f'jaxseg_onednn_conv_{n}' in text}
+
+
+@needs_onednn
+def test_cpu_per_layer_takes_onednn_for_fp32_only(monkeypatch):
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: True)
+  x, w, rng = _random((2, 6, 5, 4, 3), (3, 3, 3, 3, 4))
+  dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
+  vg = lambda pad: functools.partial(  # noqa: E731
+      _value_and_grads, functools.partial(cpu_conv.conv, strides=1, padding=pad,
+                                          impl='cpu_per_layer'))
+  assert _custom_calls(vg('SAME'), x, w, dy) == {'fwd', 'bwd_data', 'bwd_weights'}
+  # 'onednn' keeps oneDNN's filter gradient; with AVX2 kernels only, 'cpu_per_layer' does not.
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: False)
+  assert _custom_calls(vg('SAME'), x, w, dy) == {'fwd', 'bwd_data'}
+  got = jax.jit(vg('SAME'))(x, w, dy)
+  _assert_close(got, _value_and_grads(lambda a, b: _reference(a, b, 1, 'SAME'), x, w, dy))
+  # bf16 and cropping (negative) pads stay on the XLA route, and still match lax.
+  xb, wb, dyb = (a.astype(jnp.bfloat16) for a in (x, w, dy))
+  assert _custom_calls(vg('SAME'), xb, wb, dyb) == set()
+  crop = ((-1, 1), (1, 1), (0, 2))
+  dy_crop = dy[:, :4]
+  assert _custom_calls(vg(crop), x, w, dy_crop) == set()
+  got = jax.jit(vg(crop))(x, w, dy_crop)
+  want = _value_and_grads(lambda a, b: _reference(a, b, 1, crop), x, w, dy_crop)
+  _assert_close(got, want)
+
+
+def test_cpu_per_layer_for_bfloat16_does_not_build_onednn(monkeypatch):
+  # Resolving 'cpu_per_layer' for a bfloat16 model or several devices never asks for the
+  # library (asking builds it, with g++, on first use).
+  def fail():
+    raise AssertionError('onednn.available() was called')
+  monkeypatch.setattr(onednn, 'available', fail)
+  assert not cpu_conv.uses_onednn(1, jnp.bfloat16)
+  assert not cpu_conv.uses_onednn(2, jnp.float32)
+  cpu_conv.convolution('cpu_per_layer', dtype=jnp.bfloat16)
+
+
+@needs_onednn
+def test_cpu_per_layer_keeps_xla_on_several_devices(monkeypatch):
+  # XLA cannot partition a custom call (it would gather a sharded batch), so
+  # multi-device runs keep XLA's convolutions; the run log says which.
+  import ml_collections
+  from jaxseg.models.build import conv_impl_name
+  cfg = ml_collections.ConfigDict({'spatial_dims': 3})
+  x, w, rng = _random((2, 6, 5, 4, 3), (3, 3, 3, 3, 4))
+  dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
+  vg = lambda n: functools.partial(  # noqa: E731
+      _value_and_grads, functools.partial(cpu_conv.conv, impl='cpu_per_layer', device_count=n))
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: True)
+  assert conv_impl_name(cfg, platform='cpu', device_count=1) == 'cpu_per_layer (oneDNN)/gemm'
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: False)
+  assert conv_impl_name(cfg, platform='cpu', device_count=1) == (
+      'cpu_per_layer (oneDNN; filter gradients by XLA GEMM: oneDNN has AVX2 kernels only here)/gemm')
+  assert _custom_calls(vg(1), x, w, dy) == {'fwd', 'bwd_data'}
+  assert _custom_calls(vg(2), x, w, dy) == set()
+  assert conv_impl_name(cfg, platform='cpu', device_count=2) == 'cpu_per_layer (XLA GEMM: 2 devices)/gemm'
+
+
+@needs_onednn
+@pytest.mark.parametrize('x_shape,k_shape,strides', [
+    ((1, 33, 17, 16), (3, 3, 16, 32), 2),        # 2D, odd sizes, stride 2
+    ((2, 10, 12, 9, 8), (3, 3, 3, 8, 8), 1),     # 3D, both gradients
+    ((3, 20, 7), (5, 7, 2), 1),                  # 1D, wide kernel
+])
+def test_onednn_matches_lax_eager(x_shape, k_shape, strides):
+  # Outside jit (each custom call dispatched on its own) and in 1D.
+  x, w, rng = _random(x_shape, k_shape, seed=3)
+  ref = functools.partial(_reference, strides=strides, padding='SAME') \
+      if len(k_shape) > 3 else (lambda a, b: lax.conv_general_dilated(
+          a, b, (strides,), 'SAME', dimension_numbers=('NWC', 'WIO', 'NWC')))
+  want_y = ref(x, w)
+  dy = jnp.asarray(rng.standard_normal(want_y.shape), jnp.float32)
+  f = functools.partial(cpu_conv.conv, strides=strides, padding='SAME', impl='onednn')
+  _assert_close(_value_and_grads(f, x, w, dy), _value_and_grads(ref, x, w, dy))
+
+
+def test_onednn_unavailable_says_why(monkeypatch, tmp_path):
+  # No oneDNN under any prefix: available() is False, the reason names the
+  # pip packages, 'cpu_per_layer' falls back to XLA and 'onednn' raises.
+  monkeypatch.setattr(onednn, '_prefixes', lambda: [tmp_path])
+  monkeypatch.setattr(onednn, '_reason', None)
+  onednn._load.cache_clear()
+  try:
+    assert not onednn.available()
+    assert 'pip install onednn-cpu-gomp onednn-devel-cpu-gomp' in onednn.unavailable_reason()
+    x, w, _ = _random((1, 6, 6, 2), (3, 3, 2, 3))
+    np.testing.assert_allclose(
+        cpu_conv.conv(x, w, impl='cpu_per_layer'), _reference(x, w, 1, 'SAME'),
+        rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="conv impl 'onednn' is unavailable: oneDNN not found"):
+      cpu_conv.conv(x, w, impl='onednn')
+  finally:
+    onednn._load.cache_clear()
+
+
+def test_onednn_build_is_cached_and_atomic(monkeypatch, tmp_path):
+  # A failing compiler leaves nothing behind where the next run looks.
+  if not onednn.available():
+    pytest.skip(f'oneDNN custom calls unavailable: {onednn.unavailable_reason()}')
+  monkeypatch.setenv('JAXSEG_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'false')
+  with pytest.raises(RuntimeError, match='building onednn_conv.cc failed'):
+    onednn._build()
+  assert [p.name for p in tmp_path.rglob('*') if p.is_file()] == []
+  monkeypatch.delenv('CXX')
+  lib = onednn._build()
+  assert lib.parent.parent == tmp_path and lib.name == 'libjaxseg_onednn.so'
+  stamp = lib.stat().st_mtime_ns
+  assert onednn._build() == lib and lib.stat().st_mtime_ns == stamp  # built once
+
+
+def test_native_source_ships_inside_the_package():
+  # pyproject's package-data must list it: "jaxseg.cpu_conv" = ["native/*.cc"].
+  assert onednn._SOURCE.is_file()
+  assert onednn._SOURCE.parent == pathlib.Path(dispatch.__file__).parent / 'native'
