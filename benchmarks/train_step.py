@@ -28,9 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 sys.path.insert(0, str(REPO))
 
-from jaxseg import optim, sharding, steps, train  # noqa: E402
-from jaxseg.models import build_model  # noqa: E402
-from jaxseg import objectives  # noqa: E402
+from jaxseg import sharding, train  # noqa: E402
 
 
 def peak_memory_mb() -> float:
@@ -46,15 +44,11 @@ def bench_config(name: str, arg: str | None, repeats: int, num_classes: int = 4,
   config = importlib.import_module(name).get_config(arg)
   if conv_impl:
     config.model.conv_impl = conv_impl
-  mesh = sharding.make_mesh()
-  model = build_model(config.model, num_classes=num_classes)
-  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  loss_fn = objectives.supervised(model, config, num_classes)
   t0 = time.perf_counter()
-  state = train.init_state(model, tx, seed=0, in_channels=in_channels, mesh=mesh)
+  built = train.build_step(config, num_classes=num_classes, in_channels=in_channels)
+  mesh, state, step = built.mesh, built.state, built.train_step
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
-  step = steps.make_train_step(loss_fn, tx, mesh, config.augment)
   b = config.train.batch_size
   patch = tuple(config.data.patch_size)
   rng = np.random.default_rng(0)

@@ -278,17 +278,11 @@ def setup_jax_train(spec: dict, job: dict):
   sys.path.insert(0, str(REPO))
   import jax
 
-  from jaxseg import optim, sharding, steps, train
-  from jaxseg.models import build_model
-  from jaxseg import objectives
+  from jaxseg import sharding, train
 
   config = jax_config(spec, job["dtype"])
-  mesh = sharding.make_mesh()
-  model = build_model(config.model, num_classes=spec["classes"])
-  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  loss_fn = objectives.supervised(model, config, spec["classes"])
-  state = train.init_state(model, tx, seed=0, in_channels=spec["in_channels"], mesh=mesh)
-  step = steps.make_train_step(loss_fn, tx, mesh, config.augment)
+  built = train.build_step(config, num_classes=spec["classes"], in_channels=spec["in_channels"])
+  mesh, state, step = built.mesh, built.state, built.train_step
   image, label = make_train_data(spec)
   batch = sharding.global_batch({"image": image, "label": label}, mesh)
   key = jax.device_put(jax.random.key_data(jax.random.key(0)), sharding.replicated(mesh))

@@ -147,17 +147,11 @@ def setup_jax(spec: dict, t_launch: float):
   import jax
   import jax.numpy as jnp
 
-  from jaxseg import inference, optim, sharding, steps as steps_lib, train
-  from jaxseg.models import build_model
-  from jaxseg import objectives
+  from jaxseg import inference, sharding, train
 
   config = _jax_config(spec)
-  mesh = sharding.make_mesh()
-  model = build_model(config.model, num_classes=spec["classes"])
-  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  loss_fn = objectives.supervised(model, config, spec["classes"])
-  state = train.init_state(model, tx, seed=0, in_channels=1, mesh=mesh)
-  train_step = steps_lib.make_train_step(loss_fn, tx, mesh, config.augment)
+  built = train.build_step(config, num_classes=spec["classes"], in_channels=1)
+  mesh, model, state, train_step = built.mesh, built.model, built.state, built.train_step
   image, label = make_data(spec)
   batch = sharding.global_batch({"image": image, "label": label}, mesh)
   key = jax.device_put(jax.random.key_data(jax.random.key(0)), sharding.replicated(mesh))
@@ -612,17 +606,11 @@ def profile_jax_step(spec: dict, steps: int) -> dict:
   import jax
   from jax.profiler import ProfileData
 
-  from jaxseg import optim, sharding, steps as steps_lib, train
-  from jaxseg.models import build_model
-  from jaxseg import objectives
+  from jaxseg import sharding, train
 
   config = _jax_config(spec)
-  mesh = sharding.make_mesh()
-  model = build_model(config.model, num_classes=spec["classes"])
-  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  loss_fn = objectives.supervised(model, config, spec["classes"])
-  state = train.init_state(model, tx, seed=0, in_channels=1, mesh=mesh)
-  step = steps_lib.make_train_step(loss_fn, tx, mesh, config.augment)
+  built = train.build_step(config, num_classes=spec["classes"], in_channels=1)
+  mesh, state, step = built.mesh, built.state, built.train_step
   image, label = make_data(spec)
   batch = sharding.global_batch({"image": image, "label": label}, mesh)
   key = jax.device_put(jax.random.key_data(jax.random.key(0)), sharding.replicated(mesh))

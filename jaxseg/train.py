@@ -132,42 +132,72 @@ class Trainer:
     return sharding.global_batch(self.batch_fn(step, range(local.start, local.stop)), self.mesh)
 
 
+@dataclasses.dataclass
+class Step:
+  """A jitted training step built from a config (`build_step`): the model, the mesh it is
+  compiled for, the optimiser, the initial state and the step and predict functions."""
+  model: Any
+  mesh: Any
+  tx: Any
+  state: TrainState
+  train_step: Any
+  predict_fn: Any
+
+
+def build_step(config: ml_collections.ConfigDict, *, num_classes: int, in_channels: int, mesh=None,
+               model=None, loss_fn=None, params=None, loss_consts=None) -> Step:
+  """The model, optimiser, replicated initial state and jitted, sharded train step of `config`,
+  on `mesh` (default: all devices): what `setup` builds around the data, and what the
+  benchmarks time.
+
+  `model` (default: `build_model(config.model)` for the mesh's platform), `loss_fn` (default
+  `objectives.supervised`), `params` (initial parameters; default: a fresh init, or
+  `config.init_from`'s) and `loss_consts` (see `steps.make_train_step`) as in `setup`.
+  """
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  if model is None:
+    model = build_model(config.model, num_classes=num_classes,
+                        platform=mesh.devices.flat[0].platform, device_count=mesh.size)
+  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
+  if loss_fn is None:
+    loss_fn = objectives.supervised(model, config, num_classes)
+  if params is None and config.get("init_from"):
+    from jaxseg import init_from  # noqa: PLC0415
+    fresh = init_state(model, tx, seed=config.seed, in_channels=in_channels, mesh=mesh).params
+    params = init_from.load_pretrained(fresh, config.init_from,
+                                       part=config.get("init_from_part", init_from.DEFAULT_PART))
+  state = init_state(model, tx, seed=config.seed, in_channels=in_channels, mesh=mesh, params=params)
+  return Step(model=model, mesh=mesh, tx=tx, state=state,
+              train_step=steps.make_train_step(loss_fn, tx, mesh, config.augment, loss_consts=loss_consts),
+              predict_fn=steps.make_predict_fn(model))
+
+
 def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=None, loss_fn=None,
           batch_fn=None, params=None, loss_consts=None) -> Trainer:
-  """Validates the config, loads the data and builds model, optimiser, state and steps.
+  """Validates the config, loads the data and builds model, optimiser, state and steps
+  (`build_step`).
 
   `devices` (default: all) restricts the mesh, e.g. to compare 1 and 8 devices in a test.
   Paradigms replace parts: `data` (a `SegData`, default `pipeline.load_cases(config)`),
   `model` (default from `config.model`), `loss_fn` (params, batch, key) -> (loss, aux) (default
-  `objectives.supervised`: `config.loss.name`, Dice + CE unless set), `batch_fn` (default: patches of `data` with foreground oversampling)
-  and `params` (initial parameters, e.g. a previous stage's; default: a fresh init);
-  `loss_consts`: arrays passed to `loss_fn` as a fourth argument (see `steps.make_train_step`).
+  `objectives.supervised`: `config.loss.name`, Dice + CE unless set), `batch_fn` (default:
+  patches of `data` with foreground oversampling) and `params` (initial parameters, e.g. a
+  previous stage's; default: a fresh init); `loss_consts`: arrays passed to `loss_fn` as a
+  fourth argument (see `steps.make_train_step`).
   """
   sharding.maybe_initialize_distributed(config.get("distributed"))
   mesh = sharding.make_mesh(devices)
   validate.check_train_config(config, device_count=mesh.size)
   data = data if data is not None else pipeline.load_cases(config)
-  if model is None:
-    model = build_model(config.model, num_classes=data.num_classes,
-                        platform=mesh.devices.flat[0].platform, device_count=mesh.size)
-  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  if loss_fn is None:
-    loss_fn = objectives.supervised(model, config, data.num_classes)
-  if params is None and config.get("init_from"):
-    from jaxseg import init_from  # noqa: PLC0415
-    fresh = init_state(model, tx, seed=config.seed, in_channels=data.in_channels, mesh=mesh).params
-    params = init_from.load_pretrained(fresh, config.init_from,
-                                       part=config.get("init_from_part", init_from.DEFAULT_PART))
-  state = init_state(model, tx, seed=config.seed, in_channels=data.in_channels, mesh=mesh,
-                     params=params)
+  built = build_step(config, num_classes=data.num_classes, in_channels=data.in_channels, mesh=mesh,
+                     model=model, loss_fn=loss_fn, params=params, loss_consts=loss_consts)
   if batch_fn is None:
     batch_fn = loader.for_training(data, config, mesh)
   key = jax.make_array_from_process_local_data(
       sharding.replicated(mesh), np.asarray(jax.random.key_data(jax.random.key(config.seed))))
-  return Trainer(config=config, data=data, model=model, mesh=mesh, tx=tx, state=state,
-                 train_step=steps.make_train_step(loss_fn, tx, mesh, config.augment,
-                                                    loss_consts=loss_consts),
-                 predict_fn=steps.make_predict_fn(model), batch_fn=batch_fn, key=key)
+  return Trainer(config=config, data=data, model=built.model, mesh=mesh, tx=built.tx,
+                 state=built.state, train_step=built.train_step, predict_fn=built.predict_fn,
+                 batch_fn=batch_fn, key=key)
 
 
 def eval_costs(summary: dict) -> str:
