@@ -58,6 +58,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from machine import cpu_model  # noqa: E402
+import torch_reference  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "vs_pytorch_cpu.json"
@@ -203,88 +204,6 @@ def warm_inference(infer, spec: dict) -> None:
 # torch worker (torch and monai are imported only here)
 
 
-def torch_unet_class():
-  """`TorchUNet`: jaxseg's `models.UNet` (model.name='unet') in PyTorch, channels-first."""
-  import torch
-  from torch import nn
-
-  class ConvNormAct(nn.Sequential):
-    """conv (bias) -> InstanceNorm (affine) -> LeakyReLU(0.01), as `layers.ConvNormAct`."""
-
-    def __init__(self, dims, cin, cout, stride=1):
-      conv = (nn.Conv2d, nn.Conv3d)[dims - 2]
-      norm = (nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 2]
-      super().__init__(conv(cin, cout, 3, stride=stride, padding=1, bias=True),
-                       norm(cout, eps=1e-5, affine=True), nn.LeakyReLU(0.01, inplace=True))
-
-  class Stage(nn.Sequential):
-    """Two ConvNormAct; the first may downsample (stride 2), as `layers.Stage`."""
-
-    def __init__(self, dims, cin, cout, stride=1):
-      super().__init__(ConvNormAct(dims, cin, cout, stride), ConvNormAct(dims, cout, cout))
-
-  class TorchUNet(nn.Module):
-    """Encoder stages (stride-2 conv between them), transposed-conv up, skip concat, 1x1 head."""
-
-    def __init__(self, dims, in_channels, num_classes, features):
-      super().__init__()
-      convt = (nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 2]
-      conv = (nn.Conv2d, nn.Conv3d)[dims - 2]
-      self.enc = nn.ModuleList(
-          Stage(dims, in_channels if i == 0 else features[i - 1], f, 1 if i == 0 else 2)
-          for i, f in enumerate(features))
-      self.up = nn.ModuleList(convt(features[i + 1], features[i], 2, stride=2, bias=True)
-                              for i in range(len(features) - 1))
-      self.dec = nn.ModuleList(Stage(dims, 2 * features[i], features[i])
-                               for i in range(len(features) - 1))
-      self.head = conv(features[0], num_classes, 1, bias=True)
-
-    def forward(self, x):
-      skips = []
-      for stage in self.enc:
-        x = stage(x)
-        skips.append(x)
-      for i in reversed(range(len(self.up))):
-        x = self.dec[i](torch.cat([self.up[i](x), skips[i]], dim=1))
-      return self.head(x)
-
-  return TorchUNet
-
-
-def monai_net(name: str, spec: dict):
-  """MONAI's own network with the same feature list (not the same architecture, see --help)."""
-  from monai.networks.nets import BasicUNet, DynUNet, UNet
-  dims, feats, n = spec["dims"], spec["features"], spec["num_stages"]
-  if name == "unet":
-    return UNet(spatial_dims=dims, in_channels=1, out_channels=spec["classes"], channels=feats,
-                strides=(2,) * (n - 1), num_res_units=2, norm="instance")
-  if name == "basicunet":  # always 5 levels: features padded by doubling, last = first
-    f = (feats + [feats[-1] * 2 ** (i + 1) for i in range(5 - len(feats))])[:5] + [feats[0]]
-    return BasicUNet(spatial_dims=dims, in_channels=1, out_channels=spec["classes"], features=f)
-  if name == "dynunet":
-    return DynUNet(spatial_dims=dims, in_channels=1, out_channels=spec["classes"],
-                   kernel_size=[3] * n, strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1),
-                   filters=feats, norm_name="instance",
-                   act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
-                   deep_supervision=False, res_block=False)
-  raise ValueError(f"unknown --monai-net {name!r}")
-
-
-def torch_dice_ce(logits, labels, num_classes: int):
-  """`jaxseg.losses.dice_ce` in PyTorch: CE + 1 - mean per-case soft Dice without background."""
-  import torch
-  import torch.nn.functional as F
-  ce = F.cross_entropy(logits, labels)
-  probs = torch.softmax(logits, dim=1)
-  onehot = F.one_hot(labels, num_classes).movedim(-1, 1).to(probs.dtype)
-  axes = tuple(range(2, logits.ndim))
-  tp = (probs * onehot).sum(axes)
-  fp = (probs * (1 - onehot)).sum(axes)
-  fn = ((1 - probs) * onehot).sum(axes)
-  dice = (2 * tp + 1e-5) / torch.clamp(2 * tp + fp + fn + 1e-5, min=1e-8)
-  return ce + 1.0 - dice[:, 1:].mean()
-
-
 def jax_param_count(spec: dict) -> int:
   """Parameters of jaxseg's UNet for `spec`, from shapes only (jax.eval_shape, no compute)."""
   sys.path.insert(0, str(REPO))
@@ -306,9 +225,9 @@ def setup_torch(spec: dict, t_launch: float, which: str, monai_name: str):
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   if which == "torch":
-    net = torch_unet_class()(spec["dims"], 1, spec["classes"], spec["features"])
+    net = torch_reference.torch_unet_class()(spec["dims"], 1, spec["classes"], spec["features"])
   else:
-    net = monai_net(monai_name, spec)
+    net = torch_reference.monai_net(monai_name, spec)
   o = spec["optimizer"]
   opt = torch.optim.Adam(net.parameters(), lr=o["learning_rate"], weight_decay=o["weight_decay"])
   sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=spec["num_steps"],
@@ -320,7 +239,7 @@ def setup_torch(spec: dict, t_launch: float, which: str, monai_name: str):
 
   def train_step():
     opt.zero_grad(set_to_none=True)
-    loss = torch_dice_ce(net(x), y, spec["classes"])
+    loss = torch_reference.torch_dice_ce(net(x), y, spec["classes"])
     loss.backward()
     if o["clip_norm"] > 0:
       torch.nn.utils.clip_grad_norm_(net.parameters(), o["clip_norm"])
@@ -377,12 +296,6 @@ def serve(framework: str, spec: dict, t_launch: float, monai_name: str) -> None:
     else:
       return
     print("RESULT " + json.dumps(res), flush=True)
-
-
-def count_torch_unet_params(spec: dict) -> int:
-  TorchUNet = torch_unet_class()
-  net = TorchUNet(spec["dims"], 1, spec["classes"], spec["features"])
-  return sum(p.numel() for p in net.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,13 +473,13 @@ def profile_pieces(spec: dict, reps: int) -> list[dict]:
   tl = to_torch(logits).requires_grad_(True)
   ty = torch.from_numpy(labels.astype(np.int64))
   t = _interleaved({"jax": jblock(lossg, lj, yj),
-                    "torch": lambda: torch_dice_ce(tl, ty, spec["classes"]).backward()}, reps)
+                    "torch": lambda: torch_reference.torch_dice_ce(tl, ty, spec["classes"]).backward()}, reps)
   rows.append({"piece": "loss fwd+bwd", "x": list(logits.shape), "count": 1, "jax_s": t["jax"],
                "torch_s": t["torch"]})
 
   config = _jax_config(spec)
   tx_ = optim.build_optimizer(config.optimizer, config.train.num_steps)
-  net = torch_unet_class()(dims, 1, spec["classes"], spec["features"])
+  net = torch_reference.torch_unet_class()(dims, 1, spec["classes"], spec["features"])
   params = [rng.normal(size=p.shape).astype(np.float32) * 0.01 for p in net.parameters()]
   pj = [jnp.asarray(p) for p in params]
   opt_state = tx_.init(pj)
@@ -684,7 +597,7 @@ def profile_torch_step(spec: dict, steps: int) -> dict:
   import torch
   from torch.profiler import ProfilerActivity, profile
   torch.set_num_threads(os.cpu_count())
-  net = torch_unet_class()(spec["dims"], 1, spec["classes"], spec["features"])
+  net = torch_reference.torch_unet_class()(spec["dims"], 1, spec["classes"], spec["features"])
   o = spec["optimizer"]
   opt = torch.optim.Adam(net.parameters(), lr=o["learning_rate"], weight_decay=o["weight_decay"])
   image, label = make_data(spec)
@@ -693,7 +606,7 @@ def profile_torch_step(spec: dict, steps: int) -> dict:
 
   def step():
     opt.zero_grad(set_to_none=True)
-    loss = torch_dice_ce(net(x), y, spec["classes"])
+    loss = torch_reference.torch_dice_ce(net(x), y, spec["classes"])
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), o["clip_norm"])
     opt.step()
@@ -909,7 +822,7 @@ def main():
   rounds = a.rounds or (2 if a.quick else 3 if a.issue_size else 5)
   steps = a.steps or (1 if a.quick else 2 if a.issue_size else 3)
 
-  n_jax, n_torch = jax_param_count(spec), count_torch_unet_params(spec)
+  n_jax, n_torch = jax_param_count(spec), torch_reference.count_torch_unet_params(spec)
   assert n_jax == n_torch, f"parameter counts differ: jaxseg {n_jax}, TorchUNet {n_torch}"
   print(f"setting {key}: parameters jaxseg UNet {n_jax} == TorchUNet {n_torch}; "
         f"{rounds} rounds x {steps} steps; load average {os.getloadavg()}", flush=True)

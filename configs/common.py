@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_features = 320
   c.model.num_stages = 5
   c.model.deep_supervision = False
+  c.model.norm_epsilon = 1e-5  # InstanceNorm epsilon (nnU-Net's)
+  c.model.negative_slope = 0.01  # LeakyReLU slope after each norm (nnU-Net's)
   c.model.conv_impl = "auto"  # "lax" on GPU/TPU, "cpu_per_layer" on CPU (models/build.py)
   # Compute dtype of convolutions and activations: "float32" or "bfloat16" (mixed precision:
   # parameters, optimiser state, norm statistics, softmax and loss stay float32). On an NVIDIA
@@ -124,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.overlap = 0.5  # sliding-window step as a fraction of the patch
   c.eval.batch_size = 4  # network inputs per forward pass (tiles, or tiles x flips with TTA)
   c.eval.mirror_axes = ()  # mirror TTA axes, e.g. (0, 1, 2)
+  c.eval.sigma_scale = 0.125  # Gaussian tile weighting: sigma = patch x this (nnU-Net's 1/8)
   c.eval.surface_metrics = True  # HD95, ASSD, NSD of every validation case next to Dice
   c.eval.nsd_tolerance_mm = 1.0  # NSD: border voxels within this distance count as agreeing
 

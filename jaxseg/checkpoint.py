@@ -56,9 +56,12 @@ def read_params(item) -> dict:
   item = pathlib.Path(item)
   checkpointer = ocp.PyTreeCheckpointer()
   try:
-    tree = dict(checkpointer.metadata(item).item_metadata)
+    meta = checkpointer.metadata(item).item_metadata
   except (OSError, ValueError, KeyError) as e:
     raise ValueError(f"cannot read the checkpoint at {item}: {e}") from e
+  if meta is None:
+    raise ValueError(f"cannot read the checkpoint at {item}: it holds no orbax metadata")
+  tree = dict(meta)
   if "params" not in tree:
     raise ValueError(f"the checkpoint at {item} has no 'params' (entries: {sorted(tree)})")
   meta = tree["params"]
@@ -72,10 +75,13 @@ class Checkpointer:
   """save(step, state), save_best(step, state, metrics), restore_latest(abstract_state),
   wall_time_s(step)."""
 
-  def __init__(self, workdir, *, keep: int = 2, best_metric: str = "mean_dice", best_mode: str = "max"):
+  def __init__(self, workdir, *, keep: int = 2, best_metric: str = "mean_dice", best_mode: str = "max",
+               async_save: bool = False):
     """`best/` keeps the state with the highest (`best_mode='max'`) or lowest ('min')
     `best_metric` of the metrics given to `save_best`; a kept checkpoint without that metric
-    (written under another one) ranks last."""
+    (written under another one) ranks last. `async_save`: saves return once the state is
+    copied off the device and are written in the background (training goes on meanwhile; the
+    next save and `close` wait for them), as `train.fit` does on accelerators."""
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode={best_mode!r}: expected 'max' or 'min'")
     worst = float("-inf") if best_mode == "max" else float("inf")
@@ -84,12 +90,12 @@ class Checkpointer:
     self._latest = ocp.CheckpointManager(
         root / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=async_save))
     self._best = ocp.CheckpointManager(
         root / "best",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m.get(best_metric, worst), best_mode=best_mode,
-            enable_async_checkpointing=False))
+            enable_async_checkpointing=async_save))
 
   def latest_step(self):
     return self._latest.latest_step()

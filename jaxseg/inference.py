@@ -181,21 +181,21 @@ def _slicewise(apply_fn):
 
 
 def predict_volume(apply_fn, params, image, *, patch, overlap: float = 0.5, batch_size: int = 4,
-                   mirror_axes=(), devices=None):
+                   mirror_axes=(), sigma_scale: float = 1 / 8, devices=None):
   """Probabilities (*S, K) for one case given as (C, *S).
 
   A 2D model on a 3D image (len(patch) == len(S) - 1) predicts the slices along the last axis,
-  tiles of several slices sharing a batch. `devices` as for `sliding_window`.
+  tiles of several slices sharing a batch. `sigma_scale` and `devices` as for `sliding_window`.
   """
   x = np.moveaxis(np.asarray(image, np.float32), 0, -1)
   patch = tuple(patch)
   if len(patch) == x.ndim - 1:
     return sliding_window(apply_fn, params, x, patch=patch, overlap=overlap, batch_size=batch_size,
-                          mirror_axes=mirror_axes, devices=devices)
+                          mirror_axes=mirror_axes, sigma_scale=sigma_scale, devices=devices)
   if len(patch) == x.ndim - 2:
     stack = np.moveaxis(x, -2, 0)  # (Z, X, Y, C)
     probs = sliding_window(_slicewise(apply_fn), params, stack, patch=(1,) + patch, overlap=overlap,
                            batch_size=batch_size, mirror_axes=tuple(a + 1 for a in mirror_axes),
-                           devices=devices)
+                           sigma_scale=sigma_scale, devices=devices)
     return np.moveaxis(probs, 0, -2)
   raise ValueError(f"a {len(patch)}D patch cannot tile a {x.ndim - 1}D image")

@@ -127,8 +127,9 @@ def main(argv) -> int:
   from jaxseg.errors import user_errors
   try:
     if config.get("runner", "train") == "train":
-      from jaxseg import validate
+      from jaxseg import train, validate
       validate.check_train_config(config)  # before the run creates its workdir
+      train.use_compilation_cache(workdir)
     _runner(config.get("runner", "train"))(config, workdir)
   except user_errors() as e:
     print(f"error: {e}", file=sys.stderr)

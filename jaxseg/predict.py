@@ -284,6 +284,7 @@ def predict_case(run: Run, paths, *, tta: bool = True, keep_largest: bool = Fals
   probs = inference.predict_volume(run.predict_fn, run.params, pre,
                                    patch=tuple(cfg.data.patch_size), overlap=cfg.eval.overlap,
                                    batch_size=cfg.eval.batch_size, mirror_axes=mirror,
+                                   sigma_scale=cfg.eval.get("sigma_scale", 1 / 8),
                                    devices=jax.local_devices())
   classes = np.argmax(probs, axis=-1).astype(np.int16)
   values = np.asarray(run.plan["label_values"], np.int32)

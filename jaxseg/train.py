@@ -29,13 +29,18 @@ def log(msg: str) -> None:
 
 
 def open_workdir(workdir) -> pathlib.Path:
-  """Creates the run directory and points the persistent XLA cache into it (`xla_cache/`), so
-  a resumed run skips compilation. Returns the directory as a Path."""
+  """Creates the run directory; returns it as a Path."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   return workdir
+
+
+def use_compilation_cache(workdir) -> None:
+  """Points JAX's persistent compilation cache at `workdir/xla_cache`, so a resumed run skips
+  compilation. A process-wide JAX setting: `jaxseg.main` calls it for its run; a notebook
+  or library caller decides for itself."""
+  jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(workdir) / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def device_name() -> str:
@@ -82,6 +87,17 @@ def eval_spacing(data: pipeline.SegData):
   return tuple(float(v) for v in spacing) if spacing else None
 
 
+def predict_labels(predict_fn, params, image, config, **overrides):
+  """Class indices (uint8, *S) of one case (C, *S) by `inference.predict_volume` with the
+  config's evaluation settings (patch, `eval.overlap`, `eval.batch_size`, `eval.mirror_axes`,
+  `eval.sigma_scale`); `overrides` replace any of predict_volume's keyword arguments."""
+  kw = dict(patch=tuple(config.data.patch_size), overlap=config.eval.overlap,
+            batch_size=config.eval.batch_size, mirror_axes=tuple(config.eval.mirror_axes),
+            sigma_scale=config.eval.get("sigma_scale", 1 / 8))
+  probs = inference.predict_volume(predict_fn, params, image, **{**kw, **overrides})
+  return np.argmax(probs, axis=-1).astype(np.uint8)
+
+
 def evaluate(predict_fn, params, data: pipeline.SegData, config, *, keep_predictions=False):
   """Scores of sliding-window predictions on the validation cases: Dice and IoU, and with
   `config.eval.surface_metrics` (default on) HD95, ASSD and NSD (`metrics.score_cases`, on the
@@ -92,12 +108,7 @@ def evaluate(predict_fn, params, data: pipeline.SegData, config, *, keep_predict
   share of it spent scoring; the rest is prediction).
   """
   t0 = time.perf_counter()
-  preds = []
-  for image in data.val_images:
-    probs = inference.predict_volume(predict_fn, params, image, patch=tuple(config.data.patch_size),
-                                     overlap=config.eval.overlap, batch_size=config.eval.batch_size,
-                                     mirror_axes=tuple(config.eval.mirror_axes))
-    preds.append(np.argmax(probs, axis=-1).astype(np.uint8))
+  preds = [predict_labels(predict_fn, params, image, config) for image in data.val_images]
   summary, per_case = metrics.score_cases(
       preds, data.val_labels, class_names=data.class_names, spacing=eval_spacing(data),
       surface_metrics=config.eval.get("surface_metrics", True),
@@ -251,7 +262,8 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   best_metric = best_metric or config.train.get("best_metric", "mean_dice")
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.get("keep_checkpoints", 2),
                                  best_metric=best_metric,
-                                 best_mode=best_mode or config.train.get("best_mode", "max"))
+                                 best_mode=best_mode or config.train.get("best_mode", "max"),
+                                 async_save=t.mesh.devices.flat[0].platform != "cpu")
   restored = ckpt.restore_latest(checkpoint.abstract_like(state))
   wall_before = 0.0
   if restored is not None:

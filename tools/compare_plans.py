@@ -18,7 +18,7 @@ and whether they agree. All per-axis values are in jaxseg's axis order (canonica
 nnU-Net's are mapped back through its `transpose_forward`, SimpleITK's reversed axes and the
 file's orientation. Where nnunetv2 is importable, the `activations / sample` row of the nnU-Net
 column is nnU-Net's own `static_estimate_VRAM_usage` for its plan, and the jaxseg columns are
-`jaxseg.data.plan.activation_elements`.
+`jaxseg.data.topology.activation_elements`.
 
 nnU-Net's plans come from `--nnunet-preprocessed DIR` (an `nnUNet_preprocessed` folder holding
 `<Dataset>/nnUNetPlans.json`), or with `--run-nnunet` from running `nnUNetv2_extract_fingerprint`

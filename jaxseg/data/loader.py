@@ -5,7 +5,7 @@ dataset: each crop reads only the patch's voxels from the case (a `.npy` memmap 
 preprocessed cache is reopened per crop, so no page of a case stays mapped), and the padding of
 cases smaller than the patch is computed per crop. The foreground voxels that oversampling
 centres patches on come with the cases (`CaseMeta`, stored once per case in the cache by
-`preprocess.cached_preprocess`) instead of an `argwhere` over every label at start-up.
+`case_cache.cached_preprocess`) instead of an `argwhere` over every label at start-up.
 
 `BatchLoader` serves `batch_fn(step, indices)` (the protocol `train.Trainer` calls) from a grain
 pipeline over the steps: `grain.MapDataset.range(step, ...)` mapped to this process's share of

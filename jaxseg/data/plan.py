@@ -14,11 +14,11 @@ The steps, as nnU-Net takes them:
    cases after resampling to it (:func:`median_resampled_shape`).
 2. Per configuration (:func:`plan_configuration`): an initial patch with the aspect ratio of
    the spacing (isotropic in mm) and the volume of 256^3 (3D) or 2048^2 (2D) voxels, clipped
-   to the median shape; the topology for it (:func:`network_topology`: an axis is pooled while
+   to the median shape; the topology for it (:func:`topology.network_topology`: an axis is pooled while
    its feature map is at least 8 voxels and its spacing is within 2x of the finest; kernels are
    1 along an axis until its spacing is within 2x of the finest, then 3); the patch is padded
    to a multiple of each axis's total stride. While the estimated memory of a batch of 2
-   (:func:`activation_elements` times :data:`BYTES_PER_ACTIVATION`) exceeds the budget, the
+   (:func:`topology.activation_elements` times :data:`BYTES_PER_ACTIVATION`) exceeds the budget, the
    axis largest relative to the median shape is shrunk by one stride step and the topology
    re-planned. The batch then fills the budget, capped so that one batch holds at most 5% of
    the dataset's voxels, and is at least 2.
@@ -42,7 +42,7 @@ Memory estimate. nnU-Net's ``static_estimate_VRAM_usage`` counts the elements of
 maps the network stores for a sample (``compute_conv_feature_map_size``: each conv's output,
 each transposed conv's output and the final segmentation, no deep supervision) and compares
 that count with reference values (560e6 for 3D at batch 2, 85e6 for 2D at batch 12) said to
-correspond to 8 GB. :func:`activation_elements` computes the same count from the topology;
+correspond to 8 GB. :func:`topology.activation_elements` computes the same count from the topology;
 :data:`BYTES_PER_ACTIVATION` is nnU-Net's calibration expressed as bytes per counted element
 (8 GB / (2 x 560e6) = 7.14 B in 3D, 8 GB / (12 x 85e6) = 7.84 B in 2D): a counted conv output
 stands for itself, its normalisation and non-linearity outputs and their gradients in mixed
@@ -60,11 +60,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaxseg.data import preprocess as pp
+from jaxseg.data import topology
 
-BASE_FEATURES = 32
-MAX_FEATURES = {2: 512, 3: 320}
-MIN_FEATURE_MAP_EDGE = 4  # nnU-Net's UNet_featuremap_min_edge_length
-CONVS_PER_STAGE = 2  # encoder and decoder (UNet_blocks_per_stage_encoder/decoder)
 MIN_BATCH_SIZE = 2
 MAX_DATASET_COVERED = 0.05
 INITIAL_PATCH_EDGE = {2: 2048, 3: 256}
@@ -82,24 +79,6 @@ BYTES_PER_ACTIVATION = {d: REFERENCE_GB * 1e9 / (REFERENCE_ACTIVATIONS[d] * REFE
 
 
 @dataclasses.dataclass(frozen=True)
-class Topology:
-  """A U-Net's shape for a patch (nnU-Net's ``get_pool_and_conv_props`` result).
-
-  Attributes:
-    num_pool_per_axis: how often each axis is downsampled.
-    strides: per stage, per axis (stage 0 is all ones: it works at full resolution).
-    kernel_sizes: per stage, per axis (1 or 3; the bottleneck is always 3).
-    patch_size: the patch padded up to a multiple of ``divisible_by`` per axis.
-    divisible_by: per axis, ``2 ** num_pool_per_axis``.
-  """
-  num_pool_per_axis: tuple[int, ...]
-  strides: tuple[tuple[int, ...], ...]
-  kernel_sizes: tuple[tuple[int, ...], ...]
-  patch_size: tuple[int, ...]
-  divisible_by: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
 class ConfigurationPlan:
   """One configuration (``2d``, ``3d_fullres`` or ``3d_lowres``) as nnU-Net plans it.
 
@@ -112,11 +91,11 @@ class ConfigurationPlan:
     spacing: target spacing in mm.
     median_shape: the median case's shape in voxels at ``spacing`` (may be fractional).
     patch_size, batch_size: the training patch and batch.
-    num_pool_per_axis, strides, kernel_sizes: the network's topology (see :class:`Topology`).
+    num_pool_per_axis, strides, kernel_sizes: the network's topology (see :class:`topology.Topology`).
     features_per_stage: 32 doubling per stage, capped at 320 (3D) or 512 (2D).
     n_conv_per_stage, n_conv_per_stage_decoder: convolutions per encoder / decoder stage.
     num_input_channels, num_classes: network input channels and outputs (background included).
-    activations_per_sample: :func:`activation_elements` for one sample.
+    activations_per_sample: :func:`topology.activation_elements` for one sample.
     bytes_per_activation: the calibration used (see the module docstring).
     memory_budget_gb: the budget the patch and batch were fitted to.
     estimated_memory_gb: ``batch_size * activations_per_sample * bytes_per_activation / 1e9``.
@@ -209,116 +188,6 @@ def _jsonable(x):
   return x
 
 
-# Topology.
-
-
-def network_topology(spacing: Sequence[float], patch_size: Sequence[float], *,
-                     min_feature_map_edge: int = MIN_FEATURE_MAP_EDGE) -> Topology:
-  """Stages, per-axis strides and kernels, and the padded patch for ``patch_size``.
-
-  Matches nnU-Net v2's ``get_pool_and_conv_props`` (with no cap on the number of pools):
-  stage after stage, the axes whose current feature map is at least ``2 *
-  min_feature_map_edge`` voxels and whose current spacing is less than 2x the finest of those
-  axes are downsampled by 2 (their spacing doubles, their size halves, rounded up); a single
-  such axis is downsampled only while at least ``3 * min_feature_map_edge``. An axis's kernel
-  is 1 until its current spacing is less than 2x the finest current spacing, then 3 for good;
-  the last stage (bottleneck) has 3 everywhere. So a coarse axis (spleen's 5 mm slices next to
-  0.8 mm) gets kernel 1 and stride 1 in the first stages, until the in-plane axes have been
-  pooled to within 2x of it.
-
-  Args:
-    spacing: per axis, in mm (> 0).
-    patch_size: per axis, in voxels (> 0; may be fractional, as nnU-Net's clipped median).
-
-  Returns:
-    A :class:`Topology`; its ``patch_size`` is ``patch_size`` rounded up to a multiple of
-    ``divisible_by`` per axis.
-  """
-  spacing = _positive("spacing", spacing)
-  patch = _positive("patch_size", patch_size)
-  if len(spacing) != len(patch):
-    raise ValueError(f"spacing {spacing} has {len(spacing)} axes but patch_size {patch} has "
-                     f"{len(patch)}")
-  dim = len(spacing)
-  cur_spacing, cur_size = list(spacing), list(patch)
-  num_pool = [0] * dim
-  kernel = [1] * dim
-  strides, kernels = [(1,) * dim], []
-  while True:
-    valid = [a for a in range(dim) if cur_size[a] >= 2 * min_feature_map_edge]
-    if not valid:
-      break
-    finest_valid = min(cur_spacing[a] for a in valid)
-    valid = [a for a in valid if cur_spacing[a] / finest_valid < 2]
-    if len(valid) == 1 and cur_size[valid[0]] < 3 * min_feature_map_edge:
-      break
-    if not valid:
-      break
-    finest = min(cur_spacing)
-    kernel = [3 if k == 3 or cur_spacing[a] / finest < 2 else 1 for a, k in enumerate(kernel)]
-    stride = [1] * dim
-    for a in valid:
-      stride[a] = 2
-      num_pool[a] += 1
-      cur_spacing[a] *= 2
-      cur_size[a] = math.ceil(cur_size[a] / 2)
-    strides.append(tuple(stride))
-    kernels.append(tuple(kernel))
-  kernels.append((3,) * dim)
-  divisible = tuple(2 ** n for n in num_pool)
-  padded = tuple(int(math.ceil(p / d) * d) for p, d in zip(patch, divisible))
-  return Topology(tuple(num_pool), tuple(strides), tuple(kernels), padded, divisible)
-
-
-def features_per_stage(num_stages: int, ndim: int) -> tuple[int, ...]:
-  """nnU-Net's widths: ``min(cap, 32 * 2**stage)``, cap 320 in 3D and 512 in 2D."""
-  return tuple(min(MAX_FEATURES[ndim], BASE_FEATURES * 2 ** s) for s in range(num_stages))
-
-
-def activation_elements(patch_size: Sequence[int], strides: Sequence[Sequence[int]],
-                        features: Sequence[int], num_classes: int, *,
-                        n_conv_per_stage: Sequence[int] | None = None,
-                        n_conv_per_stage_decoder: Sequence[int] | None = None) -> int:
-  """Elements of the feature maps a PlainConvUNet stores for one sample.
-
-  The count of dynamic_network_architectures' ``PlainConvUNet.compute_conv_feature_map_size``
-  (what nnU-Net's ``static_estimate_VRAM_usage`` returns), without deep supervision: with
-  ``V_s`` the voxels of stage ``s``'s feature map (the patch floor-divided by the strides up to
-  ``s``) and ``F_s`` its features,
-
-    sum_s n_conv[s] * F_s * V_s                         (encoder convs)
-    + sum_{s < last} (n_conv_dec + 1) * F_s * V_s       (decoder convs and the transposed conv
-                                                         that brings stage s+1 up to stage s)
-    + num_classes * V_0                                 (the segmentation output).
-
-  ``n_conv_per_stage`` defaults to 2 per stage, ``n_conv_per_stage_decoder`` to 2 per decoder
-  stage (index 0 is the decoder stage next to the bottleneck, as nnU-Net's).
-  """
-  n = len(strides)
-  if len(features) != n:
-    raise ValueError(f"features has {len(features)} stages but strides has {n}")
-  enc = list(n_conv_per_stage) if n_conv_per_stage is not None else [CONVS_PER_STAGE] * n
-  dec = (list(n_conv_per_stage_decoder) if n_conv_per_stage_decoder is not None
-         else [CONVS_PER_STAGE] * (n - 1))
-  if len(enc) != n or len(dec) != n - 1:
-    raise ValueError(f"n_conv_per_stage needs {n} entries (has {len(enc)}) and "
-                     f"n_conv_per_stage_decoder {n - 1} (has {len(dec)})")
-  size = [int(p) for p in patch_size]
-  voxels = []
-  for stride in strides:
-    if len(stride) != len(size):
-      raise ValueError(f"stride {tuple(stride)} has {len(stride)} axes but patch_size has "
-                       f"{len(size)}")
-    size = [s // st for s, st in zip(size, stride)]
-    voxels.append(int(np.prod(size, dtype=np.int64)))
-  total = sum(enc[s] * features[s] * voxels[s] for s in range(n))
-  for d in range(n - 1):  # decoder stage d works at encoder stage n - 2 - d
-    s = n - 2 - d
-    total += (dec[d] + 1) * features[s] * voxels[s]
-  total += num_classes * voxels[0]
-  return int(total)
-
-
 # One configuration.
 
 
@@ -339,8 +208,8 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
 
   As nnU-Net v2's ``ExperimentPlanner.get_plans_for_configuration`` (PlainConvUNet, 2 convs
   per stage): the initial patch is ``1 / spacing`` scaled to the volume of 256^3 voxels (3D)
-  or 2048^2 (2D), rounded, clipped to ``median_shape``; :func:`network_topology` pads it.
-  While a batch of 2 needs more than ``memory_gb`` (:func:`activation_elements` times
+  or 2048^2 (2D), rounded, clipped to ``median_shape``; :func:`topology.network_topology` pads it.
+  While a batch of 2 needs more than ``memory_gb`` (:func:`topology.activation_elements` times
   ``bytes_per_activation``), the axis with the largest ``patch / median_shape`` (ties: the
   last such axis) is reduced: by the stride product that the topology of the patch minus
   one current stride product along that axis asks for, and the topology is re-planned. Then
@@ -366,8 +235,8 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
   Raises:
     ValueError: naming the field, for bad input or a budget that no patch fits.
   """
-  spacing = _positive("spacing", spacing)
-  median = _positive("median_shape", median_shape)
+  spacing = topology.positive_numbers("spacing", spacing)
+  median = topology.positive_numbers("median_shape", median_shape)
   ndim = len(spacing)
   if ndim not in (2, 3):
     raise ValueError(f"spacing {spacing}: planning needs 2 or 3 axes, got {ndim}")
@@ -393,10 +262,10 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
   edge = INITIAL_PATCH_EDGE[ndim]
   initial = [round(float(v)) for v in inv * (edge ** ndim / np.prod(inv)) ** (1 / ndim)]
   initial = [min(i, m) for i, m in zip(initial, median)]
-  topo = network_topology(spacing, initial)
+  topo = topology.network_topology(spacing, initial)
 
-  def estimate(t: Topology) -> int:
-    return activation_elements(t.patch_size, t.strides, features_per_stage(len(t.strides), ndim),
+  def estimate(t: topology.Topology) -> int:
+    return topology.activation_elements(t.patch_size, t.strides, topology.features_per_stage(len(t.strides), ndim),
                                num_classes)
 
   est = estimate(topo)
@@ -408,9 +277,9 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
     trial[axis] -= topo.divisible_by[axis]
     if trial[axis] < 1:
       raise ValueError(_too_small(memory_gb, topo, est, bpa))
-    step = network_topology(spacing, trial).divisible_by[axis]
+    step = topology.network_topology(spacing, trial).divisible_by[axis]
     patch[axis] -= step
-    new = network_topology(spacing, patch)
+    new = topology.network_topology(spacing, patch)
     if new.patch_size == topo.patch_size:
       raise ValueError(_too_small(memory_gb, topo, est, bpa))
     topo = new
@@ -425,8 +294,8 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
       name=name, axes=axes, spacing=tuple(float(s) for s in spacing),
       median_shape=tuple(float(m) for m in median), patch_size=topo.patch_size,
       batch_size=int(batch), num_pool_per_axis=topo.num_pool_per_axis, strides=topo.strides,
-      kernel_sizes=topo.kernel_sizes, features_per_stage=features_per_stage(n, ndim),
-      n_conv_per_stage=(CONVS_PER_STAGE,) * n, n_conv_per_stage_decoder=(CONVS_PER_STAGE,) * (n - 1),
+      kernel_sizes=topo.kernel_sizes, features_per_stage=topology.features_per_stage(n, ndim),
+      n_conv_per_stage=(topology.CONVS_PER_STAGE,) * n, n_conv_per_stage_decoder=(topology.CONVS_PER_STAGE,) * (n - 1),
       num_input_channels=int(num_input_channels), num_classes=int(num_classes),
       activations_per_sample=est, bytes_per_activation=bpa, memory_budget_gb=float(memory_gb),
       estimated_memory_gb=batch * est * bpa / 1e9, dataset_voxels=float(dataset_voxels))
@@ -476,7 +345,7 @@ def override_configuration(config: ConfigurationPlan, **fields) -> Configuration
       raise ValueError(f"patch_size {c.patch_size}: axis {a} ({p}) is not a multiple of that "
                        f"axis's total stride {t} (strides {c.strides})")
   num_pool = tuple(int(round(math.log2(t))) for t in total)
-  est = activation_elements(c.patch_size, c.strides, c.features_per_stage, c.num_classes,
+  est = topology.activation_elements(c.patch_size, c.strides, c.features_per_stage, c.num_classes,
                             n_conv_per_stage=c.n_conv_per_stage,
                             n_conv_per_stage_decoder=c.n_conv_per_stage_decoder)
   return dataclasses.replace(c, num_pool_per_axis=num_pool, activations_per_sample=est,
@@ -581,8 +450,8 @@ def plan_experiment(fingerprint: Mapping[str, Any], *, num_classes: int,
     if len(sp) != ndim or len(sh) != ndim:
       raise ValueError(f"fingerprint case {i}: spacing {sp} and shape {sh} must both have "
                        f"{ndim} axes")
-    _positive(f"fingerprint['spacings'][{i}]", sp)
-    _positive(f"fingerprint['shapes_after_crop'][{i}]", sh)
+    topology.positive_numbers(f"fingerprint['spacings'][{i}]", sp)
+    topology.positive_numbers(f"fingerprint['shapes_after_crop'][{i}]", sh)
   if ndim not in (2, 3):
     raise ValueError(f"fingerprint['spacings']: planning needs 2D or 3D data, got {ndim} axes")
   if num_input_channels is None:
@@ -592,7 +461,7 @@ def plan_experiment(fingerprint: Mapping[str, Any], *, num_classes: int,
   if target_spacing is None:
     target = pp.plan_target_spacing(spacings, shapes, anisotropy_threshold=anisotropy_threshold)
   else:
-    target = _positive("target_spacing", target_spacing)
+    target = topology.positive_numbers("target_spacing", target_spacing)
     if len(target) != ndim:
       raise ValueError(f"target_spacing {target} has {len(target)} axes but the data has {ndim}")
   target = tuple(float(t) for t in target)
@@ -661,77 +530,9 @@ def _plan_lowres(fullres, spacing, median, n_cases, order, common):
                   f"{patch_voxels / median_voxels:.0%} of a {shrink:.1f}x smaller median image")
 
 
-# Printing.
-
-
-def _fmt(v, digits=4) -> str:
-  if isinstance(v, (tuple, list)):
-    return " x ".join(_fmt(x, digits) for x in v)
-  if isinstance(v, float):
-    return f"{v:.{digits}g}"
-  return str(v)
-
-
-def configuration_rows(c: ConfigurationPlan) -> list[tuple[str, str]]:
-  """(field, value) rows for one configuration, in :func:`plan_table`'s order."""
-  return [
-      ("axes", ",".join(str(a) for a in c.axes)),
-      ("spacing (mm)", _fmt(c.spacing)),
-      ("median shape (voxels)", _fmt(c.median_shape, 5)),
-      ("patch size", _fmt(c.patch_size)),
-      ("patch / median image", f"{c.patch_coverage:.1%}"),
-      ("batch size", str(c.batch_size)),
-      ("stages", str(c.num_stages)),
-      ("pools per axis", _fmt(c.num_pool_per_axis)),
-      ("strides per stage", "  ".join("x".join(map(str, s)) for s in c.strides)),
-      ("kernels per stage", "  ".join("x".join(map(str, k)) for k in c.kernel_sizes)),
-      ("features per stage", "-".join(map(str, c.features_per_stage))),
-      ("convs enc / dec", f"{c.n_conv_per_stage[0]} / "
-                          f"{c.n_conv_per_stage_decoder[0] if c.n_conv_per_stage_decoder else '-'}"),
-      ("activations / sample", f"{c.activations_per_sample / 1e6:.1f} M"),
-      ("memory est. / budget", f"{c.estimated_memory_gb:.2f} / {c.memory_budget_gb:g} GB"),
-      ("batch dice", str(c.batch_dice)),
-  ]
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-  widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-  line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |"
-  sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-  return "\n".join([line(header), sep] + [line(r) for r in rows])
-
-
-def plan_table(plan: ExperimentPlan) -> str:
-  """The plan as a printable Markdown table: one column per configuration, one row per field,
-  preceded by the dataset-level values and followed by the 3d_lowres decision."""
-  if not isinstance(plan, ExperimentPlan):
-    raise TypeError(f"plan_table needs an ExperimentPlan (plan_experiment's result), got "
-                    f"{type(plan).__name__}")
-  names = list(plan.configurations)
-  rows_by = {n: configuration_rows(plan.configurations[n]) for n in names}
-  fields = [f for f, _ in rows_by[names[0]]]
-  rows = [[f] + [dict(rows_by[n])[f] for n in names] for f in fields]
-  head = (f"{plan.num_cases} case(s), {plan.ndim}D; target spacing {_fmt(plan.target_spacing)} mm "
-          f"(median {_fmt(plan.median_spacing)}); median shape {_fmt(plan.median_shape, 5)} "
-          f"voxels at target (before resampling {_fmt(plan.median_shape_before_resampling, 5)}); "
-          f"memory budget {plan.memory_gb:g} GB")
-  if plan.slice_axis is not None:
-    head += f"; 2d slices across axis {plan.slice_axis}"
-  return "\n".join([head, "", _table(["field"] + names, rows), "",
-                    f"3d_lowres: {plan.lowres_decision}"])
-
-
 # Checks.
 
 
-def _positive(name: str, values) -> tuple[float, ...]:
-  try:
-    out = tuple(float(v) for v in values)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a sequence of numbers, got {values!r}") from None
-  if not out or not all(math.isfinite(v) and v > 0 for v in out):
-    raise ValueError(f"{name} must be positive numbers, got {out}")
-  return out
 
 
 def _positive_int(name: str, value) -> None:

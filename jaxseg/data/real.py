@@ -3,7 +3,7 @@
 `prepare(config)` indexes the dataset (`dataset.load_dataset_index`), computes its fingerprint
 (cached), plans nnU-Net's preprocessing (`preprocess.plan_preprocessing`, with
 `config.data.target_spacing` as an optional override) and preprocesses every case through the
-memory-mapped cache (`preprocess.cached_preprocess`). It returns the cases together with the
+memory-mapped cache (`case_cache.cached_preprocess`). It returns the cases together with the
 plan that `jaxseg.predict` needs to preprocess new scans the same way and to put predictions
 back on their grid. `load_preprocessed(config)` is the three-part view used by the pipeline.
 
@@ -26,6 +26,7 @@ from jaxseg import cache
 from jaxseg.data import dataset as ds
 from jaxseg.data import loader
 from jaxseg.data import preprocess as pp
+from jaxseg.data import case_cache
 from jaxseg.errors import InvalidDatasetError
 
 PLAN_VERSION = 1
@@ -101,7 +102,7 @@ def cached_fingerprint(index: ds.DatasetIndex, cache_dir: pathlib.Path) -> dict[
     pass
   fp = ds.fingerprint(index)
   cache_dir.mkdir(parents=True, exist_ok=True)
-  pp._write_atomic(path, lambda f: f.write(json.dumps(fp).encode()))  # noqa: SLF001
+  case_cache._write_atomic(path, lambda f: f.write(json.dumps(fp).encode()))  # noqa: SLF001
   return fp
 
 
@@ -136,8 +137,8 @@ def prepare(config, *, log=_log) -> RealData:
   """Indexes, plans and preprocesses (cached) the dataset at `config.data.root`.
 
   Cases missing from the cache are preprocessed by `config.data.preprocess_workers` processes
-  (default `preprocess.default_workers()`), with progress lines through `log`
-  (`preprocess.preprocess_dataset`; default: printed by process 0). Returns a `RealData`; its plan holds the preprocessing
+  (default `case_cache.default_workers()`), with progress lines through `log`
+  (`case_cache.preprocess_dataset`; default: printed by process 0). Returns a `RealData`; its plan holds the preprocessing
   settings, the dataset's file ending, dimensionality, channels and label values (see
   `jaxseg.predict`).
   """
@@ -151,7 +152,7 @@ def prepare(config, *, log=_log) -> RealData:
   lut = np.zeros(max(values) + 1, np.int16)
   lut[values] = np.arange(len(values), dtype=np.int16)
   contiguous = values == list(range(len(values)))
-  entries = pp.preprocess_dataset(index, index.cases, settings, cache,
+  entries = case_cache.preprocess_dataset(index, index.cases, settings, cache,
                                   workers=config.data.get("preprocess_workers", 0) or None, log=log)
   cases = {case: (e.image, e.label if contiguous else loader.MappedLabel(e.label, lut))
            for case, e in entries.items()}

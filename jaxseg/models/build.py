@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg.errors import ConfigError
+from jaxseg.models.norm import InstanceNormAct
 from jaxseg.models.conv import Conv, ConvTranspose, conv_transpose_lax
 from jaxseg.models.fcn import FCN
 from jaxseg.models.hemis import HeMISUNet
@@ -105,11 +106,13 @@ def build_model(model_config, *, num_classes: int, platform: str | None = None,
     raise ConfigError(f"model.name={name!r} is not valid; choose one of {sorted(MODELS)}")
   cls = MODELS[name]
   conv_impl = cfg.pop("conv_impl", "auto")
-  allowed = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes", "conv", "conv_transpose"}
+  norm = norm_act(float(cfg.pop("norm_epsilon", 1e-5)), float(cfg.pop("negative_slope", 0.01)))
+  allowed = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes", "conv", "conv_transpose",
+                                              "norm"}
   unknown = sorted(set(cfg) - allowed)
   if unknown:
     raise ConfigError(f"model.{unknown[0]} is not a field of model.name={name!r}; "
-                      f"valid fields: {sorted(allowed | {'conv_impl'})}")
+                      f"valid fields: {sorted(allowed | {'conv_impl', 'norm_epsilon', 'negative_slope'})}")
   cfg["dtype"] = jnp.dtype(cfg.get("dtype", "float32"))
   platform, device_count = _platform(platform, device_count)
   try:
@@ -117,7 +120,16 @@ def build_model(model_config, *, num_classes: int, platform: str | None = None,
                                         dtype=cfg["dtype"])
   except ValueError as e:
     raise ConfigError(f"model.conv_impl: {e}") from e
-  return cls(num_classes=num_classes, conv=conv, conv_transpose=conv_transpose, **cfg)
+  return cls(num_classes=num_classes, conv=conv, conv_transpose=conv_transpose, norm=norm, **cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def norm_act(epsilon: float, negative_slope: float):
+  """`InstanceNormAct` with `epsilon` and LeakyReLU `negative_slope` (`model.norm_epsilon`,
+  `model.negative_slope`); one object per pair, so models built twice compare equal."""
+  if epsilon <= 0:
+    raise ConfigError(f"model.norm_epsilon must be > 0, got {epsilon}")
+  return functools.partial(InstanceNormAct, epsilon=epsilon, negative_slope=negative_slope)
 
 
 def conv_impl_name(model_config, *, platform: str | None = None,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxseg.models import layers
 from jaxseg.models.conv import Conv, ConvTranspose
+from jaxseg.models.norm import InstanceNormAct
 
 
 class FCN(nn.Module):
@@ -29,6 +30,7 @@ class FCN(nn.Module):
   num_stages: int = 5
   conv: layers.ModuleDef = Conv
   conv_transpose: layers.ModuleDef = ConvTranspose
+  norm: layers.ModuleDef = InstanceNormAct
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -36,7 +38,7 @@ class FCN(nn.Module):
     if self.num_stages < 3:
       raise ValueError(f"FCN needs num_stages >= 3 (three score layers), got {self.num_stages}")
     feats = layers.stage_features(self.base_features, self.max_features, self.num_stages)
-    kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, dtype=self.dtype)
+    kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, norm=self.norm, dtype=self.dtype)
     in_shape = x.shape
     x = x.astype(self.dtype)
     stages = []

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxseg.models import layers
 from jaxseg.models.conv import Conv, ConvTranspose
+from jaxseg.models.norm import InstanceNormAct
 
 
 def hemis_fuse(features, available):
@@ -60,11 +61,12 @@ class HeMISUNet(nn.Module):
   shared_encoder: bool = False
   conv: layers.ModuleDef = Conv
   conv_transpose: layers.ModuleDef = ConvTranspose
+  norm: layers.ModuleDef = InstanceNormAct
   dtype: Any = jnp.float32
 
   def encode(self, x, feats, prefix):
     """Encoder features of one (N, *S, C) input at every stage (highest resolution first)."""
-    kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, dtype=self.dtype)
+    kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, norm=self.norm, dtype=self.dtype)
     skips = []
     for i, f in enumerate(feats):
       x = layers.Stage(f, strides=1 if i == 0 else 2, name=f"{prefix}enc{i}", **kw)(x)
@@ -88,7 +90,7 @@ class HeMISUNet(nn.Module):
     skips = [hemis_fuse(s, available).astype(self.dtype) for s in per_stage]
 
     return layers.unet_decoder(skips[-1], skips, feats, num_classes=self.num_classes,
-                               spatial_dims=self.spatial_dims, conv=self.conv,
+                               spatial_dims=self.spatial_dims, conv=self.conv, norm=self.norm,
                                conv_transpose=self.conv_transpose, dtype=self.dtype,
                                deep_supervision=self.deep_supervision)
 

@@ -19,12 +19,15 @@ ModuleDef = Any
 
 
 class ConvNormAct(nn.Module):
-  """Convolution -> InstanceNorm -> LeakyReLU(0.01), as in nnU-Net's encoder/decoder stages."""
+  """Convolution -> InstanceNorm -> LeakyReLU, as in nnU-Net's encoder/decoder stages; `norm`
+  builds the fused norm + activation (default `norm.InstanceNormAct`: epsilon 1e-5, slope
+  0.01; `build_model` sets them from `model.norm_epsilon` / `model.negative_slope`)."""
   features: int
   spatial_dims: int
   strides: int = 1
   kernel_size: int = 3
   conv: ModuleDef = Conv
+  norm: ModuleDef = norm_lib.InstanceNormAct
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -37,7 +40,7 @@ class ConvNormAct(nn.Module):
     # InstanceNorm statistics in float32 whatever the compute dtype, output in the compute
     # dtype; the parameters are those of nn.InstanceNorm under its usual name, so
     # checkpoints are interchangeable.
-    return norm_lib.InstanceNormAct(epsilon=1e-5, negative_slope=0.01, name="InstanceNorm_0")(x)
+    return self.norm(name="InstanceNorm_0")(x)
 
 
 class Stage(nn.Module):
@@ -46,13 +49,15 @@ class Stage(nn.Module):
   spatial_dims: int
   strides: int = 1
   conv: ModuleDef = Conv
+  norm: ModuleDef = norm_lib.InstanceNormAct
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     x = ConvNormAct(self.features, self.spatial_dims, self.strides, conv=self.conv,
-                    dtype=self.dtype)(x)
-    return ConvNormAct(self.features, self.spatial_dims, conv=self.conv, dtype=self.dtype)(x)
+                    norm=self.norm, dtype=self.dtype)(x)
+    return ConvNormAct(self.features, self.spatial_dims, conv=self.conv, norm=self.norm,
+                       dtype=self.dtype)(x)
 
 
 def head(features: int, spatial_dims: int, conv: ModuleDef, dtype, name=None):
@@ -74,7 +79,8 @@ def stage_features(base: int, cap: int, num_stages: int):
 
 
 def unet_decoder(x, skips, feats, *, num_classes: int, spatial_dims: int, conv: ModuleDef,
-                 conv_transpose: ModuleDef, dtype, deep_supervision: bool):
+                 conv_transpose: ModuleDef, dtype, deep_supervision: bool,
+                 norm: ModuleDef = norm_lib.InstanceNormAct):
   """The U-Net decoder, called from a compact `__call__` (its layers belong to the caller).
 
   From the deepest features `x`, per stage i (deepest first): transposed-conv upsampling
@@ -86,7 +92,7 @@ def unet_decoder(x, skips, feats, *, num_classes: int, spatial_dims: int, conv: 
   for i in reversed(range(len(feats) - 1)):
     x = upsample(feats[i], spatial_dims, 2, conv_transpose, dtype, name=f"up{i}")(x)
     x = jnp.concatenate([x, skips[i]], axis=-1)
-    x = Stage(feats[i], spatial_dims, conv=conv, dtype=dtype, name=f"dec{i}")(x)
+    x = Stage(feats[i], spatial_dims, conv=conv, norm=norm, dtype=dtype, name=f"dec{i}")(x)
     if deep_supervision or i == 0:
       outputs.append(head(num_classes, spatial_dims, conv, dtype, name=f"head{i}")(x)
                      .astype(jnp.float32))

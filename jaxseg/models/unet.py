@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from jaxseg.models import layers
 from jaxseg.models.conv import Conv, ConvTranspose
+from jaxseg.models.norm import InstanceNormAct
 
 
 class UNet(nn.Module):
@@ -34,12 +35,13 @@ class UNet(nn.Module):
   deep_supervision: bool = False
   conv: layers.ModuleDef = Conv
   conv_transpose: layers.ModuleDef = ConvTranspose
+  norm: layers.ModuleDef = InstanceNormAct
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, return_features: bool = False):
     feats = layers.stage_features(self.base_features, self.max_features, self.num_stages)
-    kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, dtype=self.dtype)
+    kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, norm=self.norm, dtype=self.dtype)
     x = x.astype(self.dtype)
     skips = []
     for i, f in enumerate(feats):

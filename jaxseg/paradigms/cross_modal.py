@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import inference, losses, metrics, models, report
+from jaxseg import losses, metrics, models, report, train
 from jaxseg.data import multimodal, pipeline, synthetic
 from jaxseg.errors import ConfigError
 
@@ -161,12 +161,7 @@ def evaluate_subset(apply_fn, params, data: pipeline.SegData, config, available)
   """Scores (`metrics.score_cases`, Dice alone) of sliding-window predictions of the
   validation cases with only the channels flagged in `available` (M,) given to the model."""
   mask = jnp.asarray(np.asarray(available, bool))
-  preds = []
-  for image in data.val_images:
-    probs = inference.predict_volume(apply_fn, (params, mask), image, patch=tuple(config.data.patch_size),
-                                     overlap=config.eval.overlap, batch_size=config.eval.batch_size,
-                                     mirror_axes=tuple(config.eval.mirror_axes))
-    preds.append(np.argmax(probs, axis=-1))
+  preds = [train.predict_labels(apply_fn, (params, mask), image, config) for image in data.val_images]
   return metrics.score_cases(preds, data.val_labels, class_names=data.class_names,
                              surface_metrics=False)[0]
 
@@ -296,7 +291,6 @@ def train_setting(config, setting: Setting, data, subsets, workdir) -> dict:
   model whose channel is missing sees zeros). Returns the setting's report (also written to
   `workdir/report.json`).
   """
-  from jaxseg import train  # noqa: PLC0415
   t0 = time.time()
   cm = config.cross_modal
   sel = select_channels(data, setting.modalities)
@@ -372,7 +366,6 @@ def plot_table(settings: dict, subsets, path) -> None:
 def run(config, workdir) -> dict:
   """Trains every setting (see the module docstring) and writes the robustness table to
   `workdir/report.json` ("cross_modal") and `workdir/cross_modal.png`. Returns the report."""
-  from jaxseg import train  # noqa: PLC0415
   t0 = time.time()
   workdir = train.open_workdir(workdir)
   cm = config.cross_modal

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import inference, metrics, report, train
+from jaxseg import metrics, report, train
 from jaxseg.data import pipeline, sampling
 from jaxseg.models import build_model
 from jaxseg.paradigms import continual
@@ -290,10 +290,7 @@ def evaluate_stage(model, params, stage: Stage, stages_seen, data: pipeline.SegD
     dices = []
     for cid, image, label in zip(data.val_ids, data.val_images, data.val_labels):
       image = DOMAINS[domain](image, _case_seed(config.seed + 1, cid))
-      probs = inference.predict_volume(predict, params, image, patch=tuple(config.data.patch_size),
-                                       overlap=config.eval.overlap, batch_size=config.eval.batch_size,
-                                       mirror_axes=tuple(config.eval.mirror_axes))
-      pred = active[np.argmax(probs, axis=-1)]
+      pred = active[train.predict_labels(predict, params, image, config)]
       ref = restrict_labels(label, stage.active)
       d, _ = metrics.dice_iou(jnp.asarray(pred)[None], jnp.asarray(ref)[None], num_classes=k)
       dices.append(np.asarray(d)[0])

@@ -13,7 +13,8 @@ import json
 
 import pytest
 
-from jaxseg.data import plan
+from jaxseg.data import plan, plan_table
+from jaxseg.data import topology
 
 # --- The isotropic fingerprint: N cases of 64^3 voxels at 1 mm, 1 channel, 2 classes. ---
 #
@@ -135,7 +136,7 @@ def test_anisotropic_fingerprint_gets_1x3x3_kernels_and_1x2x2_strides():
 
 def test_coarse_axis_first_reads_1x3x3_literally():
   # The same case in nnU-Net's own order (coarse axis first).
-  t = plan.network_topology((5.0, 0.8, 0.8), (32, 160, 160))
+  t = topology.network_topology((5.0, 0.8, 0.8), (32, 160, 160))
   assert t.kernel_sizes[:2] == ((1, 3, 3), (1, 3, 3))
   assert t.strides[1:3] == ((1, 2, 2), (1, 2, 2))
   assert t.num_pool_per_axis == (3, 5, 5)
@@ -212,12 +213,12 @@ def test_patch_shrinks_to_fit_a_small_budget():
 def test_activation_elements_by_hand():
   # Patch 8x8, strides (1,1) (2,2), F = 4, 8, 3 classes: V = 64, 16.
   # encoder 2 * (4*64 + 8*16) = 768; decoder 3 * 4 * 64 = 768; segmentation 3 * 64 = 192.
-  assert plan.activation_elements((8, 8), ((1, 1), (2, 2)), (4, 8), 3) == 1728
+  assert topology.activation_elements((8, 8), ((1, 1), (2, 2)), (4, 8), 3) == 1728
 
 
 def test_features_cap():
-  assert plan.features_per_stage(7, 3) == (32, 64, 128, 256, 320, 320, 320)
-  assert plan.features_per_stage(8, 2) == (32, 64, 128, 256, 512, 512, 512, 512)
+  assert topology.features_per_stage(7, 3) == (32, 64, 128, 256, 320, 320, 320)
+  assert topology.features_per_stage(8, 2) == (32, 64, 128, 256, 512, 512, 512, 512)
 
 
 def test_lowres_when_patch_covers_too_little():
@@ -263,7 +264,7 @@ def test_2d_data_plans_only_2d():
 
 def test_table_and_json():
   p = plan.plan_experiment(aniso_fingerprint(60), num_classes=2)
-  table = plan.plan_table(p)
+  table = plan_table.plan_table(p)
   assert "| patch size" in table and "160 x 160 x 32" in table
   assert "3x3x1  3x3x1  3x3x3" in table and "1x1x1  2x2x1  2x2x1" in table
   assert "3d_lowres: not needed" in table

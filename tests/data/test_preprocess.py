@@ -11,6 +11,7 @@ from scipy import ndimage
 from jaxseg.data import dataset as ds
 from jaxseg.data import io
 from jaxseg.data import preprocess as pp
+from jaxseg.data import case_cache
 
 
 def _grid_coords(in_shape, out_shape):
@@ -249,7 +250,7 @@ def test_cache_reuse_and_invalidation(tiny_dataset, tmp_path, monkeypatch):
   index = ds.load_dataset_index(tiny_dataset)
   settings = pp.PreprocessSettings(normalization=("zscore", "zscore"))
   cache = tmp_path / "cache"
-  image, label, record = pp.cached_preprocess(index, "case_b", settings, cache)
+  image, label, record = case_cache.cached_preprocess(index, "case_b", settings, cache)
   assert isinstance(image, np.memmap) and isinstance(label, np.memmap)
   direct = pp.preprocess_case(*ds.load_case(index, "case_b"), settings)
   np.testing.assert_array_equal(image, direct[0])
@@ -262,19 +263,19 @@ def test_cache_reuse_and_invalidation(tiny_dataset, tmp_path, monkeypatch):
     raise AssertionError("cache miss")
   with monkeypatch.context() as m:
     m.setattr(pp.ds, "load_case", no_loading)
-    image2, _, record2 = pp.cached_preprocess(index, "case_b", settings, cache)
+    image2, _, record2 = case_cache.cached_preprocess(index, "case_b", settings, cache)
     np.testing.assert_array_equal(image2, image)
     assert record2 == record
   # New settings or a changed input file make a new entry.
   other = pp.PreprocessSettings(normalization=("none", "none"))
-  image3, _, _ = pp.cached_preprocess(index, "case_b", other, cache)
+  image3, _, _ = case_cache.cached_preprocess(index, "case_b", other, cache)
   assert not np.allclose(image3, image)
   path = index.image_files["case_b"][0]
   os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-  new_key = pp.cache_key(
+  new_key = case_cache.cache_key(
       list(index.image_files["case_b"]) + [index.label_files["case_b"]], settings)
   assert new_key[:20] not in "".join(entries)
-  pp.cached_preprocess(index, "case_b", settings, cache)
+  case_cache.cached_preprocess(index, "case_b", settings, cache)
   assert len([p for p in cache.iterdir() if p.suffix == ".json"]) == 3
 
 
@@ -282,23 +283,23 @@ def test_half_written_cache_is_ignored(tiny_dataset, tmp_path):
   index = ds.load_dataset_index(tiny_dataset)
   settings = pp.PreprocessSettings(normalization=("zscore", "zscore"))
   cache = tmp_path / "cache"
-  reference, ref_label, _ = pp.cached_preprocess(index, "case_a", settings,
+  reference, ref_label, _ = case_cache.cached_preprocess(index, "case_a", settings,
                                                  tmp_path / "clean")
   files = list(index.image_files["case_a"]) + [index.label_files["case_a"]]
-  stem = f"case_a_{pp.cache_key(files, settings)[:20]}"
+  stem = f"case_a_{case_cache.cache_key(files, settings)[:20]}"
   cache.mkdir()
   # A run killed mid-write: a torn image, a temporary file (dead pid), no JSON.
   full = (tmp_path / "clean" / f"{stem}.image.npy").read_bytes()
   (cache / f"{stem}.image.npy").write_bytes(full[:len(full) // 2])
-  orphan = cache / f".{stem}.label.npy.tmp-{pp._HOST}-999999999-deadbeef"
+  orphan = cache / f".{stem}.label.npy.tmp-{case_cache._HOST}-999999999-deadbeef"
   orphan.write_bytes(b"\x93NUMPY partial")
-  image, label, _ = pp.cached_preprocess(index, "case_a", settings, cache)
+  image, label, _ = case_cache.cached_preprocess(index, "case_a", settings, cache)
   np.testing.assert_array_equal(image, reference)
   np.testing.assert_array_equal(label, ref_label)
   assert not orphan.exists()
   # A committed JSON whose array was torn afterwards is recomputed, not read.
   (cache / f"{stem}.label.npy").write_bytes(b"garbage")
-  _, label, _ = pp.cached_preprocess(index, "case_a", settings, cache)
+  _, label, _ = case_cache.cached_preprocess(index, "case_a", settings, cache)
   np.testing.assert_array_equal(label, ref_label)
 
 
@@ -363,7 +364,7 @@ def test_brats_two_channels_crop_round_trip(shared_data):
 def test_em_png_case(shared_data, tmp_path):
   index = ds.load_dataset_index(shared_data / "Dataset004_ISBI2012EM", ndim=2)
   settings = pp.PreprocessSettings(normalization=("zscore",))
-  image, label, record = pp.cached_preprocess(index, "em_003", settings, tmp_path)
+  image, label, record = case_cache.cached_preprocess(index, "em_003", settings, tmp_path)
   assert image.shape == (1, 512, 512) and record.lowres_axis is None
   np.testing.assert_allclose(float(image.mean()), 0, atol=1e-4)
   raw, raw_label, _ = ds.load_case(index, "em_003")

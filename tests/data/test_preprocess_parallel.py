@@ -1,4 +1,4 @@
-"""preprocess.preprocess_dataset: worker processes, progress, resume after kill -9, the
+"""case_cache.preprocess_dataset: worker processes, progress, resume after kill -9, the
 foreground points stored in the cache, and the real-data path handing them to the loader."""
 
 import json
@@ -18,6 +18,7 @@ import unet3d
 from jaxseg.data import dataset as ds
 from jaxseg.data import loader, pipeline, real
 from jaxseg.data import preprocess as pp
+from jaxseg.data import case_cache
 from jaxseg.errors import InvalidDatasetError
 from tiny_datasets import write_case, write_dataset_json
 
@@ -45,7 +46,7 @@ def _entry_files(cache):
 def test_parallel_equals_serial_and_reports_progress(tmp_path):
   index = _dataset(tmp_path / "Dataset950_P", 5)
   lines = []
-  entries = pp.preprocess_dataset(index, index.cases, SETTINGS, tmp_path / "par", workers=2,
+  entries = case_cache.preprocess_dataset(index, index.cases, SETTINGS, tmp_path / "par", workers=2,
                                   log=lines.append, log_every_s=0.0)
   assert list(entries) == list(index.cases)
   for case in index.cases:
@@ -62,7 +63,7 @@ def test_parallel_equals_serial_and_reports_progress(tmp_path):
   assert "cases/s | ETA 0.0 min | 2 worker(s)" in lines[-1]
   # Everything cached: nothing is computed again, nothing logged.
   lines.clear()
-  again = pp.preprocess_dataset(index, index.cases, SETTINGS, tmp_path / "par", workers=2,
+  again = case_cache.preprocess_dataset(index, index.cases, SETTINGS, tmp_path / "par", workers=2,
                                 log=lines.append)
   assert not lines and all(np.array_equal(again[c].image, entries[c].image) for c in index.cases)
 
@@ -70,13 +71,13 @@ def test_parallel_equals_serial_and_reports_progress(tmp_path):
 def test_a_worker_error_names_the_file(tmp_path):
   index = _dataset(tmp_path / "Dataset951_Bad", 3, bad_case=1)
   with pytest.raises(InvalidDatasetError, match=r"labelsTr/case01\.nii\.gz has label values \[7\]"):
-    pp.preprocess_dataset(index, index.cases, SETTINGS, tmp_path / "c", workers=2, log=lambda m: None)
+    case_cache.preprocess_dataset(index, index.cases, SETTINGS, tmp_path / "c", workers=2, log=lambda m: None)
 
 
 _KILLED = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    from jaxseg.data import dataset as ds, preprocess as pp
+    from jaxseg.data import case_cache, dataset as ds, preprocess as pp
     compute = pp.preprocess_case
     def slow(*a, **k):
       time.sleep(0.4)
@@ -84,7 +85,7 @@ _KILLED = textwrap.dedent("""
     pp.preprocess_case = slow
     index = ds.load_dataset_index({root!r})
     settings = pp.PreprocessSettings(normalization=("zscore",), target_spacing=(1.0, 1.0, 1.5))
-    pp.preprocess_dataset(index, index.cases, settings, {cache!r}, workers=1)
+    case_cache.preprocess_dataset(index, index.cases, settings, {cache!r}, workers=1)
 """)
 
 
@@ -103,13 +104,13 @@ def test_resumes_after_kill_9(tmp_path, monkeypatch):
   done = _entry_files(cache)
   assert proc.returncode == -9 and 2 <= len(done) < 8, (done, proc.stderr.read()[-2000:])
   computed = []
-  original = pp._compute_entry  # noqa: SLF001
+  original = case_cache._compute_entry  # noqa: SLF001
 
   def counting(index, case_id, *args):
     computed.append(case_id)
     return original(index, case_id, *args)
-  monkeypatch.setattr(pp, "_compute_entry", counting)
-  entries = pp.preprocess_dataset(index, index.cases, SETTINGS, cache, workers=1, log=lambda m: None)
+  monkeypatch.setattr(case_cache, "_compute_entry", counting)
+  entries = case_cache.preprocess_dataset(index, index.cases, SETTINGS, cache, workers=1, log=lambda m: None)
   assert len(computed) == 8 - len(done) and not set(computed) & {f.split("_")[0] for f in done}
   assert len(_entry_files(cache)) == 8 and not list(cache.glob(".*tmp-*"))
   for case in index.cases:
@@ -121,13 +122,13 @@ def test_resumes_after_kill_9(tmp_path, monkeypatch):
 def test_entries_from_before_the_index_get_it_added(tmp_path):
   index = _dataset(tmp_path / "Dataset953_Old", 1)
   cache = tmp_path / "cache"
-  first = pp.cached_entry(index, "case00", SETTINGS, cache)
+  first = case_cache.cached_entry(index, "case00", SETTINGS, cache)
   (meta_path,) = cache.glob("*.json")
   meta = json.loads(meta_path.read_text())
   del meta["image_min"]
   meta_path.write_text(json.dumps(meta))
   next(cache.glob("*.fg.npy")).unlink()
-  again = pp.cached_entry(index, "case00", SETTINGS, cache)
+  again = case_cache.cached_entry(index, "case00", SETTINGS, cache)
   np.testing.assert_array_equal(again.meta.fg_points, first.meta.fg_points)
   assert again.meta.image_min == first.meta.image_min
   assert "image_min" in json.loads(meta_path.read_text()) and list(cache.glob("*.fg.npy"))
