@@ -169,10 +169,11 @@ from jaxseg.models import build_model
 from jaxseg.models.build import conv_impl_name
 c = unet3d.get_config()
 c.model.conv_impl = sys.argv[1]
+c.model.num_stages, c.model.base_features, c.model.max_features = 2, 4, 8  # small: fast to compile
 kw = dict(platform=sys.argv[2], device_count=1) if len(sys.argv) > 2 else {}
 validate._check_conv_impl(c.model.conv_impl)
 model = build_model(c.model, num_classes=3, **kw)
-x = jnp.zeros((1, 16, 16, 16, 1))
+x = jnp.zeros((1, 8, 8, 8, 1))
 params = jax.jit(model.init)(jax.random.key(0), x)
 y = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, x))))(params)
 print(conv_impl_name(c.model, **kw))
