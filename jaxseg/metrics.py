@@ -146,7 +146,8 @@ def score_cases(preds, refs, *, class_names, spacing=None, surface_metrics: bool
   Args:
     preds, refs: sequences of integer label maps (class indices), one pair per case.
     class_names: the K class names, background first.
-    spacing: voxel size per axis of the maps (default 1 per axis).
+    spacing: voxel size per axis of the maps (default 1 per axis). Axes of length 1 are
+      dropped for the surface metrics (a 2D case stored as a one-slice volume is scored as 2D).
   Returns:
     (summary, per_case): summary is `summarise`'s dict plus, with surface metrics,
     mean_hd95 / mean_assd / mean_nsd and hd95_per_class / assd_per_class / nsd_per_class
@@ -159,9 +160,14 @@ def score_cases(preds, refs, *, class_names, spacing=None, surface_metrics: bool
   for pred, ref in zip(preds, refs):
     pred, ref = jnp.asarray(pred, jnp.int32), jnp.asarray(ref, jnp.int32)
     if surface_metrics:
-      sp = tuple(spacing) if spacing is not None else (1.0,) * pred.ndim
-      rows.append(case_metrics(pred, ref, num_classes=k, spacing=sp[-pred.ndim:],
-                               nsd_tolerance=nsd_tolerance))
+      sp = tuple(spacing)[-pred.ndim:] if spacing is not None else (1.0,) * pred.ndim
+      # A length-1 axis (a 2D case stored as one slice) has no extent: surfaces are measured in
+      # the other axes, or every voxel would lie on a border (NSD would equal Dice).
+      keep = [i for i, n in enumerate(pred.shape) if n > 1] or [0]
+      if len(keep) < pred.ndim:
+        pred, ref = pred.reshape([pred.shape[i] for i in keep]), ref.reshape([ref.shape[i] for i in keep])
+        sp = tuple(sp[i] for i in keep)
+      rows.append(case_metrics(pred, ref, num_classes=k, spacing=sp, nsd_tolerance=nsd_tolerance))
     else:
       d, i = dice_iou(pred[None], ref[None], num_classes=k)
       rows.append({"dice": d[0], "iou": i[0]})

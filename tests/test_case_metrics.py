@@ -152,3 +152,22 @@ def test_score_cases_by_hand():
                                        surface_metrics=False)
   assert set(per) == {"dice", "iou"} and "mean_hd95" not in dice_only
   assert dice_only["mean_dice"] == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_a_one_slice_volume_is_scored_as_2d():
+  """(8, 8, 1) maps score as their (8, 8) slice: with the length-1 axis kept, every voxel
+  would be a border voxel and NSD would equal Dice."""
+  ref = np.zeros((8, 8), np.int32)
+  ref[2:6, 2:6] = 1
+  pred = np.zeros_like(ref)
+  pred[3:7, 2:6] = 1
+  flat, _ = metrics.score_cases([pred], [ref], class_names=["bg", "a"], spacing=(1.0, 1.0),
+                                nsd_tolerance=0.5)
+  thin, _ = metrics.score_cases([pred[..., None]], [ref[..., None]], class_names=["bg", "a"],
+                                spacing=(1.0, 1.0, 5.0), nsd_tolerance=0.5)
+  for key in ("mean_dice", "mean_hd95", "mean_assd", "mean_nsd"):
+    assert thin[key] == pytest.approx(flat[key]), key
+  # By hand: Dice 2 * 12 / 32 = 0.75. Each 4x4 square has a 12-voxel border ring; shifted by
+  # one row, the rings share (3,2) (3,5) (4,2) (4,5) (5,2) (5,5): 6 voxels. At tolerance 0.5
+  # only shared border voxels count: NSD = (6 + 6) / (12 + 12) = 0.5.
+  assert flat["mean_dice"] == pytest.approx(0.75) and flat["mean_nsd"] == pytest.approx(0.5)
