@@ -16,10 +16,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   step:   the 3D train step (nnU-Net 3d_fullres size), contestants interleaved (3 rounds x 5
 #           steps), then a jax.profiler trace of the jax steps (kernel tables) and the XLA dump of
 #           their optimised HLO (op counts), from the same worker processes;
-#   infer:  sliding-window inference (240x240x155, with and without 8-flip TTA), 2 rounds;
+#   infer:  sliding-window inference (240x240x155, with and without 8-flip TTA), 2 rounds, then
+#           a profile of one call per variant (kernel tables kernels_infer_jax_bf16_tta{0,8}.md);
 #   step2d: the 2D train step (nnU-Net 2d plan, 12 x 512^2), 3 rounds x 5 steps.
-# $OUT gets at most 6 files: session.log (everything), vs_nnunet.json (all results),
-# kernels_float32.md, kernels_bfloat16.md, hlo_train_step_{float32,bfloat16}.txt.gz.
+# $OUT gets at most 8 files: session.log (everything), vs_nnunet.json (all results),
+# kernels_jax_{fp32,bf16}.md, hlo_train_step_jax_{fp32,bf16}.txt.gz, kernels_infer_jax_bf16_tta{0,8}.md.
 OUT=${OUT:?set OUT to the results folder}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -73,11 +74,12 @@ fi
 if has infer; then
   T=$(left 150 110)
   sec "inference (${T}s)"
-  timeout -k 15 "$T" $INFER --out "$J" >>"$L" 2>&1
+  timeout -k 15 "$T" $INFER --profile "$TMP/prof" --out "$J" >>"$L" 2>&1
   echo "exit $?" | tee -a "$L"
+  cp "$TMP"/prof/kernels_infer_jax_bf16_tta*.md "$OUT/" 2>/dev/null
 fi
 if has step2d; then
-  T=$(left 200)
+  T=$(left 300)
   sec "2D train step (${T}s)"
   timeout -k 15 "$T" $STEP2D --out "$J" >>"$L" 2>&1
   echo "exit $?" | tee -a "$L"

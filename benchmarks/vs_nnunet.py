@@ -46,7 +46,8 @@ against nnU-Net's scheme in PyTorch (tiles one at a time, the flips one after an
 autocast, fp16 accumulator on the device, result copied to the host). Seconds (median over
 rounds, after one warm-up call that compiles) and speed relative to nnU-Net at the same TTA.
 
-`--profile DIR`: after the timed rounds each jax worker records a `jax.profiler` trace of
+`--profile DIR`: with `--infer`, a trace of one call per TTA variant, parsed into the same
+kernel tables (DIR/kernels_infer_*.md). Otherwise, after the timed rounds each jax worker records a `jax.profiler` trace of
 `--profile-steps` steps into DIR/<dtype>; its perfetto JSON (DIR/<dtype>/plugins/profile/*/
 *trace.json.gz) is parsed here: the top kernels by total time (name, count, total ms, ms/step,
 % of step) and the time per category (convolution/gemm, transpose/copy, memcpy/memset,
@@ -327,7 +328,7 @@ def setup_jax_train(spec: dict, job: dict):
 def setup_jax_infer(spec: dict, job: dict):
   """`jaxseg.inference.predict_volume` on the volume, each TTA variant called once (compiling)."""
   sys.path.insert(0, str(REPO))
-  import jax  # noqa: F401
+  import jax
 
   from jaxseg import inference, steps, train
   from jaxseg.models import build_model
@@ -351,7 +352,13 @@ def setup_jax_infer(spec: dict, job: dict):
   first = {v: run(v) for v in variants}
   info = jax_info({"first_s": first, "batch": {v: kw["batch_size"] for v, kw in variants.items()},
                    "flax": _version("flax")})
-  return info, {"infer": lambda cmd: {"s": run(cmd["variant"])}}
+
+  def profile_cmd(cmd):
+    with jax.profiler.trace(cmd["dir"], create_perfetto_trace=True):
+      sec = run(cmd["variant"])
+    return {"s": sec, "dir": cmd["dir"]}
+
+  return info, {"infer": lambda cmd: {"s": run(cmd["variant"])}, "profile": profile_cmd}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1034,6 +1041,28 @@ def profile_and_count(a, workers: dict, path: pathlib.Path, key: str) -> None:
 # --- inference mode ---------------------------------------------------------------------------
 
 
+def profile_inference(a, workers: dict) -> dict:
+  """--infer --profile DIR: a jax.profiler trace of one call per TTA variant of each jax worker
+  (DIR/infer_<name>_<variant>), parsed into kernel tables (printed, written as .md)."""
+  out = {}
+  for name, w in workers.items():
+    if not name.startswith("jax"):
+      continue
+    for variant in ("tta0", "tta8"):
+      d = os.path.join(a.profile, f"infer_{name}_{variant}")
+      res = w.ask(cmd="profile", variant=variant, dir=d)
+      try:
+        prof = parse_trace(find_trace(d), 1, res["s"])
+      except (OSError, ValueError, KeyError) as e:
+        print(f"{name} {variant}: trace not parsed: {e!r}", flush=True)
+        continue
+      md = kernel_table(prof, f"{name} ({w.info['device']}): kernels of one inference call, {variant}")
+      print("\n" + md, flush=True)
+      pathlib.Path(a.profile, f"kernels_infer_{name}_{variant}.md").write_text(md)
+      out[f"{name}_{variant}"] = prof
+  return out
+
+
 def run_infer(a, spec: dict, machine: dict) -> None:
   which = selected(a)
   rounds = a.rounds or (2 if a.small else 3)
@@ -1081,11 +1110,13 @@ def run_infer(a, spec: dict, machine: dict) -> None:
       print("\n".join(lines) + "\n", flush=True)
     key = "infer" + ("_small" if a.small else "")
     if workers:
+      entry = {"machine": machine, "spec": spec, "rounds": rounds, "batch": {"tta0": b0, "tta8": b1},
+               "complete": complete, "wall_s": time.time() - t_start,
+               "workers": {k: w.info for k, w in workers.items()}, "rows": rows}
+      if complete and a.profile:
+        entry["profile"] = profile_inference(a, workers)
       path = out_path(a, workers)
-      merge_results(path, key, {"machine": machine, "spec": spec, "rounds": rounds,
-                                "batch": {"tta0": b0, "tta8": b1}, "complete": complete,
-                                "wall_s": time.time() - t_start,
-                                "workers": {k: w.info for k, w in workers.items()}, "rows": rows})
+      merge_results(path, key, entry)
       print(f"wrote {path} [{key}]", flush=True)
     for w in workers.values():
       w.close(kill=not complete)
@@ -1123,11 +1154,11 @@ def main(argv=None):
     p.error("--infer times the 3D volume; drop --2d")
   machine = machine_info()
   print(machine_line(machine), flush=True)
-  if a.infer:
-    return run_infer(a, spec, machine)
   for d in (a.profile, a.dump_hlo):
     if d:
       os.makedirs(d, exist_ok=True)
+  if a.infer:
+    return run_infer(a, spec, machine)
   return run_steps(a, spec, machine)
 
 
