@@ -158,12 +158,15 @@ def subset_predict_fn(model, fusion: str):
 
 
 def evaluate_subset(apply_fn, params, data: pipeline.SegData, config, available) -> dict:
-  """Scores (`metrics.score_cases`, Dice alone) of sliding-window predictions of the
-  validation cases with only the channels flagged in `available` (M,) given to the model."""
+  """Scores (`metrics.score_cases`: Dice, IoU and with `config.eval.surface_metrics` HD95,
+  ASSD, NSD) of sliding-window predictions of the validation cases with only the channels
+  flagged in `available` (M,) given to the model."""
   mask = jnp.asarray(np.asarray(available, bool))
   preds = [train.predict_labels(apply_fn, (params, mask), image, config) for image in data.val_images]
   return metrics.score_cases(preds, data.val_labels, class_names=data.class_names,
-                             surface_metrics=False)[0]
+                             spacing=train.eval_spacing(data),
+                             surface_metrics=config.eval.get("surface_metrics", True),
+                             nsd_tolerance=config.eval.get("nsd_tolerance_mm", 1.0))[0]
 
 
 # Configuration.
@@ -308,6 +311,7 @@ def train_setting(config, setting: Setting, data, subsets, workdir) -> dict:
     available = np.array([m in subset for m in setting.modalities])
     s = evaluate_subset(apply_fn, state.params, sel, config, available)
     table[subset_name(subset)] = {"mean_dice": s["mean_dice"], "dice_per_class": s["dice_per_class"],
+                                  **{k: s[k] for k in ("mean_hd95", "mean_assd", "mean_nsd") if k in s},
                                   "channels_given": [m for m in setting.modalities if m in subset]}
   drawn = training_masks(np.asarray(t.key), num_steps=stats["steps"], batch_size=config.train.batch_size,
                          num_modalities=len(setting.modalities), rate=setting.dropout_prob)

@@ -37,7 +37,6 @@ import dataclasses
 import json
 import pathlib
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -280,27 +279,31 @@ def evaluate_stage(model, params, stage: Stage, stages_seen, data: pipeline.SegD
   """Scores every class and domain seen up to `stage` on the validation cases.
 
   Returns {'per_stage': [mean Dice of stage j's classes in its domain, for j <= stage],
-  'dice': {domain: {class name: Dice}}, 'mean_dice': mean over the per-stage scores}.
+  'dice': {domain: {class name: Dice}}, 'mean_dice': mean over the per-stage scores} and, with
+  `config.eval.surface_metrics`, 'mean_hd95' / 'mean_assd' / 'mean_nsd' (`metrics.score_cases`
+  per domain over the classes seen so far, then the mean over the domains).
   """
   predict = make_predict_fn(model, stage.active)
   active = np.asarray(stage.active)
-  k = data.num_classes
-  per_domain = {}
+  seen = [data.class_names[c] for c in stage.active[1:]]
+  surface = config.eval.get("surface_metrics", True)
+  per_domain, surf = {}, {}
   for domain in dict.fromkeys(s.domain for s in stages_seen):
-    dices = []
+    preds, refs = [], []
     for cid, image, label in zip(data.val_ids, data.val_images, data.val_labels):
       image = DOMAINS[domain](image, _case_seed(config.seed + 1, cid))
-      pred = active[train.predict_labels(predict, params, image, config)]
-      ref = restrict_labels(label, stage.active)
-      d, _ = metrics.dice_iou(jnp.asarray(pred)[None], jnp.asarray(ref)[None], num_classes=k)
-      dices.append(np.asarray(d)[0])
-    with warnings.catch_warnings():  # a class absent from every case and prediction: NaN
-      warnings.simplefilter("ignore", RuntimeWarning)
-      mean = np.nanmean(np.stack(dices), axis=0)
-    per_domain[domain] = {data.class_names[c]: float(mean[c]) for c in stage.active[1:]}
+      preds.append(active[train.predict_labels(predict, params, image, config)])
+      refs.append(restrict_labels(label, stage.active))
+    summary, _ = metrics.score_cases(preds, refs, class_names=data.class_names,
+                                     nsd_tolerance=config.eval.get("nsd_tolerance_mm", 1.0),
+                                     surface_metrics=surface)
+    per_domain[domain] = {c: summary["dice_per_class"][c] for c in seen}
+    for m in ("hd95", "assd", "nsd") if surface else ():
+      surf.setdefault(m, []).append(np.nanmean([summary[f"{m}_per_class"][c] for c in seen]))
   per_stage = [float(np.mean([per_domain[s.domain][data.class_names[c]] for c in s.classes]))
                for s in stages_seen]
-  return {"per_stage": per_stage, "dice": per_domain, "mean_dice": float(np.mean(per_stage))}
+  out = {"per_stage": per_stage, "dice": per_domain, "mean_dice": float(np.mean(per_stage))}
+  return {**out, **{f"mean_{m}": float(np.mean(v)) for m, v in surf.items()}}
 
 
 def summarise(matrix) -> dict:

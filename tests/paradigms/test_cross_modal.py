@@ -246,7 +246,7 @@ def test_unet3d_crossmodal_runs_end_to_end(tmp_path):
   setting = cm["settings"]["hemis_dropout_0.3"]
   assert list(setting["table"]) == ["CT", "MR", "CT+MR"]
   for subset, row in setting["table"].items():
-    assert 0.0 <= row["mean_dice"] <= 1.0
+    assert 0.0 <= row["mean_dice"] <= 1.0 and 0.0 <= row["mean_nsd"] <= 1.0  # surface metrics too
     assert set(row["dice_per_class"]) == {"liver", "kidney", "spleen"}
     assert row["channels_given"] == subset.split("+")
     per_class = [v for v in row["dice_per_class"].values() if not math.isnan(v)]

@@ -205,6 +205,9 @@ def test_incremental_config_end_to_end_and_resume(tmp_path):
   assert saved["incremental"]["methods"]["distill"]["matrix"] == res["methods"]["distill"]["matrix"]
   assert (work / "incremental.png").stat().st_size > 0
   assert len(_train_lines(work / "stage0_liver-kidney" / "metrics.jsonl")) == 6
+  val = [json.loads(line) for line in (work / "stage0_liver-kidney" / "metrics.jsonl").read_text().splitlines()
+         if json.loads(line).get("split") == "val"]
+  assert val and all(0.0 <= r["mean_nsd"] <= 1.0 for r in val)  # surface metrics at every evaluation
 
   # A sequence killed in the second stage: the first stage is restored, not retrained, and the
   # rerun reproduces the uninterrupted result.
