@@ -63,6 +63,7 @@ def test_front_door_with_the_default_config(isa, tmp_path):
   assert len(losses) == 8 and np.all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < np.mean(losses[:3])  # Adam at 3e-3 lowers Dice + CE at once
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["8"]
+  assert any((workdir / "xla_cache").iterdir())  # the front door's compilation cache
 
 
 @pytest.mark.parametrize("isa", ISAS)
