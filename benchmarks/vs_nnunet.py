@@ -1003,6 +1003,20 @@ def run_steps(a, spec: dict, machine: dict) -> None:
       w.close(kill=not complete)
 
 
+def traced_table(trace_dir, calls: int, call_s: float, title: str, md_path: pathlib.Path) -> dict | None:
+  """The trace under `trace_dir` (`calls` calls of `call_s` each) parsed (`parse_trace`), its
+  kernel table printed and written to `md_path`; None (with a message) if it cannot be parsed."""
+  try:
+    prof = parse_trace(find_trace(trace_dir), calls, call_s)
+  except (OSError, ValueError, KeyError) as e:
+    print(f"{trace_dir}: trace not parsed: {e!r}", flush=True)
+    return None
+  md = kernel_table(prof, title)
+  print("\n" + md, flush=True)
+  md_path.write_text(md)
+  return prof
+
+
 def profile_and_count(a, workers: dict, path: pathlib.Path, key: str) -> None:
   """--profile: a trace of each jax worker's step, parsed; --dump-hlo: the optimised module's ops."""
   data = json.loads(path.read_text())
@@ -1015,15 +1029,11 @@ def profile_and_count(a, workers: dict, path: pathlib.Path, key: str) -> None:
     if a.profile:
       d = os.path.join(a.profile, name)
       res = w.ask(cmd="profile", dir=d, n=a.profile_steps or (2 if a.small else 5))
-      step_s = float(np.median(res["step_s"]))
-      try:
-        prof = parse_trace(find_trace(d), len(res["step_s"]), step_s)
-      except (OSError, ValueError, KeyError) as e:
-        print(f"{name}: trace not parsed: {e!r}", flush=True)
+      prof = traced_table(d, len(res["step_s"]), float(np.median(res["step_s"])),
+                          f"{name} ({w.info['device']}): kernels of the jaxseg train step",
+                          pathlib.Path(a.profile, f"kernels_{name}.md"))
+      if prof is None:
         continue
-      md = kernel_table(prof, f"{name} ({w.info['device']}): kernels of the jaxseg train step")
-      print("\n" + md, flush=True)
-      pathlib.Path(a.profile, f"kernels_{name}.md").write_text(md)
       entry.setdefault("profile", {})[name] = prof
     if a.dump_hlo:
       f = find_optimized_hlo(os.path.join(a.dump_hlo, name))
@@ -1051,15 +1061,10 @@ def profile_inference(a, workers: dict) -> dict:
     for variant in ("tta0", "tta8"):
       d = os.path.join(a.profile, f"infer_{name}_{variant}")
       res = w.ask(cmd="profile", variant=variant, dir=d)
-      try:
-        prof = parse_trace(find_trace(d), 1, res["s"])
-      except (OSError, ValueError, KeyError) as e:
-        print(f"{name} {variant}: trace not parsed: {e!r}", flush=True)
-        continue
-      md = kernel_table(prof, f"{name} ({w.info['device']}): kernels of one inference call, {variant}")
-      print("\n" + md, flush=True)
-      pathlib.Path(a.profile, f"kernels_infer_{name}_{variant}.md").write_text(md)
-      out[f"{name}_{variant}"] = prof
+      prof = traced_table(d, 1, res["s"], f"{name} ({w.info['device']}): kernels of one inference "
+                          f"call, {variant}", pathlib.Path(a.profile, f"kernels_infer_{name}_{variant}.md"))
+      if prof is not None:
+        out[f"{name}_{variant}"] = prof
   return out
 
 
