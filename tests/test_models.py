@@ -1,4 +1,7 @@
-"""Output shapes and basic properties of the U-Net and FCN, 2D and 3D."""
+"""Output shapes and basic properties of the U-Net and FCN, 2D and 3D.
+
+Shapes are traced with `jax.eval_shape` (nothing compiles); the networks' values are checked by
+the tests that train them (tests/configs_test.py, the end-to-end runs)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +14,8 @@ from jaxseg.models import FCN, MODELS, UNet
 def test_unet_shapes(dims, shape):
   model = UNet(num_classes=5, spatial_dims=dims, base_features=4, max_features=8, num_stages=4)
   x = jnp.ones(shape)
-  params = jax.jit(model.init)(jax.random.key(0), x)
-  y = jax.jit(model.apply)(params, x)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)
+  y = jax.eval_shape(model.apply, params, x)
   assert y.shape == shape[:-1] + (5,)
   # Features double per stage and are capped: enc0 4, enc1 8, enc2 8 (cap), enc3 8.
   p = params["params"]
@@ -24,8 +27,8 @@ def test_unet_deep_supervision_outputs():
   model = UNet(num_classes=3, spatial_dims=3, base_features=4, max_features=16, num_stages=4,
                deep_supervision=True)
   x = jnp.ones((2, 16, 16, 16, 1))
-  params = jax.jit(model.init)(jax.random.key(0), x)
-  ys = jax.jit(model.apply)(params, x)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)
+  ys = jax.eval_shape(model.apply, params, x)
   assert [y.shape for y in ys] == [(2, 16, 16, 16, 3), (2, 8, 8, 8, 3), (2, 4, 4, 4, 3)]
 
 
@@ -33,8 +36,8 @@ def test_unet_deep_supervision_outputs():
 def test_fcn_shapes_and_skip_fusion(dims, shape):
   model = FCN(num_classes=4, spatial_dims=dims, base_features=4, max_features=16, num_stages=4)
   x = jax.random.normal(jax.random.key(1), shape)
-  params = jax.jit(model.init)(jax.random.key(0), x)
-  y = jax.jit(model.apply)(params, x)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)
+  y = jax.eval_shape(model.apply, params, x)
   assert y.shape == shape[:-1] + (4,)
   p = params["params"]
   # Score layers on the three deepest stages (8, 16, 16 features), fused by two x2 upsamplings.
