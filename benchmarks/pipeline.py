@@ -27,7 +27,7 @@ Stages mode (--stages) measures, for one config (its data, patch and batch size)
   * train step with nnU-Net's augmentation vs with augmentation off (mirroring kept), timed
     alternately so that both see the same load on a shared machine: patches/s consumed, the
     augmentation's share of the step, and the compile time of each;
-  * the loop as train.run runs it (batch from the loader, then step): patches/s end to end.
+  * the loop as the supervised run runs it (batch from the loader, then step): patches/s end to end.
 Times are means over --repeats calls. Prints a table and writes JSON to benchmarks/results/pipeline_<backend>.json.
 """
 
@@ -127,7 +127,7 @@ def run(config, repeats: int):
     state[0], m = t.train_step(state[0], t.batch(2000 + i), t.key)
     return m["loss"]
   sec, _ = _timed(loop, repeats)
-  row("loop: sample + step (train.run)", sec)
+  row("loop: sample + step (supervised run)", sec)
   on, mirror = step_s["train step, nnU-Net augmentation"], step_s["train step, mirror only"]
   return rows, {"augmentation_share_of_step": (on - mirror) / on,
                 "sampler_share_of_loop": sample_s / sec,

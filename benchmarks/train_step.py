@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "configs"))
 sys.path.insert(0, str(REPO))
 
 from jaxseg import sharding, train  # noqa: E402
+from jaxseg.models.build import conv_impl_name  # noqa: E402
 
 
 def peak_memory_mb() -> float:
@@ -72,7 +73,7 @@ def bench_config(name: str, arg: str | None, repeats: int, num_classes: int = 4,
   return {"config": name + (f":{arg}" if arg else ""), "batch": b, "patch": list(patch),
           "init_s": init_s, "compile_s": compile_s, "step_s_median": med, "steps_per_s": 1 / med,
           "voxels_per_s": vox / med, "peak_memory_mb": peak_memory_mb(),
-          "conv_impl": config.model.get("conv_impl", "auto"), "conv": train.conv_impl_name(config.model)}
+          "conv_impl": config.model.get("conv_impl", "auto"), "conv": conv_impl_name(config.model)}
 
 
 def main():

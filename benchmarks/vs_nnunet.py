@@ -280,6 +280,7 @@ def setup_jax_train(spec: dict, job: dict):
   import jax
 
   from jaxseg import sharding, train
+  from jaxseg.models.build import conv_impl_name
 
   config = jax_config(spec, job["dtype"])
   built = train.build_step(config, num_classes=spec["classes"], in_channels=spec["in_channels"])
@@ -301,7 +302,7 @@ def setup_jax_train(spec: dict, job: dict):
     one()
   info = jax_info({"compile_s": compile_s, "first_loss": box["loss"],
                    "params": int(sum(np.prod(p.shape) for p in jax.tree.leaves(box["state"].params))),
-                   "conv_impl": train.conv_impl_name(config.model), "flax": _version("flax")})
+                   "conv_impl": conv_impl_name(config.model), "flax": _version("flax")})
 
   def steps_cmd(cmd):
     times = []

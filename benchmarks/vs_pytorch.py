@@ -149,6 +149,7 @@ def setup_jax(spec: dict, t_launch: float):
   import jax.numpy as jnp
 
   from jaxseg import inference, sharding, train
+  from jaxseg.models.build import conv_impl_name
 
   config = _jax_config(spec)
   built = train.build_step(config, num_classes=spec["classes"], in_channels=1)
@@ -161,7 +162,7 @@ def setup_jax(spec: dict, t_launch: float):
   box["loss"] = float(m["loss"])
   info = {"first_step_s": time.time() - t_launch, "first_loss": box["loss"],
           "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(box["state"].params)),
-          "conv_impl": train.conv_impl_name(config.model), "net": "jaxseg.models.UNet",
+          "conv_impl": conv_impl_name(config.model), "net": "jaxseg.models.UNet",
           "versions": {"jax": jax.__version__,
                        "flax": importlib.import_module("flax").__version__}}
 

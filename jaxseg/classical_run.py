@@ -9,16 +9,16 @@ the same `jaxseg.metrics` code that judges the deep models. Masks are written as
 
 from __future__ import annotations
 
-import pathlib
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import metrics, report
+from jaxseg import metrics, report, runs
 from jaxseg.classical import (confidence_connected, fuzzy_cmeans, remove_small_components,
                               threshold_otsu)
-from jaxseg.data import pipeline
+from jaxseg.data import io, pipeline
+from jaxseg.errors import ConfigError
 
 
 def _brightest_otsu(image, cfg, reference):
@@ -78,9 +78,6 @@ def run(config, workdir) -> dict:
 
   Returns the report dict also written to `workdir/report.json`.
   """
-  from jaxseg.errors import ConfigError
-  t_start = time.time()
-  workdir = pathlib.Path(workdir)
   cfg = config.classical
   if cfg.method not in METHODS:
     raise ConfigError(f"classical.method={cfg.method!r} is not valid; choose one of {sorted(METHODS)}")
@@ -90,13 +87,13 @@ def run(config, workdir) -> dict:
     raise ConfigError(f"classical.target names {unknown[0]!r}, not a class of the dataset; "
                       f"classes: {data.class_names[1:]}")
   target = [data.class_names.index(t) for t in cfg.target]
-  workdir.mkdir(parents=True, exist_ok=True)
+  frame = runs.start(config, workdir)
+  workdir = frame.workdir
   (workdir / "masks").mkdir(exist_ok=True)
   ids = data.train_ids + data.val_ids
   images = data.train_images + data.val_images
   labels = data.train_labels + data.val_labels
   dices, ious, preds, times = [], [], [], []
-  from jaxseg.data import io
   for cid, image, label in zip(ids, images, labels):
     ref = np.isin(label, target)
     t0 = time.perf_counter()
@@ -113,21 +110,18 @@ def run(config, workdir) -> dict:
     io.write_nifti(workdir / "masks" / f"{cid}.nii.gz", pred.astype(np.uint8), geom)
   target_name = "+".join(cfg.target)
   summary = metrics.summarise(np.stack(dices), np.stack(ious), ["background", target_name])
-  result = {
-      "config": config.to_dict(),
+  worst = int(np.nanargmin([d[1] for d in dices]))
+  runs.log(f"{config.get('name', 'classical')}: {len(ids)} cases | {cfg.method} -> {target_name} | "
+           f"mean Dice {summary['mean_dice']:.4f} | mean IoU {summary['mean_iou']:.4f} | "
+           f"{np.median(times) * 1e3:.0f} ms/case (median)")
+  return runs.finish(frame, {
       "method": cfg.method,
       "target": list(cfg.target),
       "cases": len(ids),
-      "wall_time_s": time.time() - t_start,
       "seconds_per_case_median": float(np.median(times)),
       "metrics": summary,
       "per_case": {cid: float(d[1]) for cid, d in zip(ids, dices)},
-  }
-  report.write_json_atomic(workdir / "report.json", result)
-  worst = int(np.nanargmin([d[1] for d in dices]))
-  report.plot_overlay(images[worst], np.isin(labels[worst], target).astype(np.uint8), preds[worst],
-                      ["background", target_name], workdir / "overlay.png", title=ids[worst])
-  print(f"{config.get('name', 'classical')}: {len(ids)} cases | {cfg.method} -> {target_name} | "
-        f"mean Dice {summary['mean_dice']:.4f} | mean IoU {summary['mean_iou']:.4f} | "
-        f"{np.median(times) * 1e3:.0f} ms/case (median) -> {workdir / 'report.json'}", flush=True)
-  return result
+  }, summary=f"{cfg.method} on {len(ids)} cases", figures=[
+      ("overlay.png", lambda path: report.plot_overlay(
+          images[worst], np.isin(labels[worst], target).astype(np.uint8), preds[worst],
+          ["background", target_name], path, title=ids[worst]))])

@@ -1,4 +1,4 @@
-"""The training loop: init or restore, step, evaluate, log, checkpoint, report.
+"""The training loop: init or restore, step, evaluate, log, checkpoint.
 
 Everything tunable comes from the config; this file holds no hyperparameter literals.
 """
@@ -17,22 +17,10 @@ import numpy as np
 
 from jaxseg import (checkpoint, compile_options, inference, metrics, objectives, optim, report,
                     sharding, steps, validate)
+from jaxseg.runs import log
 from jaxseg.data import loader, pipeline
-# conv_impl_name: the run log's conv= field, also used by the paradigms and benchmarks.
-from jaxseg.models.build import build_model, conv_impl_name
+from jaxseg.models.build import build_model
 from jaxseg.state import TrainState
-
-
-def log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
-
-
-def open_workdir(workdir) -> pathlib.Path:
-  """Creates the run directory; returns it as a Path."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  return workdir
 
 
 def use_compilation_cache(workdir) -> None:
@@ -331,59 +319,3 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   return state, {"steps": num_steps, "steps_this_run": steps_run, "first_step_s": first_step_s,
                  "steps_per_s": steps_run / loop_s if steps_run else None, "last_eval": last_eval,
                  "wall_time_before_s": wall_before}
-
-
-def wall_times(t_start: float, earlier_runs_s) -> dict:
-  """report.json's wall times of a run started at `t_start` (a time.time()) whose phases
-  (`fit` calls) had spent `earlier_runs_s` (their stats' wall_time_before_s) in runs before a
-  resume: {"wall_time_s": total over all runs, "wall_time_this_run_s"}."""
-  this_run = time.time() - t_start
-  return {"wall_time_s": this_run + float(sum(earlier_runs_s)), "wall_time_this_run_s": this_run}
-
-
-def run(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Supervised training of the configured model in `workdir`, resuming from its latest
-  checkpoint. Returns the report dict also written to `workdir/report.json`.
-  """
-  t_start = time.time()
-  workdir = open_workdir(workdir)
-  t = setup(config)
-  pipeline.write_plan(workdir, config, t.data)  # what jaxseg.predict needs to rebuild the run
-  data = t.data
-  num_steps = config.train.num_steps
-  conv = conv_impl_name(config.model, platform=t.mesh.devices.flat[0].platform, device_count=t.mesh.size)
-  log(f"jaxseg: {config.get('name', 'run')} | model={config.model.name} {config.model.spatial_dims}D "
-      f"| devices={jax.device_count()} ({device_name()}) x {jax.process_count()} process(es) "
-      f"| dtype={config.model.get('dtype', 'float32')} | loss={config.loss.get('name', 'dice_ce')} "
-      f"| conv={conv} "
-      f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={workdir}")
-  state, stats = fit(t, workdir, wall_start=t_start)
-  metrics_path = workdir / "metrics.jsonl"
-
-  summary, per_case, preds = evaluate(t.predict_fn, state.params, data, config, keep_predictions=True)
-  if not any(r.get("split") == "val" and r.get("step") == num_steps
-             for r in report.read_jsonl(metrics_path)):
-    report.append_jsonl(metrics_path, {"split": "val", "step": num_steps, **summary})
-  result = {
-      "config": config.to_dict(),
-      "loss": config.loss.get("name", "dice_ce"),
-      "steps": num_steps,
-      "steps_this_run": stats["steps_this_run"],
-      **wall_times(t_start, [stats["wall_time_before_s"]]),  # all runs of this workdir
-      "first_step_s": stats["first_step_s"],
-      "steps_per_s": stats["steps_per_s"],
-      "backend": jax.default_backend(),
-      "device_count": jax.device_count(),
-      "metrics": summary,
-      "per_case": {cid: dict(zip(data.class_names[1:], map(float, d[1:])))
-                   for cid, d in zip(data.val_ids, per_case)},
-  }
-  if jax.process_index() == 0:
-    report.write_json_atomic(workdir / "report.json", result)
-    report.plot_curves(report.read_jsonl(metrics_path), workdir / "curves.png")
-    worst = int(np.nanargmin(np.nanmean(per_case[:, 1:], axis=1))) if len(per_case) else 0
-    report.plot_overlay(data.val_images[worst], data.val_labels[worst], preds[worst],
-                        data.class_names, workdir / "overlay.png", title=data.val_ids[worst])
-  log(f"done: {num_steps} steps, mean Dice {summary['mean_dice']:.4f}, mean IoU {summary['mean_iou']:.4f}, "
-      f"wall {result['wall_time_s']:.0f} s -> {workdir / 'report.json'}")
-  return result

@@ -14,6 +14,7 @@ import pytest
 import helpers  # noqa: F401  (puts configs/ on sys.path)
 import unet3d
 from jaxseg import checkpoint, report, train
+from jaxseg.paradigms import supervised
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,14 +22,15 @@ _KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     import helpers, unet3d
-    from jaxseg import checkpoint, train
+    from jaxseg import checkpoint
+    from jaxseg.paradigms import supervised
     save = checkpoint.Checkpointer.save
     def die_before_4(self, step, state, **kwargs):
       if step == 4:  # step 4 is logged, not checkpointed
         os.kill(os.getpid(), signal.SIGKILL)
       save(self, step, state, **kwargs)
     checkpoint.Checkpointer.save = die_before_4
-    train.run(helpers.tiny(unet3d.get_config(), {cache!r}, steps=6), {workdir!r})
+    supervised.run(helpers.tiny(unet3d.get_config(), {cache!r}, steps=6), {workdir!r})
 """)
 
 
@@ -68,7 +70,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, capsys):
   assert step == 3 and wall_before > 0
 
   capsys.readouterr()
-  resumed = train.run(_config(cache), killed)
+  resumed = supervised.run(_config(cache), killed)
   out = capsys.readouterr().out
   assert resumed["steps_this_run"] == 3  # steps 4..6 only
   assert _steps(killed, "train") == [1, 2, 3, 4, 5, 6] and _steps(killed, "val") == [6]
@@ -77,7 +79,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, capsys):
   line = next(line for line in out.splitlines() if line.startswith("step      4/6"))
   assert "first step" in line and "nan steps/s" not in out
   full = tmp_path / "full"
-  train.run(_config(cache), full)
+  supervised.run(_config(cache), full)
   assert _steps(full, "train") == [1, 2, 3, 4, 5, 6]
 
   step_a, leaves_a = _final_params(killed, cache)

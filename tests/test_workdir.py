@@ -13,6 +13,7 @@ import pytest
 from helpers import tiny
 import unet3d  # noqa: E402 (configs/ is on the path once helpers is imported)
 from jaxseg import predict, train
+from jaxseg.paradigms import supervised
 from jaxseg.errors import InvalidDatasetError, WorkdirMismatchError
 from test_predict_evaluate import make_dataset
 
@@ -39,7 +40,7 @@ def good_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("workdir")
   root = make_dataset(tmp / "Dataset901_Tiny")
   workdir = tmp / "run"
-  train.run(_config(root, tmp / "cache"), workdir)
+  supervised.run(_config(root, tmp / "cache"), workdir)
   snap = _snapshot(workdir)
   assert "plan.json" in snap and any(k.startswith("checkpoints/") for k in snap)
   return tmp, root, workdir, snap
@@ -77,7 +78,7 @@ def test_another_channel_count_leaves_the_run_untouched(good_run, tmp_path):
   with pytest.raises(WorkdirMismatchError,
                      match=r"holds a run with channels \['T1', 'T2'\] .*this config has "
                            r"\['T1', 'T2', 'FLAIR'\]: use another --workdir"):
-    train.run(_config(other, tmp_path / "cache"), workdir)
+    supervised.run(_config(other, tmp_path / "cache"), workdir)
   assert _snapshot(workdir) == snap
 
 
@@ -90,14 +91,14 @@ def test_another_dataset_leaves_the_run_untouched(good_run, tmp_path):
   other = _variant(root, tmp_path / "Dataset902_Other", rename)
   with pytest.raises(WorkdirMismatchError, match=r"holds a run with dataset 'Tiny' .*this config has "
                                                  r"'Other': use another --workdir"):
-    train.run(_config(other, tmp_path / "cache"), workdir)
+    supervised.run(_config(other, tmp_path / "cache"), workdir)
   assert _snapshot(workdir) == snap
 
 
 def test_another_model_leaves_the_run_untouched(good_run, tmp_path):
   tmp, root, workdir, snap = good_run
   with pytest.raises(WorkdirMismatchError, match=r"model.base_features=4 there, 8 here"):
-    train.run(_config(root, tmp / "cache", base_features=8), workdir)
+    supervised.run(_config(root, tmp / "cache", base_features=8), workdir)
   assert _snapshot(workdir) == snap
 
 
@@ -106,7 +107,7 @@ def test_all_background_labels_stop_with_their_own_message(good_run, tmp_path):
   other = _variant(root, tmp_path / "Dataset901_Tiny", _all_background)
   with pytest.raises(InvalidDatasetError, match=r"labelsTr: no label file has a foreground voxel "
                                                 r"\(all 3 are background only\)"):
-    train.run(_config(other, tmp_path / "cache"), workdir)
+    supervised.run(_config(other, tmp_path / "cache"), workdir)
   assert _snapshot(workdir) == snap
 
 
@@ -114,7 +115,7 @@ def test_a_constant_image_is_named(good_run, tmp_path):
   tmp, root, workdir, snap = good_run
   other = _variant(root, tmp_path / "Dataset901_Tiny", _constant_image)
   with pytest.raises(InvalidDatasetError, match=r"imagesTr/case1_0000.nii.gz is constant"):
-    train.run(_config(other, tmp_path / "cache"), workdir)
+    supervised.run(_config(other, tmp_path / "cache"), workdir)
   assert _snapshot(workdir) == snap
 
 
@@ -124,7 +125,7 @@ def test_the_same_run_resumes(good_run):
   with config.unlocked():
     config.train.num_steps = 3  # one more step: same dataset and model, so it may continue
     config.model.conv_impl = "lax"  # how convolutions are computed is not part of the run
-  result = train.run(config, workdir)
+  result = supervised.run(config, workdir)
   assert result["steps"] == 3 and result["steps_this_run"] == 1
 
 

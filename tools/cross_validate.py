@@ -19,7 +19,7 @@ per fold the held-out cases, Dice and IoU per class (means over the fold's held-
 class absent from both reference and prediction left out, as `jaxseg.metrics`) and the wall
 time; over the folds the mean and standard deviation of the fold means, and the worst held-out
 case (lowest mean foreground Dice over all folds). The table is printed and written to
-WORKDIR/cv_table.md, everything to WORKDIR/cv_report.json. `train.run` draws the overlay of each
+WORKDIR/cv_table.md, everything to WORKDIR/cv_report.json. `paradigms.supervised.run` draws the overlay of each
 fold's worst case into WORKDIR/fold_k/overlay.png, so the fold holding the overall worst case
 has that case's overlay: it is copied to WORKDIR/worst_overlay.png and, with `--figure`, saved as
 a small PNG at that path (at most `--figure-width` pixels wide; see `save_figure`).

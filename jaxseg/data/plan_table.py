@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from jaxseg.data.plan import ConfigurationPlan, ExperimentPlan
+from jaxseg.data.plan_schema import ConfigurationPlan, ExperimentPlan
 
 
 

@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import losses, metrics, models, report, train
+from jaxseg import losses, metrics, models, report, runs, train
 from jaxseg.data import multimodal, pipeline, synthetic
 from jaxseg.errors import ConfigError
+from jaxseg.models.build import conv_impl_name
 
 FUSIONS = ("early", "hemis")
 BASELINES = ("single", "no_dropout")
@@ -325,7 +326,7 @@ def train_setting(config, setting: Setting, data, subsets, workdir) -> dict:
             "wall_time_before_s": stats["wall_time_before_s"], "table": table}
   if jax.process_index() == 0:
     report.write_json_atomic(pathlib.Path(workdir) / "report.json", result)
-  train.log(f"[{setting.name}] " + " | ".join(f"{k} {v['mean_dice']:.3f}" for k, v in table.items()))
+  runs.log(f"[{setting.name}] " + " | ".join(f"{k} {v['mean_dice']:.3f}" for k, v in table.items()))
   return result
 
 
@@ -370,35 +371,28 @@ def plot_table(settings: dict, subsets, path) -> None:
 def run(config, workdir) -> dict:
   """Trains every setting (see the module docstring) and writes the robustness table to
   `workdir/report.json` ("cross_modal") and `workdir/cross_modal.png`. Returns the report."""
-  t0 = time.time()
-  workdir = train.open_workdir(workdir)
+  frame = runs.start(config, workdir)
+  workdir = frame.workdir
   cm = config.cross_modal
   data = load_data(config)
   modalities = resolve_modalities(cm, data.channel_names)
   check_config(cm, modalities)
   subsets = parse_subsets(cm.get("eval_subsets", ()), modalities)
   data = select_channels(data, modalities)
-  train.log(f"jaxseg: {config.get('name', 'run')} | cross-modal {list(modalities)} | fusion={cm.fusion} "
-            f"| dropout={cm.dropout_prob} | conv={train.conv_impl_name(config.model)} "
+  runs.log(f"jaxseg: {config.get('name', 'run')} | cross-modal {list(modalities)} | fusion={cm.fusion} "
+            f"| dropout={cm.dropout_prob} | conv={conv_impl_name(config.model)} "
             f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={workdir}")
   settings = {}
   for setting in settings_of(cm, modalities):
     settings[setting.name] = train_setting(config, setting, data, subsets, workdir / setting.name)
   main = settings[list(settings)[-1]]
   full = subset_name(modalities)
-  result = {
-      "config": config.to_dict(),
+  frame.earlier_runs_s.extend(s["wall_time_before_s"] for s in settings.values())
+  return runs.finish(frame, {
       "steps": config.train.num_steps,
-      **train.wall_times(t0, [s["wall_time_before_s"] for s in settings.values()]),
-      "backend": jax.default_backend(),
-      "device_count": jax.device_count(),
       "metrics": main["table"].get(full),
       "cross_modal": {"modalities": list(modalities), "fusion": cm.fusion, "dropout_prob": cm.dropout_prob,
                       "subsets": [subset_name(s) for s in subsets], "settings": settings,
                       "summary": summarise(settings, modalities)},
-  }
-  if jax.process_index() == 0:
-    report.write_json_atomic(workdir / "report.json", result)
-    plot_table(settings, subsets, workdir / "cross_modal.png")
-  train.log(f"done: {len(settings)} settings, wall {result['wall_time_s']:.0f} s -> {workdir / 'report.json'}")
-  return result
+  }, summary=f"{len(settings)} settings",
+      figures=[("cross_modal.png", lambda path: plot_table(settings, subsets, path))])

@@ -36,16 +36,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import metrics, report, train
+from jaxseg import metrics, report, runs, train
 from jaxseg.data import pipeline, sampling
 from jaxseg.models import build_model
+from jaxseg.models.build import conv_impl_name
 from jaxseg.paradigms import continual
 from jaxseg.errors import ConfigError
 
@@ -340,36 +340,10 @@ def stage_settings(stage_config, method) -> dict:
   """The settings a stage's result depends on, flattened to {'field.path': value}: the stage's
   config without the list of methods, the other methods' fields and the logging interval."""
   others = {f for m, fields in _METHOD_FIELDS.items() if m != method for f in fields}
-  out = {}
-
-  def walk(prefix, d):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        walk(f"{prefix}{k}.", v)
-      else:
-        out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-
-  walk("", stage_config.to_dict())
-  for f in ["incremental.methods", "train.log_every"] + [f"incremental.{f}" for f in others]:
-    out.pop(f, None)
+  out = runs.flat_settings(stage_config.to_dict(), drop=["incremental.methods", "train.log_every"]
+                           + [f"incremental.{f}" for f in others])
   out["method"] = method
   return out
-
-
-def check_stage_settings(stage_dir: pathlib.Path, settings: dict) -> None:
-  """Records `settings` in a new stage directory; in an existing one, ConfigError naming the
-  first field that differs (resuming would silently reuse a stage trained otherwise)."""
-  path = stage_dir / "settings.json"
-  if path.exists():
-    old = json.loads(path.read_text())
-    for key in sorted(set(old) | set(settings)):
-      if old.get(key) != json.loads(report.dumps(settings.get(key))):
-        raise ConfigError(f"{stage_dir} was trained with {key}={old.get(key)!r} but the config now "
-                          f"says {settings.get(key)!r}; use another --workdir or delete {stage_dir}")
-    return
-  stage_dir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    report.write_json_atomic(path, settings)
 
 
 def _stage_dir(workdir, method, stage: Stage) -> pathlib.Path:
@@ -379,8 +353,8 @@ def _stage_dir(workdir, method, stage: Stage) -> pathlib.Path:
 
 def run(config, workdir) -> dict:
   """Runs the configured stages for every method in `workdir`; see the module docstring."""
-  t_start = time.time()
-  workdir = train.open_workdir(workdir)
+  frame = runs.start(config, workdir)
+  workdir = frame.workdir
   check_config(config)
   data = pipeline.load_cases(config)
   stages = parse_stages(config, data.class_names)
@@ -397,13 +371,11 @@ def run(config, workdir) -> dict:
                   restrict_labels(label, stage.classes), stage.classes))
     return out
 
-  train.log(f"jaxseg: {config.get('name', 'incremental')} | incremental | stages: "
+  runs.log(f"jaxseg: {config.get('name', 'incremental')} | incremental | stages: "
             + " -> ".join(f"{s.name}@{s.domain} ({len(g)} cases, {s.steps} steps)"
                           for s, g in zip(stages, groups))
-            + f" | methods: {', '.join(inc.methods)} | conv={train.conv_impl_name(config.model)} "
+            + f" | methods: {', '.join(inc.methods)} | conv={conv_impl_name(config.model)} "
             + f"| val={len(data.val_ids)} cases | workdir={workdir}")
-
-  earlier_runs_s = []  # per stage: wall time spent on it by runs before a resume
 
   def train_stage(method, stage, params, buffer, loss_consts):
     """Trains (or restores) `stage` for `method`: (model, params, evaluation result)."""
@@ -415,11 +387,11 @@ def run(config, workdir) -> dict:
                     batch_fn=make_batch_fn(cfg, stage, stage_cases(stage, groups[stage.index]), buffer, k),
                     params=params, loss_consts=loss_consts)
     sdir = _stage_dir(workdir, method, stage)
-    check_stage_settings(sdir, stage_settings(cfg, method))
+    runs.check_settings(sdir, stage_settings(cfg, method))
     seen = stages[:stage.index + 1]
     state, stats = train.fit(t, sdir, tag=f"{method or 'all'} {stage.index}:{stage.name}",
                              evaluate_fn=lambda p: evaluate_stage(model, p, stage, seen, data, cfg))
-    earlier_runs_s.append(stats["wall_time_before_s"])
+    frame.earlier_runs_s.append(stats["wall_time_before_s"])
     done = sdir / "stage.json"
     if done.exists():
       result = report.none_to_nan(json.loads(done.read_text()))  # NaN Dice is stored as null
@@ -433,7 +405,7 @@ def run(config, workdir) -> dict:
 
   # The first stage is the same for every method (nothing to remember yet).
   model, params0, res0 = train_stage(None, stages[0], None, [], None)
-  train.log(f"stage 0 ({stages[0].name}): Dice {res0['per_stage'][0]:.3f}")
+  runs.log(f"stage 0 ({stages[0].name}): Dice {res0['per_stage'][0]:.3f}")
   results = {}
   for method in inc.methods:
     params, matrix, per_class = params0, [res0["per_stage"]], [res0["dice"]]
@@ -463,27 +435,19 @@ def run(config, workdir) -> dict:
       per_class.append(res["dice"])
     results[method] = {"matrix": matrix, "dice_per_stage": per_class, **summarise(matrix)}
     r = results[method]
-    train.log(f"{method:>9}: average Dice {r['average_dice']:.3f} | forgetting {r['forgetting']:.3f} | "
+    runs.log(f"{method:>9}: average Dice {r['average_dice']:.3f} | forgetting {r['forgetting']:.3f} | "
               f"backward transfer {r['backward_transfer']:.3f}")
 
-  out = {
-      "config": config.to_dict(),
-      **train.wall_times(t_start, earlier_runs_s),
-      "backend": jax.default_backend(),
+  first = inc.methods[0]
+  return runs.finish(frame, {
+      "metrics": {"mean_dice": results[first]["average_dice"]},
       "incremental": {
           "stages": [{"classes": s.name, "domain": s.domain, "steps": s.steps,
                       "cases": len(g)} for s, g in zip(stages, groups)],
           "methods": results,
       },
-  }
-  first = inc.methods[0]
-  out["metrics"] = {"mean_dice": results[first]["average_dice"]}
-  if jax.process_index() == 0:
-    report.write_json_atomic(workdir / "report.json", out)
-    plot_matrix(results, [s.name for s in stages], workdir / "incremental.png")
-  train.log(f"done: incremental, {len(inc.methods)} method(s), wall {out['wall_time_s']:.0f} s "
-            f"-> {workdir / 'report.json'}")
-  return out
+  }, summary=f"incremental, {len(inc.methods)} method(s)", figures=[
+      ("incremental.png", lambda path: plot_matrix(results, [s.name for s in stages], path))])
 
 
 def plot_matrix(results: dict, stage_names, path) -> None:

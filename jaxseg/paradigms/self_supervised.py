@@ -41,9 +41,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import report
-from jaxseg.data import augment, pipeline, synthetic
+from jaxseg import init_from, report, runs, train
+from jaxseg.data import augment, pipeline, sampling, synthetic
 from jaxseg.models import build_model
+from jaxseg.models.build import conv_impl_name
 from jaxseg.errors import ConfigError
 
 INITS = ("pretrained", "random")
@@ -163,7 +164,6 @@ def make_pretrain_loss_fn(model: PretrainNet, ss):
 
 def check_config(config) -> None:
   """ConfigError for a `selfsup` field the run cannot use."""
-  from jaxseg import init_from  # noqa: PLC0415
   part = config.get("init_from_part", init_from.DEFAULT_PART)
   if part not in init_from.PARTS:  # checked before pretraining spends its time
     raise ConfigError(f"init_from_part={part!r} is not valid; choose one of {sorted(init_from.PARTS)}")
@@ -233,8 +233,6 @@ def _phase_config(config, **fields):
 
 def pretrain(config, data: pipeline.SegData, workdir: pathlib.Path) -> dict:
   """Pretext training in `workdir` (resumes there). Returns the pretraining summary."""
-  from jaxseg import train  # noqa: PLC0415
-  from jaxseg.data import sampling  # noqa: PLC0415
   ss = config.selfsup
   t0 = time.time()
   cfg = _phase_config(config, **{
@@ -264,7 +262,7 @@ def pretrain(config, data: pipeline.SegData, workdir: pathlib.Path) -> dict:
     loss, aux = eval_pretext(params)
     return {"pretext_loss": float(loss), **{k: float(v) for k, v in aux.items()}}
 
-  train.log(f"[pretrain] {len(images)} unlabelled volumes | {ss.pretrain_steps} steps of "
+  runs.log(f"[pretrain] {len(images)} unlabelled volumes | {ss.pretrain_steps} steps of "
             f"{b} patches x 2 views | workdir={workdir}")
   _, stats = train.fit(t, workdir, evaluate_fn=evaluate_fn, tag="pretrain",
                        best_metric="pretext_loss", best_mode="min")
@@ -294,7 +292,6 @@ def finetune(config, data: pipeline.SegData, workdir: pathlib.Path, *, init_from
 
   Returns (summary of the final parameters' validation Dice, per-case Dice (N, K), fit stats).
   """
-  from jaxseg import train  # noqa: PLC0415
   cfg = _phase_config(config, init_from=init_from)
   t = train.setup(cfg, data=data)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -309,26 +306,24 @@ def run(config, workdir) -> dict:
 
   Returns the report dict also written to `workdir/report.json`.
   """
-  from jaxseg import train  # noqa: PLC0415
-  t_start = time.time()
-  workdir = train.open_workdir(workdir)
+  frame = runs.start(config, workdir)
+  workdir = frame.workdir
   check_config(config)
   data = pipeline.load_cases(config)
   ss = config.selfsup
-  from jaxseg import init_from  # noqa: PLC0415
   part = config.get("init_from_part", init_from.DEFAULT_PART)  # validated by check_config
-  train.log(f"jaxseg: {config.get('name', 'run')} | self-supervised pretraining + fine-tuning "
+  runs.log(f"jaxseg: {config.get('name', 'run')} | self-supervised pretraining + fine-tuning "
             f"| train={len(data.train_ids)} val={len(data.val_ids)} labelled cases | "
-            f"conv={train.conv_impl_name(config.model)} | workdir={workdir}")
+            f"conv={conv_impl_name(config.model)} | workdir={workdir}")
   if config.get("init_from"):
     source, pre = str(config.init_from), None
-    train.log(f"init_from={source!r}: pretraining skipped")
+    runs.log(f"init_from={source!r}: pretraining skipped")
   else:
     pre = pretrain(config, data, workdir / "pretrain")
     source = pre["workdir"]
 
   table = []
-  earlier_runs_s = [pre["wall_time_before_s"]] if pre else []
+  frame.earlier_runs_s.extend([pre["wall_time_before_s"]] if pre else [])
   for fraction in sorted(ss.fractions):
     subset = labelled_subset(data, fraction, config.seed)
     pct = int(round(100 * fraction))
@@ -337,8 +332,8 @@ def run(config, workdir) -> dict:
       summary, per_case, stats = finetune(
           config, subset, workdir / f"finetune_{pct}pct_{init}",
           init_from=source if init == "pretrained" else "", tag=tag)
-      earlier_runs_s.append(stats["wall_time_before_s"])
-      train.log(f"[{tag}] final mean Dice {summary['mean_dice']:.4f} on {len(data.val_ids)} cases")
+      frame.earlier_runs_s.append(stats["wall_time_before_s"])
+      runs.log(f"[{tag}] final mean Dice {summary['mean_dice']:.4f} on {len(data.val_ids)} cases")
       table.append({"fraction": fraction, "labelled_cases": len(subset.train_ids), "init": init,
                     "mean_dice": summary["mean_dice"], "mean_iou": summary["mean_iou"],
                     "dice_per_class": summary["dice_per_class"],
@@ -350,12 +345,11 @@ def run(config, workdir) -> dict:
     gains[f"{fraction:g}"] = rows["pretrained"]["mean_dice"] - rows["random"]["mean_dice"]
 
   best = [r for r in table if r["fraction"] == max(ss.fractions) and r["init"] == "pretrained"][0]
-  result = {
-      "config": config.to_dict(),
+  runs.log("label efficiency (mean Dice, final parameters): " + " | ".join(
+      f"{100 * row['fraction']:g}% ({row['labelled_cases']} cases) {row['init']} {row['mean_dice']:.4f}"
+      for row in table))
+  return runs.finish(frame, {
       "paradigm": "self_supervised",
-      **train.wall_times(t_start, earlier_runs_s),
-      "backend": jax.default_backend(),
-      "device_count": jax.device_count(),
       # The pretrained start on all the labels of the largest fraction, as other runs report.
       "metrics": {k: best[k] for k in ("mean_dice", "mean_iou", "dice_per_class")},
       "self_supervised": {
@@ -363,14 +357,8 @@ def run(config, workdir) -> dict:
           "validation_cases": list(data.val_ids), "pretrain": pre, "table": table,
           "pretrained_minus_random_dice": gains,
       },
-  }
-  if jax.process_index() == 0:
-    report.write_json_atomic(workdir / "report.json", result)
-    plot_study(table, pre, workdir / "self_supervised.png")
-  train.log("label efficiency (mean Dice, final parameters): " + " | ".join(
-      f"{100 * r['fraction']:g}% ({r['labelled_cases']} cases) {r['init']} {r['mean_dice']:.4f}"
-      for r in table) + f" | wall {result['wall_time_s']:.0f} s -> {workdir / 'report.json'}")
-  return result
+  }, summary=f"self-supervised, {len(table)} fine-tuning runs",
+      figures=[("self_supervised.png", lambda path: plot_study(table, pre, path))])
 
 
 def plot_study(table, pre, path) -> None:

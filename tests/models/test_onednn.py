@@ -112,11 +112,11 @@ def test_a_broken_wrapper_fails_its_self_check(fresh_onednn, tmp_path, fault, re
 def test_a_run_with_a_crashing_wrapper_falls_back_to_xla(fresh_onednn, tmp_path, capsys):
   from helpers import tiny
   import unet3d
-  from jaxseg import train
+  from jaxseg.paradigms import supervised
   fresh_onednn.setattr(onednn, '_SOURCE', _broken_source(
       tmp_path, '    if (kind == kBwdWeights) std::raise(SIGSEGV);\n'))
   config = tiny(unet3d.get_config(), tmp_path / 'data', steps=2)
-  result = train.run(config, tmp_path / 'run')
+  result = supervised.run(config, tmp_path / 'run')
   out = capsys.readouterr().out
   conv_lines = [line for line in out.splitlines() if 'self-check' in line]
   assert len(conv_lines) == 1
