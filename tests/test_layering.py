@@ -2,7 +2,7 @@
 
 Every `import` in jaxseg's source counts, also those inside functions (which hide a cycle at
 run time but not from a reader). Layers, bottom up:
-- BOTTOM: errors, atomic, cache, compile_options, sharding, state (import nothing above);
+- BOTTOM: errors, atomic, cache, compile_options, seeds, sharding, state (import nothing above);
 - KERNELS: models, cpu_conv, data, classical, metrics, losses, surface (arrays in, arrays out; may
   import BOTTOM and each other);
 - everything else (objectives, steps, optim, inference, checkpoint, train, paradigms, report,
@@ -15,7 +15,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxseg"
-BOTTOM = {"errors", "atomic", "cache", "compile_options", "sharding", "state"}
+BOTTOM = {"errors", "atomic", "cache", "compile_options", "seeds", "sharding", "state"}
 KERNELS = {"models", "cpu_conv", "data", "classical", "metrics", "losses", "surface"}
 
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxseg import seeds
 from jaxseg.data import dataset as ds
 from jaxseg.data import preprocess as pp
 
@@ -77,7 +78,7 @@ def _entry_paths(index, case_id, settings, cache_dir):
 
 def _points_seed(key: str) -> list[int]:
   """The seed of a case's stored foreground sample: fixed by its cache key."""
-  return [int(key[:15], 16), 7919]
+  return [int(key[:15], 16), seeds.FOREGROUND_SUBSAMPLE]
 
 
 def cached_entry(index: ds.DatasetIndex, case_id: str, settings: pp.PreprocessSettings,

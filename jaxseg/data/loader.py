@@ -27,10 +27,11 @@ import time
 
 import numpy as np
 
-# Foreground points kept per case (as sampling.PatchSampler): a bounded, uniform subsample.
-MAX_FG_POINTS = 20000
+from jaxseg import seeds
+from jaxseg.data.sampling import MAX_FG_POINTS
+
 # Seed of the points sampled once per case at preprocessing (not the run's seed: see fg_points).
-_POINTS_SEED = 7919
+_POINTS_SEED = seeds.FOREGROUND_SUBSAMPLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +181,7 @@ class PatchSource:
 
   @staticmethod
   def _metas_like_patch_sampler(images, labels, seed, given):
-    rng = np.random.default_rng([seed, 7919])
+    rng = np.random.default_rng([seed, seeds.FOREGROUND_SUBSAMPLE])
     metas = []
     for i, (im, lb) in enumerate(zip(images, labels)):
       if given is not None and given[i] is not None:

@@ -14,6 +14,7 @@ import pathlib
 
 import numpy as np
 
+from jaxseg import seeds
 from jaxseg.data import synthetic
 
 
@@ -45,7 +46,7 @@ def seeded_split(case_ids, *, num_val: int, seed: int):
   ids = list(case_ids)
   if not 0 < num_val < len(ids):
     raise ValueError(f"data.num_val must be in [1, {len(ids) - 1}] for {len(ids)} cases, got {num_val}")
-  order = np.random.default_rng([seed, 1013]).permutation(len(ids))
+  order = np.random.default_rng([seed, seeds.SPLIT]).permutation(len(ids))
   val = sorted(ids[i] for i in order[:num_val])
   train = sorted(ids[i] for i in order[num_val:])
   return train, val

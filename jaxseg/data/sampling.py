@@ -11,7 +11,10 @@ import math
 
 import numpy as np
 
-_MAX_FG_POINTS = 20000
+from jaxseg import seeds
+
+# Foreground points kept per case: a bounded, uniform subsample (also in the preprocessed cache).
+MAX_FG_POINTS = 20000
 
 
 class PatchSampler:
@@ -43,12 +46,12 @@ class PatchSampler:
                         for p, s in zip(full_patch, lb.shape)]
       self.images.append(np.pad(im, pad, mode="constant", constant_values=float(im.min())))
       self.labels.append(np.pad(lb, pad[1:], mode="constant"))
-    rng = np.random.default_rng([seed, 7919])
+    rng = np.random.default_rng([seed, seeds.FOREGROUND_SUBSAMPLE])
     self.fg_points = []
     for lb in self.labels:
       pts = np.argwhere(lb > 0)
-      if len(pts) > _MAX_FG_POINTS:
-        pts = pts[rng.choice(len(pts), _MAX_FG_POINTS, replace=False)]
+      if len(pts) > MAX_FG_POINTS:
+        pts = pts[rng.choice(len(pts), MAX_FG_POINTS, replace=False)]
       self.fg_points.append(pts)
     self.full_patch = full_patch
     self.fg_fraction = float(foreground_fraction)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import losses
+from jaxseg import losses, seeds
 
 
 def marginal_ce(logits, labels, annotated):
@@ -121,7 +121,7 @@ class ReplayBuffer:
     self._stages: dict[int, list] = {}
 
   def add_stage(self, stage: int, case_ids) -> None:
-    order = np.random.default_rng([self.seed, 4241, stage]).permutation(len(case_ids))
+    order = np.random.default_rng([self.seed, seeds.REPLAY, stage]).permutation(len(case_ids))
     self._stages[stage] = [case_ids[i] for i in order]
     share = max(1, self.capacity // len(self._stages))
     # With more stages than slots, the newest stages keep one case each.

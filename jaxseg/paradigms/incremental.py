@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import metrics, report, runs, train
+from jaxseg import metrics, report, runs, seeds, train
 from jaxseg.data import pipeline, sampling
 from jaxseg.models import build_model
 from jaxseg.models.build import conv_impl_name
@@ -53,7 +53,7 @@ METHODS = ("finetune", "replay", "distill", "ewc")
 
 
 def _low_dose(image, seed):
-  rng = np.random.default_rng([seed, 99])
+  rng = np.random.default_rng([seed, seeds.LOW_DOSE_NOISE])
   return (image + rng.normal(0.0, 0.3, image.shape)).astype(np.float32)
 
 
@@ -138,7 +138,7 @@ def stage_groups(train_ids, num_stages: int, seed: int) -> list[list]:
   if len(train_ids) < num_stages:
     raise ConfigError(f"{len(train_ids)} training case(s) cannot be split over {num_stages} stages "
                       f"(incremental.stages); use more data.num_cases")
-  order = np.random.default_rng([seed, 3571]).permutation(len(train_ids))
+  order = np.random.default_rng([seed, seeds.STAGE_GROUPS]).permutation(len(train_ids))
   return [sorted(train_ids[i] for i in part) for part in np.array_split(order, num_stages)]
 
 
@@ -158,7 +158,7 @@ def make_batch_fn(config, stage: Stage, current, buffer, num_classes: int):
   `current` is (images, labels, classes). Each example carries `annotated` (K,) 0/1 flags.
   """
   b = config.train.batch_size
-  seed = config.seed * 1000 + stage.index
+  seed = config.seed * seeds.STAGE_STRIDE + stage.index
 
   def sampler(cases):
     return sampling.PatchSampler([c[0] for c in cases], [c[1] for c in cases],
@@ -291,7 +291,7 @@ def evaluate_stage(model, params, stage: Stage, stages_seen, data: pipeline.SegD
   for domain in dict.fromkeys(s.domain for s in stages_seen):
     preds, refs = [], []
     for cid, image, label in zip(data.val_ids, data.val_images, data.val_labels):
-      image = DOMAINS[domain](image, _case_seed(config.seed + 1, cid))
+      image = DOMAINS[domain](image, _case_seed(config.seed + seeds.HELD_OUT, cid))
       preds.append(active[train.predict_labels(predict, params, image, config)])
       refs.append(restrict_labels(label, stage.active))
     summary, _ = metrics.score_cases(preds, refs, class_names=data.class_names,
@@ -328,7 +328,7 @@ def _stage_config(config, stage: Stage) -> ml_collections.ConfigDict:
   c.train.num_steps = stage.steps
   c.train.eval_every = max(c.train.eval_every, stage.steps)  # score once, at the end of the stage
   c.train.checkpoint_every = min(c.train.checkpoint_every, stage.steps)
-  c.seed = config.seed * 1000 + stage.index
+  c.seed = config.seed * seeds.STAGE_STRIDE + stage.index
   return c
 
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import init_from, report, runs, train
+from jaxseg import init_from, report, runs, seeds, train
 from jaxseg.data import augment, pipeline, sampling, synthetic
 from jaxseg.models import build_model
 from jaxseg.models.build import conv_impl_name
@@ -199,7 +199,7 @@ def unlabelled_images(config, data: pipeline.SegData) -> list:
   extra = config.selfsup.extra_unlabelled_cases
   if extra and not config.data.get("root"):
     more, _ = synthetic.load_phantoms(num_cases=extra, shape=tuple(config.data.phantom_shape),
-                                      seed=config.data.get("phantom_seed", config.seed) + 1,
+                                      seed=config.data.get("phantom_seed", config.seed) + seeds.HELD_OUT,
                                       cache_dir=config.data.get("cache_dir") or None)
     images += list(more)
   return images
@@ -210,7 +210,7 @@ def labelled_subset(data: pipeline.SegData, fraction: float, seed: int) -> pipel
   (nested: a smaller fraction's cases are among a larger one's); validation cases unchanged."""
   n = len(data.train_ids)
   k = max(1, min(n, int(round(fraction * n))))
-  keep = sorted(np.random.default_rng([seed, 4099]).permutation(n)[:k])
+  keep = sorted(np.random.default_rng([seed, seeds.LABELLED_SUBSET]).permutation(n)[:k])
   return dataclasses.replace(data, train_images=[data.train_images[i] for i in keep],
                              train_labels=[data.train_labels[i] for i in keep],
                              train_ids=[data.train_ids[i] for i in keep])
@@ -253,9 +253,9 @@ def pretrain(config, data: pipeline.SegData, workdir: pathlib.Path) -> dict:
 
   held_out = sampling.PatchSampler(
       data.val_images, [np.zeros(im.shape[1:], np.uint8) for im in data.val_images],
-      patch_size=cfg.data.patch_size, foreground_fraction=0.0, seed=cfg.seed + 1)
+      patch_size=cfg.data.patch_size, foreground_fraction=0.0, seed=cfg.seed + seeds.HELD_OUT)
   eval_images = jnp.asarray(held_out.batch(0, ss.num_eval_patches)["image"])
-  eval_key = jax.random.key(cfg.seed + 1)
+  eval_key = jax.random.key(cfg.seed + seeds.HELD_OUT)
   eval_pretext = jax.jit(lambda params: pretext(params, eval_images, eval_key))
 
   def evaluate_fn(params):
