@@ -9,7 +9,8 @@ Two modes:
     python benchmarks/pipeline.py --stages --config unet2d --data-root ../shared/data/Dataset004_ISBI2012EM
 
 Loader mode (default) writes a dataset of `.npy` memmaps as the preprocessed cache holds them
-(float32 images, int16 labels, stored foreground points), then for each worker count (threads,
+(float32 images, int16 labels, stored foreground points; and the same images stored as float16,
+--store-dtype), then for each stored dtype and worker count (threads,
 and with --processes grain's spawned worker processes) measures `loader.BatchLoader`:
   * batches/s and GB/s read back to back (image + label bytes of the batches delivered);
   * the training thread's wait per step when each step takes --step-s (a sleep standing in for
@@ -180,8 +181,9 @@ def _versions() -> dict:
           "grain": getattr(grain, "__version__", "?")}
 
 
-def make_dataset(root: pathlib.Path, *, cases: int, shape, channels: int, seed: int = 0):
-  """Writes `cases` preprocessed-cache-like cases under `root` (reused if there): float32
+def make_dataset(root: pathlib.Path, *, cases: int, shape, channels: int, seed: int = 0,
+                 dtype=np.float32):
+  """Writes `cases` preprocessed-cache-like cases under `root` (reused if there): `dtype`
   (C, *shape) images with noise in every voxel (no holes: the bytes are on the disk), int16
   labels with an ellipsoid of foreground. Returns (images, labels) as read-only memmaps and
   their `loader.CaseMeta`s."""
@@ -195,10 +197,10 @@ def make_dataset(root: pathlib.Path, *, cases: int, shape, channels: int, seed: 
     ip, lp = root / f"case{i:04d}.image.npy", root / f"case{i:04d}.label.npy"
     done = root / f"case{i:04d}.done"
     if not done.exists():
-      im = np.lib.format.open_memmap(ip, "w+", np.float32, (channels,) + shape)
+      im = np.lib.format.open_memmap(ip, "w+", dtype, (channels,) + shape)
       for c in range(channels):
         for z in range(0, shape[0], 16):  # a slab at a time: bounded memory for any size
-          im[c, z:z + 16] = rng.standard_normal((min(16, shape[0] - z),) + shape[1:], np.float32)
+          im[c, z:z + 16] = rng.standard_normal((min(16, shape[0] - z),) + shape[1:], np.float32).astype(dtype)
       im.flush()
       del im
       lb = np.lib.format.open_memmap(lp, "w+", np.int16, shape)
@@ -257,22 +259,27 @@ def measure_loader(source, *, batch: int, workers: int, processes: bool, batches
 def main_loader(a):
   from machine import cpu_info  # noqa: PLC0415
   cases, shape = (200, (160, 160, 160)) if a.full else (a.cases, tuple(a.shape))
-  root = pathlib.Path(a.dir or f"/tmp/jaxseg_pipeline_bench_{cases}x{'x'.join(map(str, shape))}x{a.channels}")
-  t0 = time.perf_counter()
-  images, labels, metas = make_dataset(root, cases=cases, shape=shape, channels=a.channels)
-  gen_s = time.perf_counter() - t0
-  source = loader.PatchSource(images, labels, patch_size=tuple(a.patch), foreground_fraction=0.33,
-                              seed=0, metas=metas)
-  files = [im.filename for im in images] + [lb.filename for lb in labels]
-  size_gb = sum(im.nbytes + lb.nbytes for im, lb in zip(images, labels)) / 1e9
   cpu = cpu_info()
   workers = a.workers or sorted({1, 2, max(1, cpu["cores"] // 2), cpu["cores"]})
   modes = [False, True] if a.processes else [False]
   load_before = os.getloadavg()
-  rows = [measure_loader(source, batch=a.batch, workers=w, processes=p, batches=a.batches,
-                         step_s=a.step_s, files=files, cold=a.cold) for p in modes for w in workers]
+  rows, size_gb, roots, gen_s = [], {}, {}, {}
+  for dtype in a.store_dtype:
+    base = a.dir or f"/tmp/jaxseg_pipeline_bench_{cases}x{'x'.join(map(str, shape))}x{a.channels}"
+    root = pathlib.Path(base if dtype == "float32" else f"{base}_{dtype}")
+    t0 = time.perf_counter()
+    images, labels, metas = make_dataset(root, cases=cases, shape=shape, channels=a.channels,
+                                         dtype=np.dtype(dtype))
+    gen_s[dtype], roots[dtype] = time.perf_counter() - t0, str(root)
+    source = loader.PatchSource(images, labels, patch_size=tuple(a.patch), foreground_fraction=0.33,
+                                seed=0, metas=metas)
+    files = [im.filename for im in images] + [lb.filename for lb in labels]
+    size_gb[dtype] = sum(im.nbytes + lb.nbytes for im, lb in zip(images, labels)) / 1e9
+    rows += [{"store_dtype": dtype, **measure_loader(
+        source, batch=a.batch, workers=w, processes=p, batches=a.batches, step_s=a.step_s,
+        files=files, cold=a.cold)} for p in modes for w in workers]
   meta = {"cases": cases, "shape": list(shape), "channels": a.channels, "dataset_gb": size_gb,
-          "dataset_dir": str(root), "generate_s": gen_s, "patch": list(a.patch), "batch": a.batch,
+          "dataset_dir": roots, "generate_s": gen_s, "patch": list(a.patch), "batch": a.batch,
           "batches": a.batches, "step_s": a.step_s, "cold": a.cold, **cpu, **_versions(),
           "machine": platform.machine(), "memory_gb": os.sysconf("SC_PAGE_SIZE") *
           os.sysconf("SC_PHYS_PAGES") / 1e9, "load_average_before": load_before,
@@ -280,14 +287,14 @@ def main_loader(a):
   print(f"machine: {cpu['cpu']} | {cpu['cores']} cores | AVX2 {cpu['avx2']} AVX-512 "
         f"{cpu['avx512f']} | {meta['memory_gb']:.0f} GB RAM | " +
         " ".join(f"{k} {meta[k]}" for k in ("python", "numpy", "jax", "grain")))
-  print(f"dataset: {cases} cases x {a.channels} x {'x'.join(map(str, shape))} float32 = "
-        f"{size_gb:.2f} GB in {root} | patch {tuple(a.patch)} batch {a.batch} | "
+  print(f"dataset: {cases} cases x {a.channels} x {'x'.join(map(str, shape))} = " +
+        ", ".join(f"{v:.2f} GB in {k}" for k, v in size_gb.items()) + f" | patch {tuple(a.patch)} batch {a.batch} | "
         f"{'cold (page cache evicted)' if a.cold else 'warm page cache'} | load "
         f"{load_before[0]:.2f} before, {meta['load_average_after'][0]:.2f} after")
-  print(f"{'mode':<10}{'workers':>8}{'batches/s':>11}{'GB/s':>8}{'x needed':>10}"
+  print(f"{'store':<9}{'mode':<10}{'workers':>8}{'batches/s':>11}{'GB/s':>8}{'x needed':>10}"
         f"{'wait ms/step':>14}{'first s':>9}")
   for r in rows:
-    print(f"{r['mode']:<10}{r['workers']:>8}{r['batches_per_s']:>11.2f}{r['gb_per_s']:>8.2f}"
+    print(f"{r['store_dtype']:<9}{r['mode']:<10}{r['workers']:>8}{r['batches_per_s']:>11.2f}{r['gb_per_s']:>8.2f}"
           f"{r['over_needed']:>10.2f}{r['wait_ms_per_step']:>14.1f}{r['first_batch_s']:>9.2f}")
   print(f"needed: {1 / a.step_s:.1f} batches/s (one per {a.step_s * 1e3:.0f} ms step); the issue "
         "asks for 3x that")
@@ -318,6 +325,8 @@ def main():
   p.add_argument("--cold", action="store_true", help="loader: evict the page cache per row")
   p.add_argument("--step-s", type=float, default=0.043, help="loader: the step time to feed")
   p.add_argument("--dir", default="", help="loader: where the dataset is generated")
+  p.add_argument("--store-dtype", nargs="*", default=["float32", "float16"], choices=["float32", "float16"],
+                 help="loader: image dtypes stored in the cache (batches keep it; float16 halves the bytes)")
   p.add_argument("--out", default=None)
   a = p.parse_args()
   if a.stages:

@@ -140,7 +140,9 @@ class PatchSource:
   arguments (see the module docstring for what differs in how they are read).
 
   Args:
-    images: float32 arrays (C, *spatial), in memory or `np.memmap`s of `.npy` files.
+    images: float32 arrays (C, *spatial), in memory or `np.memmap`s of `.npy` files; float16
+      ones (every case) give float16 batches: half the bytes to read and to send to the
+      device, which casts them (`benchmarks/pipeline.py --store-dtype` measures the gain).
     labels: integer arrays (*spatial) (or `MappedLabel`s).
     patch_size, foreground_fraction, seed: as `PatchSampler`.
     metas: one `CaseMeta` per case (from the cache), or None: then the foreground points are
@@ -167,6 +169,8 @@ class PatchSource:
     self.images = [_Volume(im) for im in images]
     self.labels = [_Volume(lb) for lb in labels]
     self.channels = self.images[0].shape[0]
+    half = {im.dtype for im in self.images} == {np.dtype(np.float16)}
+    self.image_dtype = np.dtype(np.float16 if half else np.float32)
     for i, (im, lb) in enumerate(zip(self.images, self.labels)):
       if im.shape[1:] != lb.shape or im.shape[0] != self.channels:
         where = im.path or lb.path or f"training case {i}"
@@ -213,11 +217,11 @@ class PatchSource:
   def batch(self, step: int, batch_size: int, indices=None) -> dict:
     """Examples `indices` (default all) of the batch of `step`, stacked channels-last.
 
-    Returns {'image': float32 (B, *patch, C), 'label': int32 (B, *patch)}, equal to
-    `PatchSampler.batch` (see the class docstring).
+    Returns {'image': (B, *patch, C) in the images' dtype, 'label': int32 (B, *patch)}, equal
+    to `PatchSampler.batch` (see the class docstring).
     """
     indices = list(range(batch_size) if indices is None else indices)
-    image = np.empty((len(indices),) + self.full_patch + (self.channels,), np.float32)
+    image = np.empty((len(indices),) + self.full_patch + (self.channels,), self.image_dtype)
     label = np.empty((len(indices),) + self.full_patch, np.int32)
     for j, i in enumerate(indices):
       case, start = self._draw(step, i, batch_size)

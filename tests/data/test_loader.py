@@ -97,6 +97,20 @@ def test_memmapped_cases_with_stored_points(tmp_path):
     _assert_batches_equal(old.batch(step, 4), new.batch(step, 4))
 
 
+def test_float16_cases_give_the_float32_batches_rounded(tmp_path):
+  # A cache stored in float16 (benchmarks/pipeline.py --store-dtype): the same patches, the
+  # image in float16 (the float32 batch rounded, padding included); the labels unchanged.
+  images, labels = _cases(np.random.default_rng(4), [(30, 40, 20), (10, 12, 5)])
+  half, mm_labels = _memmapped(tmp_path, [im.astype(np.float16) for im in images], labels)
+  full = loader.PatchSource(images, labels, patch_size=(16, 16, 16), foreground_fraction=0.5, seed=3)
+  new = loader.PatchSource(half, mm_labels, patch_size=(16, 16, 16), foreground_fraction=0.5, seed=3)
+  for step in range(10):
+    a, b = full.batch(step, 4), new.batch(step, 4)
+    assert b["image"].dtype == np.float16 and b["label"].dtype == np.int32
+    np.testing.assert_array_equal(b["image"], a["image"].astype(np.float16))
+    np.testing.assert_array_equal(b["label"], a["label"])
+
+
 def test_mapped_labels_map_what_they_read(tmp_path):
   images, labels = _cases(np.random.default_rng(2), [(20, 20, 20)])
   labels = [np.where(labels[0] == 2, 4, labels[0])]  # BraTS-like values 0, 1, 4
