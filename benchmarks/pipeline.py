@@ -5,6 +5,7 @@ Two modes:
     python benchmarks/pipeline.py                      # loader: 8 generated cases of 4 x 128^3
     python benchmarks/pipeline.py --full               # the issue's 200 cases of 4 x 160^3 (13 GB)
     python benchmarks/pipeline.py --workers 1 2 4 8 --processes --cold
+    python benchmarks/pipeline.py --nnunet             # and nnU-Net v2's loader on the same cases
     python benchmarks/pipeline.py --stages             # sampler / augmentation / step, as before
     python benchmarks/pipeline.py --stages --config unet2d --data-root ../shared/data/Dataset004_ISBI2012EM
 
@@ -176,9 +177,14 @@ def main_stages(a):
 
 
 def _versions() -> dict:
-  import grain  # noqa: PLC0415
-  return {"python": platform.python_version(), "numpy": np.__version__, "jax": jax.__version__,
-          "grain": getattr(grain, "__version__", "?")}
+  from importlib import metadata  # noqa: PLC0415
+  out = {"python": platform.python_version(), "numpy": np.__version__, "jax": jax.__version__}
+  for pkg in ("grain", "nnunetv2", "torch", "blosc2", "batchgenerators"):
+    try:
+      out[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
 
 
 def make_dataset(root: pathlib.Path, *, cases: int, shape, channels: int, seed: int = 0,
@@ -275,9 +281,19 @@ def main_loader(a):
                                 seed=0, metas=metas)
     files = [im.filename for im in images] + [lb.filename for lb in labels]
     size_gb[dtype] = sum(im.nbytes + lb.nbytes for im, lb in zip(images, labels)) / 1e9
-    rows += [{"store_dtype": dtype, **measure_loader(
+    rows += [{"loader": "jaxseg", "store_dtype": dtype, **measure_loader(
         source, batch=a.batch, workers=w, processes=p, batches=a.batches, step_s=a.step_s,
         files=files, cold=a.cold)} for p in modes for w in workers]
+  if a.nnunet:
+    import nnunet_loader  # noqa: PLC0415
+    nn_root = pathlib.Path(f"{base}_nnunet")
+    t0 = time.perf_counter()
+    ids = nnunet_loader.write_dataset(nn_root, images, labels, metas, a.patch)
+    gen_s["nnunet"], roots["nnunet"] = time.perf_counter() - t0, str(nn_root)
+    size_gb["nnunet (blosc2)"] = sum(f.stat().st_size for f in nn_root.glob("*.b2nd")) / 1e9
+    rows += [{"store_dtype": "float32 blosc2", **nnunet_loader.measure(
+        nn_root, ids, patch=a.patch, batch=a.batch, workers=w, augment=aug, batches=a.batches,
+        step_s=a.step_s)} for aug in (False, True) for w in workers]
   meta = {"cases": cases, "shape": list(shape), "channels": a.channels, "dataset_gb": size_gb,
           "dataset_dir": roots, "generate_s": gen_s, "patch": list(a.patch), "batch": a.batch,
           "batches": a.batches, "step_s": a.step_s, "cold": a.cold, **cpu, **_versions(),
@@ -291,11 +307,12 @@ def main_loader(a):
         ", ".join(f"{v:.2f} GB in {k}" for k, v in size_gb.items()) + f" | patch {tuple(a.patch)} batch {a.batch} | "
         f"{'cold (page cache evicted)' if a.cold else 'warm page cache'} | load "
         f"{load_before[0]:.2f} before, {meta['load_average_after'][0]:.2f} after")
-  print(f"{'store':<9}{'mode':<10}{'workers':>8}{'batches/s':>11}{'GB/s':>8}{'x needed':>10}"
-        f"{'wait ms/step':>14}{'first s':>9}")
+  print(f"{'loader':<18}{'store':<16}{'mode':<10}{'workers':>8}{'batches/s':>11}{'GB/s':>8}"
+        f"{'x needed':>10}{'wait ms/step':>14}{'first s':>9}")
   for r in rows:
-    print(f"{r['store_dtype']:<9}{r['mode']:<10}{r['workers']:>8}{r['batches_per_s']:>11.2f}{r['gb_per_s']:>8.2f}"
-          f"{r['over_needed']:>10.2f}{r['wait_ms_per_step']:>14.1f}{r['first_batch_s']:>9.2f}")
+    print(f"{r['loader']:<18}{r['store_dtype']:<16}{r['mode']:<10}{r['workers']:>8}"
+          f"{r['batches_per_s']:>11.2f}{r['gb_per_s']:>8.2f}{r['over_needed']:>10.2f}"
+          f"{r['wait_ms_per_step']:>14.1f}{r['first_batch_s']:>9.2f}")
   print(f"needed: {1 / a.step_s:.1f} batches/s (one per {a.step_s * 1e3:.0f} ms step); the issue "
         "asks for 3x that")
   out = pathlib.Path(a.out or REPO / "benchmarks" / "results" / "pipeline_loader.json")
@@ -327,6 +344,9 @@ def main():
   p.add_argument("--dir", default="", help="loader: where the dataset is generated")
   p.add_argument("--store-dtype", nargs="*", default=["float32", "float16"], choices=["float32", "float16"],
                  help="loader: image dtypes stored in the cache (batches keep it; float16 halves the bytes)")
+  p.add_argument("--nnunet", action="store_true",
+                 help="loader: also nnU-Net v2's loader (crop, and crop + its CPU augmentation) "
+                      "on the same cases (needs nnunetv2; see nnunet_loader.py)")
   p.add_argument("--out", default=None)
   a = p.parse_args()
   if a.stages:

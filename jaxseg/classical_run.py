@@ -97,7 +97,7 @@ def run(config, workdir) -> dict:
   for cid, image, label in zip(ids, images, labels):
     ref = np.isin(label, target)
     t0 = time.perf_counter()
-    pred = np.asarray(METHODS[cfg.method](jnp.asarray(image[0]), cfg, ref))
+    pred = np.asarray(METHODS[cfg.method](jnp.asarray(image[0], jnp.float32), cfg, ref))
     if cfg.get("min_component_size", 0) > 0:
       pred = np.asarray(remove_small_components(jnp.asarray(pred), min_size=cfg.min_component_size))
     times.append(time.perf_counter() - t0)

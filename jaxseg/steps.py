@@ -16,6 +16,8 @@ def make_train_step(loss_fn, tx, mesh, aug_config, *, loss_consts=None):
   `key_data` is raw key data (uint32, replicated). Randomness: the step's key is
   `fold_in(key, state.step)`, split for augmentation and loss,
   so a resumed run draws the same numbers as an uninterrupted one.
+  The batch's image may come as float16 (the preprocessed cache's storage, half the bytes to
+  read and to send); the step casts it to float32 on the device before augmenting it.
   With `loss_consts` (a pytree of arrays the loss reads but does not train, e.g. a previous
   model's parameters), the loss is `loss_fn(params, batch, key, loss_consts)`; they enter the
   jitted step as a replicated argument (not as constants baked into the program), and the
@@ -26,6 +28,7 @@ def make_train_step(loss_fn, tx, mesh, aug_config, *, loss_consts=None):
   def train_step(state, batch, key_data, consts=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
     aug_key, loss_key = jax.random.split(key)
+    batch = {**batch, "image": batch["image"].astype(jnp.float32)}
     batch = augment.augment_batch(aug_key, batch, aug_config)
     args = (state.params, batch, loss_key) + (() if consts is None else (consts,))
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(*args)

@@ -1,7 +1,9 @@
 """From a config's `data` section to training and validation cases.
 
-`load_cases(config)` returns a `SegData`: the train/validation split, each case as float32
-image (C, *spatial) and integer label (*spatial), and the class names. Real datasets
+`load_cases(config)` returns a `SegData`: the train/validation split, each case as image
+(C, *spatial) (float32; float16 from a real dataset's cache, which consumers cast: the train
+step on the device, inference and the samplers on the host) and integer label (*spatial), and
+the class names. Real datasets
 (`data.root`) are split by nnU-Net's seeded k-fold (`data.fold`, `data.num_folds`; 'all' trains
 and validates on every case); the phantoms by a seeded split with `data.num_val` cases held out.
 `write_plan(workdir, config, data)` saves what `jaxseg.predict` needs to rebuild the run.

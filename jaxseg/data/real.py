@@ -35,8 +35,8 @@ _FINGERPRINT_VERSION = 2  # 2: constant_channels
 
 @dataclasses.dataclass
 class RealData:
-  """cases: case id -> (image float32 (C, *S), label (*S) of class indices), read-only memmaps
-  of the cache (labels with values other than 0..K-1 as `loader.MappedLabel`s, mapped on read);
+  """cases: case id -> (image float16 (C, *S) (float32 beyond float16's range:
+  `case_cache.stored_image`), label (*S) of class indices), read-only memmaps of the cache (labels with values other than 0..K-1 as `loader.MappedLabel`s, mapped on read);
   class_names / label_values ordered by label value; channel_names; plan (JSON-ready dict);
   metas: case id -> `loader.CaseMeta` (foreground points, image minimum) from the cache."""
   cases: dict
@@ -193,7 +193,7 @@ def _check_not_constant(index: ds.DatasetIndex, fingerprint: dict) -> None:
 
 
 def load_preprocessed(config):
-  """(cases: id -> (image float32 (C, *S), label int (*S)), class_names, channel_names).
+  """(cases: id -> (image float16/float32 (C, *S), label int (*S)), class_names, channel_names).
 
   class_names are ordered by label value; labels hold class indices (see module docstring).
   """

@@ -253,7 +253,9 @@ def test_cache_reuse_and_invalidation(tiny_dataset, tmp_path, monkeypatch):
   image, label, record = case_cache.cached_preprocess(index, "case_b", settings, cache)
   assert isinstance(image, np.memmap) and isinstance(label, np.memmap)
   direct = pp.preprocess_case(*ds.load_case(index, "case_b"), settings)
-  np.testing.assert_array_equal(image, direct[0])
+  # Stored as float16: the preprocessed float32 image rounded.
+  assert image.dtype == np.float16 and direct[0].dtype == np.float32
+  np.testing.assert_array_equal(image, direct[0].astype(np.float16))
   np.testing.assert_array_equal(label, direct[1])
   assert record == direct[2]
   entries = sorted(p.name for p in cache.iterdir())
@@ -277,6 +279,18 @@ def test_cache_reuse_and_invalidation(tiny_dataset, tmp_path, monkeypatch):
   assert new_key[:20] not in "".join(entries)
   case_cache.cached_preprocess(index, "case_b", settings, cache)
   assert len([p for p in cache.iterdir() if p.suffix == ".json"]) == 3
+
+
+def test_stored_image_is_float16_within_its_range():
+  x = np.array([[0.1, -3.7, 1234.5678]], np.float32)
+  out = case_cache.stored_image(x)
+  assert out.dtype == np.float16
+  np.testing.assert_array_equal(out, [[np.float16(0.1), np.float16(-3.7), np.float16(1234.5678)]])
+  # Beyond float16's largest value (65504) or not finite: kept as float32, unchanged.
+  for bad in (np.array([1.0, 70000.0], np.float32), np.array([1.0, np.inf], np.float32)):
+    out = case_cache.stored_image(bad)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, bad)
 
 
 def test_half_written_cache_is_ignored(tiny_dataset, tmp_path):
@@ -369,4 +383,6 @@ def test_em_png_case(shared_data, tmp_path):
   np.testing.assert_allclose(float(image.mean()), 0, atol=1e-4)
   raw, raw_label, _ = ds.load_case(index, "em_003")
   np.testing.assert_array_equal(pp.invert_prediction(label, record), raw_label)
-  np.testing.assert_allclose(image[0], (raw[0] - raw[0].mean()) / raw[0].std(), atol=1e-4)
+  # Stored in float16: within its rounding (relative 2^-11) of the z-score.
+  assert image.dtype == np.float16
+  np.testing.assert_allclose(image[0], (raw[0] - raw[0].mean()) / raw[0].std(), rtol=2**-11, atol=1e-4)

@@ -53,12 +53,12 @@ def test_parallel_equals_serial_and_reports_progress(tmp_path):
     image, label, record = pp.preprocess_case(*ds.load_case(index, case), SETTINGS)
     e = entries[case]
     assert isinstance(e.image, np.memmap)
-    np.testing.assert_array_equal(e.image, image)
+    np.testing.assert_array_equal(e.image, image.astype(np.float16))
     np.testing.assert_array_equal(e.label, label)
     assert e.record == record
     # The stored index: every foreground voxel (fewer than MAX_FG_POINTS here) and the minimum.
     np.testing.assert_array_equal(e.meta.fg_points, np.argwhere(label > 0))
-    assert e.meta.image_min == float(image.min())
+    assert e.meta.image_min == float(image.astype(np.float16).min())
   assert lines[-1].startswith("preprocessing Dataset950_P: 5/5 cases (0 already cached) |")
   assert "cases/s | ETA 0.0 min | 2 worker(s)" in lines[-1]
   # Everything cached: nothing is computed again, nothing logged.
@@ -115,7 +115,7 @@ def test_resumes_after_kill_9(tmp_path, monkeypatch):
   assert len(_entry_files(cache)) == 8 and not list(cache.glob(".*tmp-*"))
   for case in index.cases:
     image, label, _ = pp.preprocess_case(*ds.load_case(index, case), SETTINGS)
-    np.testing.assert_array_equal(entries[case].image, image)
+    np.testing.assert_array_equal(entries[case].image, image.astype(np.float16))
     np.testing.assert_array_equal(entries[case].label, label)
 
 

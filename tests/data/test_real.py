@@ -38,9 +38,9 @@ def test_load_preprocessed_matches_cached_preprocess(tiny_dataset, tmp_path):
   settings = pp.plan_preprocessing(ds.fingerprint(index))
   for case in ("case_a", "case_b", "case_c"):
     image, label, _ = pp.preprocess_case(*ds.load_case(index, case), settings)
-    np.testing.assert_array_equal(cases[case][0], image)
+    np.testing.assert_array_equal(cases[case][0], image.astype(np.float16))
     np.testing.assert_array_equal(cases[case][1], label)
-    assert cases[case][0].dtype == np.float32 and cases[case][0].shape[0] == 2
+    assert cases[case][0].dtype == np.float16 and cases[case][0].shape[0] == 2
 
 
 def test_second_load_reads_the_cache(tiny_dataset, tmp_path, monkeypatch):
@@ -160,7 +160,14 @@ def test_png_dataset_trains_with_unet2d(tmp_path):
   assert t.data.train_images[0].shape == (1, 32, 32) and t.data.train_labels[0].shape == (32, 32)
   batch = t.batch(0)
   assert batch["image"].shape == (2, 16, 16, 1) and batch["label"].shape == (2, 16, 16)
+  # The cache stores float16; the batch stays float16 to the device, where the step casts it:
+  # the same step as with the batch cast to float32 on the host.
+  assert batch["image"].dtype == np.float16
+  as32 = {**batch, "image": batch["image"].astype(np.float32)}
+  _, m32 = t.train_step(jax.tree.map(jnp.copy, t.state), as32, t.key)
   state, m = t.train_step(t.state, batch, t.key)
   assert int(state.step) == 1 and np.isfinite(float(m["loss"]))
+  np.testing.assert_allclose(float(m["loss"]), float(m32["loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(m["grad_norm"]), float(m32["grad_norm"]), rtol=1e-5)
   with pytest.raises(InvalidDatasetError, match="configured as 3D"):
     real.prepare(_config(unet3d, root, tmp_path / "c"))
