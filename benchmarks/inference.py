@@ -50,7 +50,7 @@ FLIPS = (0, 1, 2)
 
 def jax_runner(config, num_classes, in_channels):
   model = build_model(config.model, num_classes=num_classes)
-  x = jnp.zeros((1,) + (model.downsampling,) * 3 + (in_channels,))
+  x = jnp.zeros((1,) + tuple(model.downsampling) + (in_channels,))
   params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
@@ -108,7 +108,7 @@ def forward_impls(config, patch, batch, classes, repeats):
   for impl in ("auto", "gemm_split", "gemm", "lax"):
     config.model.conv_impl = impl
     model = build_model(config.model, num_classes=classes)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + (model.downsampling,) * 3 + (1,)))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + tuple(model.downsampling) + (1,)))
     f = jax.jit(lambda p, t, model=model: jax.nn.softmax(model.apply(p, t), -1))
     f(params, x).block_until_ready()
     fns[impl] = (f, params)

@@ -213,7 +213,7 @@ def jax_param_count(spec: dict) -> int:
 
   from jaxseg.models import build_model
   model = build_model(_jax_config(spec).model, num_classes=spec["classes"])
-  x = jax.ShapeDtypeStruct((1,) + (model.downsampling,) * spec["dims"] + (1,), jnp.float32)
+  x = jax.ShapeDtypeStruct((1,) + tuple(model.downsampling) + (1,), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
 

@@ -68,12 +68,14 @@ def deep_supervision_weights(n: int):
   return w / w.sum()
 
 
-def downsample_labels(labels, factor: int):
-  """Nearest (strided) downsampling of (N, *spatial) labels by an integer factor per axis."""
-  if factor == 1:
+def downsample_labels(labels, factor):
+  """Nearest (strided) downsampling of (N, *spatial) labels by an integer factor (every axis)
+  or one factor per spatial axis."""
+  nd = labels.ndim - 1
+  factors = (int(factor),) * nd if isinstance(factor, int) else tuple(int(f) for f in factor)
+  if all(f == 1 for f in factors):
     return labels
-  index = (slice(None),) + tuple(slice(factor // 2, None, factor) for _ in range(labels.ndim - 1))
-  return labels[index]
+  return labels[(slice(None),) + tuple(slice(f // 2, None, f) for f in factors)]
 
 
 LOSSES = ("dice_ce", "ce")
@@ -94,8 +96,8 @@ def segmentation_loss(outputs, labels, *, num_classes: int, batch_dice: bool = F
   """The loss `name` ('dice_ce' or 'ce', `single_loss`) of one output, or the deep-supervision
   weighted sum over a list of outputs.
 
-  `outputs` is logits (N,*S,C) or a list of logits at full, 1/2, 1/4, ... resolution; labels
-  are downsampled to each output's size.
+  `outputs` is logits (N,*S,C) or a list of logits from full resolution down; labels are
+  downsampled to each output's size, per axis (a per-axis strided U-Net halves some axes only).
   """
   kw = dict(name=name, num_classes=num_classes, batch_dice=batch_dice)
   if not isinstance(outputs, (list, tuple)):
@@ -103,6 +105,6 @@ def segmentation_loss(outputs, labels, *, num_classes: int, batch_dice: bool = F
   weights = deep_supervision_weights(len(outputs))
   total = 0.0
   for w, out in zip(weights, outputs):
-    factor = labels.shape[1] // out.shape[1]
+    factor = tuple(l // o for l, o in zip(labels.shape[1:], out.shape[1:-1]))
     total = total + w * single_loss(out, downsample_labels(labels, factor), **kw)
   return total

@@ -141,7 +141,7 @@ def load_run(workdir, *, checkpoint: str = "best") -> Run:
 
   num_classes = len(plan["class_names"])
   model = build_model(config.model, num_classes=num_classes)
-  in_shape = (1,) + (model.downsampling,) * model.spatial_dims + (len(plan["channel_names"]),)
+  in_shape = (1,) + tuple(model.downsampling) + (len(plan["channel_names"]),)
   expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(in_shape, jnp.float32)))["params"]
   item = items[0]
   try:

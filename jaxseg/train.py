@@ -47,7 +47,7 @@ def init_params(model, *, seed: int, in_channels: int):
   compile on a 2-core CPU (one unrolled hash per parameter), the rbg one about a second. The
   values are fixed by `seed` for a given jax version and backend.
   """
-  shape = (1,) + (model.downsampling,) * model.spatial_dims + (in_channels,)
+  shape = (1,) + tuple(model.downsampling) + (in_channels,)
   key = jax.random.key(seed, impl="rbg")
   return model.init(key, jnp.zeros(shape, jnp.float32))["params"]
 

@@ -26,6 +26,18 @@ def _check_conv_impl(impl):
                       "use 'auto' (XLA's convolutions when oneDNN is missing)")
 
 
+def _total_strides(model) -> tuple[int, ...]:
+  """Per axis, the network's total stride; ConfigError naming model.kernel_sizes / model.strides
+  when they do not fit model.num_stages and model.spatial_dims."""
+  from jaxseg.models import layers  # noqa: PLC0415
+  try:
+    _, strides = layers.stage_geometry(model.num_stages, model.spatial_dims,
+                                       model.get("kernel_sizes", ()), model.get("strides", ()))
+  except ValueError as e:
+    raise ConfigError(f"model.{e}") from e
+  return layers.total_strides(strides)
+
+
 def check_train_config(config, *, device_count: int | None = None) -> None:
   """Raises ConfigError for the first problem found in a training config; the batch's
   divisibility by the device count only when `device_count` is given (`jaxseg.main` checks the
@@ -54,11 +66,13 @@ def check_train_config(config, *, device_count: int | None = None) -> None:
   if len(patch) != config.model.spatial_dims:
     raise ConfigError(f"data.patch_size={patch} has {len(patch)} axes but model.spatial_dims="
                       f"{config.model.spatial_dims}")
-  factor = 2 ** (config.model.num_stages - 1)
-  bad = [p for p in patch if p <= 0 or p % factor]
+  factors = _total_strides(config.model)
+  bad = [p for p, f in zip(patch, factors) if p <= 0 or p % f]
   if bad:
-    raise ConfigError(f"data.patch_size={patch} must be divisible by the network's total downsampling "
-                      f"{factor} (= 2**(model.num_stages - 1) with num_stages={config.model.num_stages})")
+    how = ("the product of model.strides per axis" if config.model.get("strides")
+           else f"2**(model.num_stages - 1) with num_stages={config.model.num_stages}")
+    raise ConfigError(f"data.patch_size={patch} must be divisible per axis by the network's total "
+                      f"downsampling {factors} (= {how})")
   if device_count and config.train.batch_size % device_count:
     raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by the device "
                       f"count {device_count}; use a multiple of {device_count}")

@@ -21,8 +21,8 @@ def _cfg():
     ("paradigm", "magic", r"paradigm='magic' is not valid; choose one of"),
     ("train.num_steps", 0, r"train.num_steps must be a positive integer, got 0"),
     ("train.batch_size", -2, r"train.batch_size must be a positive integer, got -2"),
-    ("data.patch_size", (48, 48, 44), r"data.patch_size=\(48, 48, 44\) must be divisible by the network's "
-                                      r"total downsampling 8"),
+    ("data.patch_size", (48, 48, 44), r"data.patch_size=\(48, 48, 44\) must be divisible per axis by the "
+                                      r"network's total downsampling \(8, 8, 8\) \(= 2\*\*\(model.num_stages - 1\)"),
     ("data.patch_size", (48, 48), r"data.patch_size=\(48, 48\) has 2 axes but model.spatial_dims=3"),
     ("model.conv_impl", "fast", r"model.conv_impl='fast' is not valid; choose one of \['auto', "
                                 r"'cpu_per_layer', 'gemm', 'gemm_split', 'lax', 'lax_gemm_dw', 'onednn'\]"),

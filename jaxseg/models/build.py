@@ -114,6 +114,9 @@ def build_model(model_config, *, num_classes: int, platform: str | None = None,
     raise ConfigError(f"model.{unknown[0]} is not a field of model.name={name!r}; "
                       f"valid fields: {sorted(allowed | {'conv_impl', 'norm_epsilon', 'negative_slope'})}")
   cfg["dtype"] = jnp.dtype(cfg.get("dtype", "float32"))
+  for key in ("kernel_sizes", "strides"):  # lists from JSON (plan.json) -> hashable tuples
+    if key in cfg:
+      cfg[key] = tuple(v if isinstance(v, int) else tuple(v) for v in cfg[key])
   platform, device_count = _platform(platform, device_count)
   try:
     conv, conv_transpose = conv_modules(conv_impl, platform=platform, device_count=device_count,

@@ -19,8 +19,11 @@ class FCN(nn.Module):
   transposed conv and added to the next, again x2 and added to the third, then resized to the
   input size with (bi/tri)linear interpolation, as FCN-8s' final fixed bilinear upsampling.
 
-  Input (N, *spatial, C_in) with spatial sizes divisible by 2**(num_stages - 1).
-  Returns logits (N, *spatial, num_classes). `conv` and `conv_transpose` build the
+  `kernel_sizes` and `strides` per stage and axis as the U-Net's (empty: 3-kernels, stride 2);
+  each score map is upsampled by the stride between it and the next.
+
+  Input (N, *spatial, C_in) with each spatial size divisible by that axis's total stride
+  (`downsampling`). Returns logits (N, *spatial, num_classes). `conv` and `conv_transpose` build the
   convolutions (Flax's `Conv` signature); parameters do not depend on them.
   """
   num_classes: int
@@ -28,6 +31,8 @@ class FCN(nn.Module):
   base_features: int = 32
   max_features: int = 256
   num_stages: int = 5
+  kernel_sizes: tuple = ()
+  strides: tuple = ()
   conv: layers.ModuleDef = Conv
   conv_transpose: layers.ModuleDef = ConvTranspose
   norm: layers.ModuleDef = InstanceNormAct
@@ -41,20 +46,29 @@ class FCN(nn.Module):
     kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, norm=self.norm, dtype=self.dtype)
     in_shape = x.shape
     x = x.astype(self.dtype)
+    kernels, strides = self.geometry
     stages = []
     for i, f in enumerate(feats):
-      x = layers.Stage(f, strides=1 if i == 0 else 2, name=f"enc{i}", **kw)(x)
+      x = layers.Stage(f, strides=strides[i], kernel_size=kernels[i], name=f"enc{i}", **kw)(x)
       stages.append(x)
     scores = [layers.head(self.num_classes, self.spatial_dims, self.conv, self.dtype,
                           name=f"score{k}")(stages[-1 - k]) for k in range(3)]
     y = scores[0]
     for k in (1, 2):
-      y = layers.upsample(self.num_classes, self.spatial_dims, 2, self.conv_transpose, self.dtype,
-                          name=f"up{k}")(y) + scores[k]
+      # Score map k-1 comes from stage -k, whose stride took it down from stage -k-1's size.
+      y = layers.upsample(self.num_classes, self.spatial_dims, strides[-k], self.conv_transpose,
+                          self.dtype, name=f"up{k}")(y) + scores[k]
     y = y.astype(jnp.float32)
     out_shape = in_shape[:-1] + (self.num_classes,)
     return jax.image.resize(y, out_shape, method="linear")
 
   @property
-  def downsampling(self) -> int:
-    return 2 ** (self.num_stages - 1)
+  def geometry(self):
+    """(kernel sizes, strides) per stage and axis (`layers.stage_geometry`)."""
+    return layers.stage_geometry(self.num_stages, self.spatial_dims, self.kernel_sizes,
+                                 self.strides)
+
+  @property
+  def downsampling(self) -> tuple[int, ...]:
+    """Per axis, the total stride: what every input size must be divisible by."""
+    return layers.total_strides(self.geometry[1])

@@ -44,7 +44,7 @@ def hemis_fuse(features, available):
 
 class HeMISUNet(nn.Module):
   """U-Net with HeMIS fusion; stage sizes as `UNet` (features doubling from `base_features` up
-  to `max_features`, `num_stages` stages).
+  to `max_features`, `num_stages` stages, per-axis `kernel_sizes` and `strides`).
 
   Call with x (N, *S, M) (one channel per modality) and optionally `available` (N, M) (default:
   all); returns logits (N, *S, num_classes), or with `deep_supervision` a list of logits at
@@ -57,6 +57,8 @@ class HeMISUNet(nn.Module):
   base_features: int = 32
   max_features: int = 320
   num_stages: int = 5
+  kernel_sizes: tuple = ()
+  strides: tuple = ()
   deep_supervision: bool = False
   shared_encoder: bool = False
   conv: layers.ModuleDef = Conv
@@ -67,9 +69,11 @@ class HeMISUNet(nn.Module):
   def encode(self, x, feats, prefix):
     """Encoder features of one (N, *S, C) input at every stage (highest resolution first)."""
     kw = dict(spatial_dims=self.spatial_dims, conv=self.conv, norm=self.norm, dtype=self.dtype)
+    kernels, strides = self.geometry
     skips = []
     for i, f in enumerate(feats):
-      x = layers.Stage(f, strides=1 if i == 0 else 2, name=f"{prefix}enc{i}", **kw)(x)
+      x = layers.Stage(f, strides=strides[i], kernel_size=kernels[i], name=f"{prefix}enc{i}",
+                       **kw)(x)
       skips.append(x)
     return skips
 
@@ -92,8 +96,16 @@ class HeMISUNet(nn.Module):
     return layers.unet_decoder(skips[-1], skips, feats, num_classes=self.num_classes,
                                spatial_dims=self.spatial_dims, conv=self.conv, norm=self.norm,
                                conv_transpose=self.conv_transpose, dtype=self.dtype,
-                               deep_supervision=self.deep_supervision)
+                               deep_supervision=self.deep_supervision,
+                               kernels=self.geometry[0], strides=self.geometry[1])
 
   @property
-  def downsampling(self) -> int:
-    return 2 ** (self.num_stages - 1)
+  def geometry(self):
+    """(kernel sizes, strides) per stage and axis (`layers.stage_geometry`)."""
+    return layers.stage_geometry(self.num_stages, self.spatial_dims, self.kernel_sizes,
+                                 self.strides)
+
+  @property
+  def downsampling(self) -> tuple[int, ...]:
+    """Per axis, the total stride: what every input size must be divisible by."""
+    return layers.total_strides(self.geometry[1])

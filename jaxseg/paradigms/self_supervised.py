@@ -117,7 +117,7 @@ class PretrainNet(nn.Module):
     return self.unet.spatial_dims
 
   @property
-  def downsampling(self) -> int:
+  def downsampling(self) -> tuple[int, ...]:
     return self.unet.downsampling
 
 

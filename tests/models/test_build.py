@@ -30,7 +30,7 @@ SNAPSHOT = pathlib.Path(__file__).with_name("param_trees.json")
 
 
 def _tree(model, in_channels):
-  shape = (1,) + (model.downsampling,) * model.spatial_dims + (in_channels,)
+  shape = (1,) + tuple(model.downsampling) + (in_channels,)
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))["params"]
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   return {"/".join(k.key for k in path): [list(v.shape), str(v.dtype)] for path, v in flat}
