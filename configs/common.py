@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.base_features = 32
   c.model.max_features = 320
   c.model.num_stages = 5
+  # Per stage and per axis, nnU-Net's conv_kernel_sizes and pool_op_kernel_sizes (e.g. 1x3x3
+  # kernels and 1x2x2 strides along a coarse axis); empty = 3-kernels, stride 2 on every axis.
+  c.model.kernel_sizes = ()
+  c.model.strides = ()
   c.model.deep_supervision = False
   c.model.norm_epsilon = 1e-5  # InstanceNorm epsilon (nnU-Net's)
   c.model.negative_slope = 0.01  # LeakyReLU slope after each norm (nnU-Net's)
@@ -139,6 +143,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.best_metric = "mean_dice"  # validation score that picks best/ (any key of the eval summary)
   c.train.best_mode = "max"  # 'max' or 'min' (e.g. best_metric='mean_hd95', best_mode='min')
+
+  # nnU-Net's experiment planning (configs/auto.py, jaxseg/autoplan.py): '' = off; '3d_fullres',
+  # '2d' or '3d_lowres' fill the fields a config leaves unset from the dataset's plan.
+  c.plan = ml_collections.ConfigDict()
+  c.plan.configuration = ""
+  c.plan.memory_gb = 0.0  # the plan's memory budget; 0 = 8 GB (nnU-Net's) on a GPU/TPU, 0.5 on a CPU
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234" for multi-host

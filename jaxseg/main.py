@@ -110,6 +110,17 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def experiment_platform() -> str:
+  import jax  # noqa: PLC0415
+  return jax.default_backend()
+
+
+def _print0(text: str) -> None:
+  import jax  # noqa: PLC0415
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -127,8 +138,16 @@ def main(argv) -> int:
   from jaxseg.errors import user_errors
   try:
     if config.get("runner", "train") == "train":
-      from jaxseg import train, validate
+      from jaxseg import autoplan, train, validate
+      experiment = None
+      if autoplan.enabled(config):  # configs/auto.py: the dataset's plan fills the unset fields
+        config, experiment = autoplan.resolve(config)
+        config.lock()
       validate.check_train_config(config)  # before the run creates its workdir
+      if experiment is not None:
+        _print0(autoplan.describe(experiment, config.plan.configuration,
+                                  autoplan.memory_budget_gb(config, experiment_platform())))
+        autoplan.write(workdir, experiment, config.plan.configuration)
       train.use_compilation_cache(workdir)
     _runner(config.get("runner", "train"))(config, workdir)
   except user_errors() as e:

@@ -11,8 +11,8 @@ one after the other (each fold's output also goes to WORKDIR/fold_k/log.txt). A 
 `report.json` already records `train.num_steps` steps is not run again (`--rerun` runs it
 anyway; an unfinished fold resumes from its checkpoint, as the front door does). Every case is
 held out by exactly one fold (`jaxseg.data.dataset.kfold_splits`, nnU-Net's splits), so the
-folds' validation scores are held-out scores; with `data.num_folds` equal to the number of
-cases, each fold holds out one case (leave-one-out).
+folds' validation scores are held-out scores; with `data.num_folds` equal to (or, with a
+message, more than) the number of cases, each fold holds out one case (leave-one-out).
 
 Then the folds' `report.json` files are aggregated (`--aggregate-only` does only this step):
 per fold the held-out cases, Dice and IoU per class (means over the fold's held-out cases, a
@@ -233,6 +233,15 @@ def main(argv=None) -> int:
           "generated phantoms, which use data.num_val instead of folds", file=sys.stderr)
     return 2
   num_folds = int(config.data.get("num_folds", 5))
+  from jaxseg.data import dataset, pipeline  # noqa: PLC0415
+  try:
+    num_cases = len(dataset.load_dataset_index(pathlib.Path(config.data.root).expanduser()).cases)
+  except Exception as e:  # noqa: BLE001  (the first fold reports a bad dataset in full)
+    print(f"error: data.root={config.data.root}: {e}", file=sys.stderr)
+    return 2
+  num_folds, message = pipeline.effective_num_folds(num_cases, num_folds)
+  if message:
+    print(f"[cross_validate] {message}", flush=True)
   folds = [int(f) for f in args.folds.split(",")] if args.folds else list(range(num_folds))
   bad = [f for f in folds if not 0 <= f < num_folds]
   if bad:

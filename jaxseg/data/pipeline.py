@@ -65,20 +65,43 @@ def _phantoms(data_config, seed):
   return cases, names, ["CT"]
 
 
-def fold_split(case_ids, data_config):
-  """(train_ids, val_ids) of `data.fold` among `data.num_folds` (nnU-Net's splits).
+def effective_num_folds(num_cases: int, num_folds: int) -> tuple[int, str | None]:
+  """(folds, message): `num_folds`, or leave-one-out (one fold per case) for 2 to num_folds - 1
+  cases, with the message saying so (None when nothing changes)."""
+  if 2 <= num_cases < num_folds:
+    return num_cases, (f"data.num_folds={num_folds} but the dataset has {num_cases} cases: "
+                       f"leave-one-out cross-validation ({num_cases} folds, one held-out case each)")
+  return num_folds, None
+
+
+def fold_split(case_ids, data_config, *, log=print):
+  """(train_ids, val_ids) of `data.fold` among `data.num_folds` (nnU-Net's splits); with fewer
+  cases than folds (at least 2), leave-one-out (`effective_num_folds`, said through `log`).
 
   Raises ConfigError naming the fields when the fold is invalid for the number of cases.
   """
   from jaxseg.data import dataset  # noqa: PLC0415
   from jaxseg.errors import ConfigError  # noqa: PLC0415
   fold = data_config.get("fold", 0)
-  num_folds = int(data_config.get("num_folds", 5))
+  configured = int(data_config.get("num_folds", 5))
+  num_folds, message = configured, None
+  if fold != "all":
+    num_folds, message = effective_num_folds(len(case_ids), configured)
   try:
-    return dataset.fold_split(case_ids, fold, n_folds=num_folds)
+    split = dataset.fold_split(case_ids, fold, n_folds=num_folds)
   except ValueError as e:
-    raise ConfigError(f"data.fold={fold!r} with data.num_folds={num_folds} on "
-                      f"{len(case_ids)} case(s): {e}") from e
+    loo = f" (leave-one-out: {num_folds} folds)" if message else ""
+    raise ConfigError(f"data.fold={fold!r} with data.num_folds={configured} on "
+                      f"{len(case_ids)} case(s){loo}: {e}") from e
+  if message:
+    log(message)
+  return split
+
+
+def _log0(msg: str) -> None:
+  import jax  # noqa: PLC0415
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def load_cases(config) -> SegData:
@@ -89,9 +112,10 @@ def load_cases(config) -> SegData:
     from jaxseg.data import real  # noqa: PLC0415  (imports nibabel only when needed)
     prepared = real.prepare(config)
     cases, names, channels = prepared.cases, prepared.class_names, prepared.channel_names
-    train_ids, val_ids = fold_split(sorted(cases), data)
-    plan = dict(prepared.plan, split={"fold": data.get("fold", 0), "train": train_ids,
-                                      "val": val_ids})
+    train_ids, val_ids = fold_split(sorted(cases), data, log=_log0)
+    num_folds, _ = effective_num_folds(len(cases), int(data.get("num_folds", 5)))
+    plan = dict(prepared.plan, split={"fold": data.get("fold", 0), "num_folds": num_folds,
+                                      "train": train_ids, "val": val_ids})
     metas = [prepared.metas[i] for i in train_ids]
   else:
     cases, names, channels = _phantoms(data, config.seed)

@@ -133,6 +133,16 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def fingerprint_for(config) -> tuple[ds.DatasetIndex, dict[str, Any]]:
+  """(index, fingerprint) of `config.data.root`, the fingerprint cached next to its cases."""
+  index = index_for(config)
+  return index, cached_fingerprint(index, _dataset_cache(config, index))
+
+
+def _dataset_cache(config, index) -> pathlib.Path:
+  return cache_root(config) / "preprocessed" / _safe(index.name)
+
+
 def prepare(config, *, log=_log) -> RealData:
   """Indexes, plans and preprocesses (cached) the dataset at `config.data.root`.
 
@@ -142,10 +152,9 @@ def prepare(config, *, log=_log) -> RealData:
   settings, the dataset's file ending, dimensionality, channels and label values (see
   `jaxseg.predict`).
   """
-  index = index_for(config)
+  index, fingerprint = fingerprint_for(config)
   class_names, values = class_table(index)
-  cache = cache_root(config) / "preprocessed" / _safe(index.name)
-  fingerprint = cached_fingerprint(index, cache)
+  cache = _dataset_cache(config, index)
   _check_foreground(index, fingerprint)
   _check_not_constant(index, fingerprint)
   settings = plan_settings(fingerprint, config)

@@ -74,11 +74,28 @@ def test_folds_follow_nnunet_splits(tiny_dataset, tmp_path):
     d = pipeline.load_cases(_config(unet3d, tiny_dataset, tmp_path / "c", fold=fold, num_folds=3))
     train, val = ds.fold_split(ids, fold, n_folds=3)
     assert (d.train_ids, d.val_ids) == (train, val) and len(val) == 1
-    assert d.plan["split"] == {"fold": fold, "train": train, "val": val}
+    assert d.plan["split"] == {"fold": fold, "num_folds": 3, "train": train, "val": val}
   d = pipeline.load_cases(_config(unet3d, tiny_dataset, tmp_path / "c", fold="all"))
   assert d.train_ids == d.val_ids == ids
-  with pytest.raises(ConfigError, match=r"data.fold=0 with data.num_folds=5 on 3 case\(s\)"):
-    pipeline.load_cases(_config(unet3d, tiny_dataset, tmp_path / "c"))
+
+
+def test_fewer_cases_than_folds_is_leave_one_out(tiny_dataset, tmp_path, capsys):
+  # 3 cases, data.num_folds=5: three folds of one held-out case each, said once per run.
+  ids = ["case_a", "case_b", "case_c"]
+  held_out = []
+  for fold in range(3):
+    d = pipeline.load_cases(_config(unet3d, tiny_dataset, tmp_path / "c", fold=fold))
+    assert (d.train_ids, d.val_ids) == ds.fold_split(ids, fold, n_folds=3)
+    assert d.plan["split"]["num_folds"] == 3
+    held_out += d.val_ids
+  assert sorted(held_out) == ids
+  assert ("data.num_folds=5 but the dataset has 3 cases: leave-one-out cross-validation "
+          "(3 folds, one held-out case each)") in capsys.readouterr().out
+  assert pipeline.effective_num_folds(3, 5)[0] == 3
+  assert pipeline.effective_num_folds(7, 5) == (5, None)
+  assert pipeline.effective_num_folds(1, 5) == (5, None)
+  with pytest.raises(ConfigError, match=r"data.fold=3 with data.num_folds=5 on 3 case\(s\)"):
+    pipeline.load_cases(_config(unet3d, tiny_dataset, tmp_path / "c", fold=3))
 
 
 def test_fold_takes_an_int_or_all():
@@ -97,7 +114,7 @@ def test_channels_and_classes_come_from_the_dataset(tiny_dataset, tmp_path):
   assert data.in_channels == 2 and data.num_classes == 3
   c = unet3d.get_config()
   model = build_model(c.model, num_classes=data.num_classes)  # as train.setup builds it
-  x = jnp.zeros((1,) + (model.downsampling,) * 3 + (data.in_channels,))
+  x = jnp.zeros((1,) + tuple(model.downsampling) + (data.in_channels,))
   params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
   shapes = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
   first = [s for k, s in shapes.items() if "enc0" in k and len(s) == 5][0]

@@ -1,0 +1,117 @@
+"""A config's unset fields filled from nnU-Net's experiment plan of its dataset (`plan.configuration`).
+
+`configs/auto.py` leaves the fields that nnU-Net plans unset (patch `()`, batch 0, stages 0,
+kernels and strides `()`, features 0, spatial dims 0, batch Dice None); `resolve(config)` plans
+the dataset at `config.data.root` (`jaxseg.data.plan.plan_experiment` of its cached fingerprint,
+with the memory budget of `plan.memory_gb`) and fills each unset field from the configuration
+`plan.configuration` ('3d_fullres', '2d' or '3d_lowres'). A field the config sets (e.g.
+`--config.data.patch_size=(64,64,64)`) stays as set: the run is the plan with that override.
+
+The budget scales the plan to the device: 0 means nnU-Net's 8 GB on a GPU/TPU (the plan is then
+nnU-Net's own, `tools/compare_plans.py`) and `CPU_MEMORY_GB` on a CPU, where a step costs
+seconds rather than memory: the planner then shrinks the patch (and with it stages) until the
+network's estimated activations fit, as nnU-Net does on a small GPU.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from jaxseg import atomic
+from jaxseg.errors import ConfigError
+
+CONFIGURATIONS = ("3d_fullres", "2d", "3d_lowres")
+CPU_MEMORY_GB = 0.5
+PLAN_FILE = "experiment_plan.json"
+
+
+def enabled(config) -> bool:
+  """Whether `config` asks for a planned run (`plan.configuration` set)."""
+  return bool(config.get("plan", {}).get("configuration", ""))
+
+
+def memory_budget_gb(config, platform: str) -> float:
+  """`plan.memory_gb`, or for 0 the default of `platform` (see the module docstring)."""
+  from jaxseg.data import plan as plan_lib  # noqa: PLC0415
+  gb = float(config.plan.get("memory_gb", 0.0) or 0.0)
+  if gb < 0:
+    raise ConfigError(f"plan.memory_gb must be >= 0 (0: the device's default), got {gb}")
+  if gb:
+    return gb
+  return CPU_MEMORY_GB if platform == "cpu" else plan_lib.DEFAULT_MEMORY_GB
+
+
+def experiment_plan(config, *, platform: str):
+  """nnU-Net's experiment plan (`jaxseg.data.plan.ExperimentPlan`) of `config.data.root` with
+  the budget of `memory_budget_gb`."""
+  from jaxseg.data import plan as plan_lib  # noqa: PLC0415
+  from jaxseg.data import real  # noqa: PLC0415
+  if not config.data.get("root"):
+    raise ConfigError("plan.configuration needs a dataset (data.root): the generated phantoms "
+                      "have fixed configs (configs/unet3d.py)")
+  index, fingerprint = real.fingerprint_for(config)
+  names, _ = real.class_table(index)
+  return plan_lib.plan_experiment(fingerprint, num_classes=len(names),
+                                  memory_gb=memory_budget_gb(config, platform))
+
+
+def resolve(config, *, platform: str | None = None):
+  """(config with its unset fields filled from the plan, the `ExperimentPlan`); `config` itself
+  is not changed. ConfigError names `plan.configuration` when the dataset has no such
+  configuration, and a 2d configuration of 3D data that does not slice across the last axis."""
+  import jax  # noqa: PLC0415
+  platform = platform or jax.default_backend()
+  name = config.plan.configuration
+  if name not in CONFIGURATIONS:
+    raise ConfigError(f"plan.configuration={name!r} is not valid; choose one of {list(CONFIGURATIONS)}")
+  experiment = experiment_plan(config, platform=platform)
+  if name not in experiment.configurations:
+    raise ConfigError(f"plan.configuration={name!r}: the plan of {config.data.root} has only "
+                      f"{sorted(experiment.configurations)} ({experiment.lowres_decision})")
+  cp = experiment.configurations[name]
+  ndim = len(cp.patch_size)
+  if experiment.ndim == 3 and ndim == 2 and experiment.slice_axis != 2:
+    raise ConfigError(f"plan.configuration='2d': nnU-Net slices this dataset across axis "
+                      f"{experiment.slice_axis} (its coarsest), jaxseg's 2D models slice across the "
+                      "last axis; use '3d_fullres'")
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    _fill(c.model, "spatial_dims", 0, ndim)
+    _fill(c.model, "num_stages", 0, cp.num_stages)
+    _fill(c.model, "kernel_sizes", (), cp.kernel_sizes)
+    _fill(c.model, "strides", (), cp.strides)
+    _fill(c.model, "base_features", 0, cp.features_per_stage[0])
+    _fill(c.model, "max_features", 0, max(cp.features_per_stage))
+    _fill(c.data, "patch_size", (), cp.patch_size)
+    _fill(c.train, "batch_size", 0, cp.batch_size)
+    _fill(c.loss, "batch_dice", None, cp.batch_dice)
+    if name == "3d_lowres":
+      _fill(c.data, "target_spacing", (), cp.spacing)
+    for section in (c.augment, c.eval):
+      section.mirror_axes = tuple(a for a in section.mirror_axes if a < c.model.spatial_dims)
+  return c, experiment
+
+
+def _fill(section, key: str, unset, value) -> None:
+  current = section.get(key, unset)
+  if current is None or current == unset or (isinstance(unset, tuple) and not len(current)):
+    section[key] = value
+
+
+def write(workdir, experiment, configuration: str) -> pathlib.Path:
+  """Writes `workdir/experiment_plan.json` (every configuration, and which one trains);
+  only process 0 writes. Returns the path."""
+  import jax  # noqa: PLC0415
+  path = pathlib.Path(workdir) / PLAN_FILE
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json_atomic(path, {"configuration": configuration, **experiment.to_dict()})
+  return path
+
+
+def describe(experiment, configuration: str, memory_gb: float) -> str:
+  """The plan as the run prints it: nnU-Net's table of every configuration and the one used."""
+  from jaxseg.data.plan_table import plan_table  # noqa: PLC0415
+  return (f"plan ({memory_gb:g} GB budget; training {configuration!r}):\n"
+          + plan_table(experiment))
+
