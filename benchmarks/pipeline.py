@@ -220,6 +220,30 @@ def make_dataset(root: pathlib.Path, *, cases: int, shape, channels: int, seed: 
   return images, labels, metas
 
 
+def memory_limit_gb() -> float | None:
+  """This process's cgroup memory limit in GB (v2 `memory.max` or v1 `memory.limit_in_bytes`),
+  None when unlimited. The page cache is charged to it too: a dataset larger than the limit
+  is read from the disk."""
+  try:
+    lines = pathlib.Path("/proc/self/cgroup").read_text().splitlines()
+  except OSError:
+    return None
+  for line in lines:
+    _, controllers, path = line.split(":", 2)
+    for base, name in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup", "memory.max")):
+      if (name == "memory.max") != (controllers == ""):
+        continue
+      if name == "memory.limit_in_bytes" and "memory" not in controllers.split(","):
+        continue
+      try:
+        value = (pathlib.Path(base + path) / name).read_text().strip()
+      except OSError:
+        continue
+      if value != "max" and int(value) < 1 << 60:
+        return int(value) / 1e9
+  return None
+
+
 def _evict(paths) -> None:
   for path in paths:
     fd = os.open(path, os.O_RDONLY)
@@ -299,13 +323,15 @@ def main_loader(a):
           "batches": a.batches, "step_s": a.step_s, "cold": a.cold, **cpu, **_versions(),
           "machine": platform.machine(), "memory_gb": os.sysconf("SC_PAGE_SIZE") *
           os.sysconf("SC_PHYS_PAGES") / 1e9, "load_average_before": load_before,
-          "load_average_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d")}
+          "load_average_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
+          "memory_limit_gb": memory_limit_gb()}
   print(f"machine: {cpu['cpu']} | {cpu['cores']} cores | AVX2 {cpu['avx2']} AVX-512 "
         f"{cpu['avx512f']} | {meta['memory_gb']:.0f} GB RAM | " +
         " ".join(f"{k} {meta[k]}" for k in ("python", "numpy", "jax", "grain")))
   print(f"dataset: {cases} cases x {a.channels} x {'x'.join(map(str, shape))} = " +
         ", ".join(f"{v:.2f} GB in {k}" for k, v in size_gb.items()) + f" | patch {tuple(a.patch)} batch {a.batch} | "
-        f"{'cold (page cache evicted)' if a.cold else 'warm page cache'} | load "
+        f"{'cold (page cache evicted)' if a.cold else 'warm page cache'} | memory limit "
+        f"{meta['memory_limit_gb'] or 'none'} GB | load "
         f"{load_before[0]:.2f} before, {meta['load_average_after'][0]:.2f} after")
   print(f"{'loader':<18}{'store':<16}{'mode':<10}{'workers':>8}{'batches/s':>11}{'GB/s':>8}"
         f"{'x needed':>10}{'wait ms/step':>14}{'first s':>9}")
