@@ -4,8 +4,12 @@ kernels and strides and features (jaxseg/autoplan.py, jaxseg/data/plan.py, docs/
     python -m jaxseg.main --config=configs/auto.py --config.data.root=PATH
     python -m jaxseg.main --config=configs/auto.py:configuration=2d --config.data.root=PATH
     python -m jaxseg.main --config=configs/auto.py --config.data.root=PATH --config.plan.memory_gb=24
+    python -m jaxseg.main --config=configs/auto.py:network=resenc_m --config.data.root=PATH
 
-`configuration`: '3d_fullres' (default), '2d' or '3d_lowres' (when the plan has one). The fields
+`configuration`: '3d_fullres' (default), '2d' or '3d_lowres' (when the plan has one).
+`network`: 'plain' (default; nnU-Net's PlainConvUNet plans, jaxseg's U-Net) or a
+residual-encoder preset 'resenc_m' / 'resenc_l' / 'resenc_xl' (nnU-Net's recommended ResEnc
+plans and jaxseg's ResEncUNet; on a GPU/TPU the preset's 8 / 24 / 40 GB budget). The fields
 below set to 0 / () / None are the plan's; any of them set on the command line overrides the
 plan (e.g. --config.data.patch_size=(64,64,64)). The memory budget `plan.memory_gb` (0: 8 GB,
 nnU-Net's, on a GPU/TPU; 0.5 GB on a CPU) sizes the patch: the run prints the plan and writes
@@ -24,10 +28,12 @@ import common  # noqa: E402
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, configuration="3d_fullres")
+  args = common.parse_arg(arg, configuration="3d_fullres", network="plain")
   c = common.base_config()
-  c.name = f"auto_{args['configuration']}"
+  c.name = f"auto_{args['configuration']}" + ("" if args["network"] == "plain" else f"_{args['network']}")
   c.plan.configuration = args["configuration"]
+  c.plan.network = args["network"]
+  c.model.blocks_per_stage = ()  # ResEnc: residual blocks per stage, from the plan
   # From the plan (jaxseg/autoplan.py fills what is left at these values).
   c.model.spatial_dims = 0
   c.model.num_stages = 0

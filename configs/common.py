@@ -149,6 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.plan = ml_collections.ConfigDict()
   c.plan.configuration = ""
   c.plan.memory_gb = 0.0  # the plan's memory budget; 0 = 8 GB (nnU-Net's) on a GPU/TPU, 0.5 on a CPU
+  c.plan.network = "plain"  # 'plain' (U-Net) or a residual-encoder preset: 'resenc_m', 'resenc_l', 'resenc_xl'
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234" for multi-host

@@ -4,7 +4,9 @@
 kernels and strides `()`, features 0, spatial dims 0, batch Dice None); `resolve(config)` plans
 the dataset at `config.data.root` (`jaxseg.data.plan.plan_experiment` of its cached fingerprint,
 with the memory budget of `plan.memory_gb`) and fills each unset field from the configuration
-`plan.configuration` ('3d_fullres', '2d' or '3d_lowres'). A field the config sets (e.g.
+`plan.configuration` ('3d_fullres', '2d' or '3d_lowres'), for the network `plan.network`
+('plain': nnU-Net's default PlainConvUNet plans and jaxseg's `UNet`; 'resenc_m', 'resenc_l',
+'resenc_xl': nnU-Net's residual-encoder presets and `ResEncUNet`). A field the config sets (e.g.
 `--config.data.patch_size=(64,64,64)`) stays as set: the run is the plan with that override.
 
 The budget scales the plan to the device: 0 means nnU-Net's 8 GB on a GPU/TPU (the plan is then
@@ -21,6 +23,11 @@ from jaxseg import atomic
 from jaxseg.errors import ConfigError
 
 CONFIGURATIONS = ("3d_fullres", "2d", "3d_lowres")
+# plan.network -> (the planner's network, jaxseg's model.name, the preset's budget in GB or None).
+NETWORKS = {"plain": ("PlainConvUNet", "unet", None),
+            "resenc_m": ("ResidualEncoderUNet", "resenc_unet", 8.0),
+            "resenc_l": ("ResidualEncoderUNet", "resenc_unet", 24.0),
+            "resenc_xl": ("ResidualEncoderUNet", "resenc_unet", 40.0)}
 CPU_MEMORY_GB = 0.5
 PLAN_FILE = "experiment_plan.json"
 
@@ -30,15 +37,26 @@ def enabled(config) -> bool:
   return bool(config.get("plan", {}).get("configuration", ""))
 
 
+def network(config) -> tuple[str, str, float | None]:
+  """`NETWORKS[plan.network]`; ConfigError naming the field for another value."""
+  name = config.plan.get("network", "plain")
+  if name not in NETWORKS:
+    raise ConfigError(f"plan.network={name!r} is not valid; choose one of {list(NETWORKS)}")
+  return NETWORKS[name]
+
+
 def memory_budget_gb(config, platform: str) -> float:
-  """`plan.memory_gb`, or for 0 the default of `platform` (see the module docstring)."""
+  """`plan.memory_gb`, or for 0 the default of `platform` (see the module docstring; a ResEnc
+  preset's own budget, 8, 24 or 40 GB, on a GPU/TPU)."""
   from jaxseg.data import plan as plan_lib  # noqa: PLC0415
   gb = float(config.plan.get("memory_gb", 0.0) or 0.0)
   if gb < 0:
     raise ConfigError(f"plan.memory_gb must be >= 0 (0: the device's default), got {gb}")
   if gb:
     return gb
-  return CPU_MEMORY_GB if platform == "cpu" else plan_lib.DEFAULT_MEMORY_GB
+  if platform == "cpu":
+    return CPU_MEMORY_GB
+  return network(config)[2] or plan_lib.DEFAULT_MEMORY_GB
 
 
 def experiment_plan(config, *, platform: str):
@@ -52,7 +70,8 @@ def experiment_plan(config, *, platform: str):
   index, fingerprint = real.fingerprint_for(config)
   names, _ = real.class_table(index)
   return plan_lib.plan_experiment(fingerprint, num_classes=len(names),
-                                  memory_gb=memory_budget_gb(config, platform))
+                                  memory_gb=memory_budget_gb(config, platform),
+                                  network=network(config)[0])
 
 
 def resolve(config, *, platform: str | None = None):
@@ -76,6 +95,11 @@ def resolve(config, *, platform: str | None = None):
                       "last axis; use '3d_fullres'")
   c = config.copy_and_resolve_references()
   with c.unlocked():
+    c.model.name = network(config)[1]
+    if cp.network == "ResidualEncoderUNet":
+      _fill(c.model, "blocks_per_stage", (), cp.n_conv_per_stage)
+    elif "blocks_per_stage" in c.model and not len(c.model.blocks_per_stage):
+      del c.model["blocks_per_stage"]  # a ResEnc field; the plain U-Net has no such field
     _fill(c.model, "spatial_dims", 0, ndim)
     _fill(c.model, "num_stages", 0, cp.num_stages)
     _fill(c.model, "kernel_sizes", (), cp.kernel_sizes)

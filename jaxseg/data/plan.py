@@ -78,15 +78,35 @@ REFERENCE_BATCH = {2: 12, 3: 2}
 REFERENCE_GB = 8.0
 BYTES_PER_ACTIVATION = {d: REFERENCE_GB * 1e9 / (REFERENCE_ACTIVATIONS[d] * REFERENCE_BATCH[d])
                         for d in (2, 3)}
+NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")
+# nnU-Net's residual-encoder presets (nnUNetPlannerResEnc{M,L,XL}): memory target (GB) and the
+# reference activations per sample (3D at batch 2, 2D at batch 12) that correspond to it. A
+# ResEnc budget matching none of them is scaled from M's calibration.
+RESENC_PRESETS = {"M": (8.0, {3: 680_000_000, 2: 135_000_000}),
+                  "L": (24.0, {3: 2_100_000_000, 2: 380_000_000}),
+                  "XL": (40.0, {3: 3_600_000_000, 2: 560_000_000})}
+RESENC_BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+RESENC_MAX_DATASET_COVERED = 1.0
 
 
 # One configuration.
 
 
-def _budget_activations(memory_gb: float, ndim: int, bytes_per_activation: float | None) -> float:
+def _calibration(network: str, memory_gb: float, ndim: int) -> tuple[float, float]:
+  """(reference activations per sample, the GB they correspond to) of nnU-Net's planner for
+  `network` (ResEnc: the preset whose target is `memory_gb`, else M's)."""
+  if network == "ResidualEncoderUNet":
+    gb, refs = next((v for v in RESENC_PRESETS.values() if v[0] == memory_gb), RESENC_PRESETS["M"])
+    return refs[ndim], gb
+  return REFERENCE_ACTIVATIONS[ndim], REFERENCE_GB
+
+
+def _budget_activations(memory_gb: float, ndim: int, bytes_per_activation: float | None,
+                        network: str = "PlainConvUNet") -> float:
   """Activation elements of a whole batch that fit in ``memory_gb``."""
   if bytes_per_activation is None:  # nnU-Net's reference values, exactly
-    return REFERENCE_ACTIVATIONS[ndim] * REFERENCE_BATCH[ndim] * memory_gb / REFERENCE_GB
+    ref, gb = _calibration(network, memory_gb, ndim)
+    return ref * REFERENCE_BATCH[ndim] * memory_gb / gb
   return memory_gb * 1e9 / bytes_per_activation
 
 
@@ -94,8 +114,8 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
                        num_input_channels: int, num_classes: int, dataset_voxels: float,
                        memory_gb: float = DEFAULT_MEMORY_GB,
                        bytes_per_activation: float | None = None,
-                       name: str | None = None, axes: Sequence[int] | None = None
-                       ) -> ConfigurationPlan:
+                       name: str | None = None, axes: Sequence[int] | None = None,
+                       network: str = "PlainConvUNet") -> ConfigurationPlan:
   """Patch, topology and batch for one configuration.
 
   As nnU-Net v2's ``ExperimentPlanner.get_plans_for_configuration`` (PlainConvUNet, 2 convs
@@ -120,6 +140,10 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
       calibration (:data:`BYTES_PER_ACTIVATION`).
     name: the configuration's name (default ``'2d'`` or ``'3d_fullres'`` by dimension).
     axes: the data axes the per-axis fields refer to (default ``0 .. ndim-1``).
+    network: 'PlainConvUNet' (nnUNetPlans) or 'ResidualEncoderUNet' (the ResEnc presets:
+      residual blocks 1, 3, 4, 6, 6, ... per stage, one decoder conv per stage, activations
+      counted by :func:`topology.resenc_activation_elements` against the preset's reference
+      (:data:`RESENC_PRESETS`), and no 5% batch cap).
 
   Returns:
     A :class:`ConfigurationPlan` in the axis order given.
@@ -147,8 +171,15 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
   if len(axes) != ndim:
     raise ValueError(f"axes {axes} has {len(axes)} entries but spacing has {ndim}")
   name = name or ("2d" if ndim == 2 else "3d_fullres")
-  bpa = BYTES_PER_ACTIVATION[ndim] if bytes_per_activation is None else float(bytes_per_activation)
-  budget = _budget_activations(float(memory_gb), ndim, bytes_per_activation)
+  if network not in NETWORKS:
+    raise ValueError(f"network {network!r} is not one of {NETWORKS}")
+  resenc = network == "ResidualEncoderUNet"
+  if bytes_per_activation is None:
+    ref, ref_gb = _calibration(network, float(memory_gb), ndim)
+    bpa = ref_gb * 1e9 / (ref * REFERENCE_BATCH[ndim])
+  else:
+    bpa = float(bytes_per_activation)
+  budget = _budget_activations(float(memory_gb), ndim, bytes_per_activation, network)
 
   inv = 1.0 / np.asarray(spacing, np.float64)
   edge = INITIAL_PATCH_EDGE[ndim]
@@ -157,8 +188,12 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
   topo = topology.network_topology(spacing, initial)
 
   def estimate(t: topology.Topology) -> int:
-    return topology.activation_elements(t.patch_size, t.strides, topology.features_per_stage(len(t.strides), ndim),
-                               num_classes)
+    feats = topology.features_per_stage(len(t.strides), ndim)
+    if resenc:
+      return topology.resenc_activation_elements(
+          t.patch_size, t.strides, feats, num_classes,
+          blocks_per_stage=RESENC_BLOCKS_PER_STAGE[:len(t.strides)])
+    return topology.activation_elements(t.patch_size, t.strides, feats, num_classes)
 
   est = estimate(topo)
   while MIN_BATCH_SIZE * est > budget:
@@ -178,16 +213,18 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
     est = estimate(topo)
 
   batch = round(budget / est)
-  cap = round(float(dataset_voxels) * MAX_DATASET_COVERED /
-              float(np.prod(topo.patch_size, dtype=np.float64)))
+  covered = RESENC_MAX_DATASET_COVERED if resenc else MAX_DATASET_COVERED
+  cap = round(float(dataset_voxels) * covered / float(np.prod(topo.patch_size, dtype=np.float64)))
   batch = max(min(batch, cap), MIN_BATCH_SIZE)
   n = len(topo.strides)
+  enc = RESENC_BLOCKS_PER_STAGE[:n] if resenc else (topology.CONVS_PER_STAGE,) * n
+  dec = (1 if resenc else topology.CONVS_PER_STAGE,) * (n - 1)
   return ConfigurationPlan(
       name=name, axes=axes, spacing=tuple(float(s) for s in spacing),
       median_shape=tuple(float(m) for m in median), patch_size=topo.patch_size,
       batch_size=int(batch), num_pool_per_axis=topo.num_pool_per_axis, strides=topo.strides,
       kernel_sizes=topo.kernel_sizes, features_per_stage=topology.features_per_stage(n, ndim),
-      n_conv_per_stage=(topology.CONVS_PER_STAGE,) * n, n_conv_per_stage_decoder=(topology.CONVS_PER_STAGE,) * (n - 1),
+      n_conv_per_stage=enc, n_conv_per_stage_decoder=dec, network=network,
       num_input_channels=int(num_input_channels), num_classes=int(num_classes),
       activations_per_sample=est, bytes_per_activation=bpa, memory_budget_gb=float(memory_gb),
       estimated_memory_gb=batch * est * bpa / 1e9, dataset_voxels=float(dataset_voxels))
@@ -253,7 +290,8 @@ def plan_experiment(fingerprint: Mapping[str, Any], *, num_classes: int,
                     bytes_per_activation: float | None = None,
                     target_spacing: Sequence[float] | None = None,
                     num_input_channels: int | None = None,
-                    anisotropy_threshold: float = pp.ANISOTROPY_THRESHOLD) -> ExperimentPlan:
+                    anisotropy_threshold: float = pp.ANISOTROPY_THRESHOLD,
+                    network: str = "PlainConvUNet") -> ExperimentPlan:
   """nnU-Net's ``2d``, ``3d_fullres`` and (when needed) ``3d_lowres`` plans for a fingerprint.
 
   As nnU-Net v2's ``ExperimentPlanner.plan_experiment`` (default planner, ``nnUNetPlans``):
@@ -274,6 +312,7 @@ def plan_experiment(fingerprint: Mapping[str, Any], *, num_classes: int,
     memory_gb, bytes_per_activation: the budget (see :func:`plan_configuration`).
     target_spacing: overrides the planned full-resolution spacing.
     anisotropy_threshold: for the target spacing (nnU-Net: 3).
+    network: as :func:`plan_configuration` ('ResidualEncoderUNet': a ResEnc preset's plans).
 
   Returns:
     An :class:`ExperimentPlan`.
@@ -315,7 +354,7 @@ def plan_experiment(fingerprint: Mapping[str, Any], *, num_classes: int,
   med_i = np.asarray([median[a] for a in order], np.float64)
   dataset_voxels = float(np.prod(med_i, dtype=np.float64) * n_cases)
   common = dict(num_input_channels=num_input_channels, num_classes=num_classes,
-                memory_gb=memory_gb, bytes_per_activation=bytes_per_activation)
+                memory_gb=memory_gb, bytes_per_activation=bytes_per_activation, network=network)
   configs: dict[str, ConfigurationPlan] = {}
   decision = "2D data: no 3D configurations"
   if ndim == 3 and med_i[0] != 1:

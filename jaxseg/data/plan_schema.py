@@ -38,6 +38,9 @@ class ConfigurationPlan:
       base of the 5% batch cap.
     batch_dice: nnU-Net's choice of Dice over the batch (True for 2d, and for 3d_fullres
       when a 3d_lowres exists).
+    network: 'PlainConvUNet' (nnU-Net's default plans; ``n_conv_per_stage`` convs per stage)
+      or 'ResidualEncoderUNet' (the ResEnc presets; ``n_conv_per_stage`` is then the residual
+      blocks per stage and the decoder has one conv per stage).
   """
   name: str
   axes: tuple[int, ...]
@@ -59,6 +62,7 @@ class ConfigurationPlan:
   estimated_memory_gb: float
   dataset_voxels: float
   batch_dice: bool = False
+  network: str = "PlainConvUNet"
 
   @property
   def num_stages(self) -> int:
@@ -161,11 +165,19 @@ def override_configuration(config: ConfigurationPlan, **fields) -> Configuration
       raise ValueError(f"patch_size {c.patch_size}: axis {a} ({p}) is not a multiple of that "
                        f"axis's total stride {t} (strides {c.strides})")
   num_pool = tuple(int(round(math.log2(t))) for t in total)
-  est = topology.activation_elements(c.patch_size, c.strides, c.features_per_stage, c.num_classes,
-                            n_conv_per_stage=c.n_conv_per_stage,
-                            n_conv_per_stage_decoder=c.n_conv_per_stage_decoder)
+  est = activations(c)
   return dataclasses.replace(c, num_pool_per_axis=num_pool, activations_per_sample=est,
                              estimated_memory_gb=c.batch_size * est * c.bytes_per_activation / 1e9)
+
+
+def activations(c: ConfigurationPlan) -> int:
+  """Feature-map elements per sample of the configuration's network (its memory estimate)."""
+  if c.network == "ResidualEncoderUNet":
+    return topology.resenc_activation_elements(c.patch_size, c.strides, c.features_per_stage,
+                                               c.num_classes, blocks_per_stage=c.n_conv_per_stage)
+  return topology.activation_elements(c.patch_size, c.strides, c.features_per_stage, c.num_classes,
+                                      n_conv_per_stage=c.n_conv_per_stage,
+                                      n_conv_per_stage_decoder=c.n_conv_per_stage_decoder)
 
 
 def _tuple(x):

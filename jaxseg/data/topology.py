@@ -161,6 +161,39 @@ def activation_elements(patch_size: Sequence[int], strides: Sequence[Sequence[in
 
 
 
+def resenc_activation_elements(patch_size: Sequence[int], strides: Sequence[Sequence[int]],
+                               features: Sequence[int], num_classes: int, *,
+                               blocks_per_stage: Sequence[int]) -> int:
+  """Elements of the feature maps a ResidualEncoderUNet (one conv per decoder stage) stores for
+  one sample: dynamic_network_architectures' ``compute_conv_feature_map_size`` without deep
+  supervision, as nnU-Net's ResEnc planners count them. With ``V_s`` and ``F_s`` as in
+  :func:`activation_elements`:
+
+    F_0 * V_0                                             (the stem's conv)
+    + sum_s (2 * blocks[s] + p_s) * F_s * V_s             (two convs per residual block, and the
+                                                           skip's 1x1 conv where the first block
+                                                           strides or changes the features: p_s)
+    + sum_{s < last} 2 * F_s * V_s                        (decoder conv and transposed conv)
+    + num_classes * V_0                                   (the segmentation output).
+  """
+  n = len(strides)
+  if len(features) != n or len(blocks_per_stage) != n:
+    raise ValueError(f"features ({len(features)}) and blocks_per_stage ({len(blocks_per_stage)}) "
+                     f"need one entry per stage ({n})")
+  size = [int(p) for p in patch_size]
+  total, f_in = features[0] * int(np.prod(size, dtype=np.int64)), features[0]
+  voxels = []
+  for s, stride in enumerate(strides):
+    size = [v // st for v, st in zip(size, stride)]
+    voxels.append(int(np.prod(size, dtype=np.int64)))
+    projection = f_in != features[s] or any(st != 1 for st in stride)
+    total += (2 * int(blocks_per_stage[s]) + int(projection)) * features[s] * voxels[s]
+    f_in = features[s]
+  total += sum(2 * features[s] * voxels[s] for s in range(n - 1))
+  total += num_classes * voxels[0]
+  return int(total)
+
+
 def positive_numbers(name: str, values) -> tuple[float, ...]:
   """`values` as a tuple of floats; ValueError naming `name` unless all are finite and > 0."""
   try:

@@ -5,6 +5,7 @@ chosen for the platform)."""
 from jaxseg.models.build import MODELS, build_model
 from jaxseg.models.fcn import FCN
 from jaxseg.models.hemis import HeMISUNet
+from jaxseg.models.resenc import ResEncUNet
 from jaxseg.models.unet import UNet
 
-__all__ = ["FCN", "HeMISUNet", "MODELS", "UNet", "build_model"]
+__all__ = ["FCN", "HeMISUNet", "MODELS", "ResEncUNet", "UNet", "build_model"]

@@ -26,9 +26,10 @@ from jaxseg.models.norm import InstanceNormAct
 from jaxseg.models.conv import Conv, ConvTranspose, conv_transpose_lax
 from jaxseg.models.fcn import FCN
 from jaxseg.models.hemis import HeMISUNet
+from jaxseg.models.resenc import ResEncUNet
 from jaxseg.models.unet import UNet
 
-MODELS = {"unet": UNet, "fcn": FCN, "hemis": HeMISUNet}
+MODELS = {"unet": UNet, "resenc_unet": ResEncUNet, "fcn": FCN, "hemis": HeMISUNet}
 
 # Values of `model.conv_impl` besides 'auto': 'lax' and the routes of `jaxseg.cpu_conv`
 # (tests/models/test_build.py checks that they agree with `jaxseg.cpu_conv.CONV_IMPLS`).
@@ -114,7 +115,7 @@ def build_model(model_config, *, num_classes: int, platform: str | None = None,
     raise ConfigError(f"model.{unknown[0]} is not a field of model.name={name!r}; "
                       f"valid fields: {sorted(allowed | {'conv_impl', 'norm_epsilon', 'negative_slope'})}")
   cfg["dtype"] = jnp.dtype(cfg.get("dtype", "float32"))
-  for key in ("kernel_sizes", "strides"):  # lists from JSON (plan.json) -> hashable tuples
+  for key in ("kernel_sizes", "strides", "blocks_per_stage"):  # JSON lists -> hashable tuples
     if key in cfg:
       cfg[key] = tuple(v if isinstance(v, int) else tuple(v) for v in cfg[key])
   platform, device_count = _platform(platform, device_count)

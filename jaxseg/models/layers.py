@@ -96,8 +96,8 @@ class ConvNormAct(nn.Module):
 
 
 class Stage(nn.Module):
-  """Two ConvNormAct blocks with `kernel_size`; the first may downsample with a strided
-  convolution (`strides`; both an int or one per axis)."""
+  """`num_convs` ConvNormAct blocks (nnU-Net: 2) with `kernel_size`; the first may downsample
+  with a strided convolution (`strides`; both an int or one per axis)."""
   features: int
   spatial_dims: int
   strides: PerAxis = 1
@@ -105,13 +105,14 @@ class Stage(nn.Module):
   conv: ModuleDef = Conv
   norm: ModuleDef = norm_lib.InstanceNormAct
   dtype: Any = jnp.float32
+  num_convs: int = 2
 
   @nn.compact
   def __call__(self, x):
-    x = ConvNormAct(self.features, self.spatial_dims, self.strides, self.kernel_size,
-                    conv=self.conv, norm=self.norm, dtype=self.dtype)(x)
-    return ConvNormAct(self.features, self.spatial_dims, 1, self.kernel_size, conv=self.conv,
-                       norm=self.norm, dtype=self.dtype)(x)
+    for i in range(self.num_convs):
+      x = ConvNormAct(self.features, self.spatial_dims, self.strides if i == 0 else 1,
+                      self.kernel_size, conv=self.conv, norm=self.norm, dtype=self.dtype)(x)
+    return x
 
 
 def head(features: int, spatial_dims: int, conv: ModuleDef, dtype, name=None):
@@ -134,12 +135,13 @@ def stage_features(base: int, cap: int, num_stages: int):
 
 def unet_decoder(x, skips, feats, *, num_classes: int, spatial_dims: int, conv: ModuleDef,
                  conv_transpose: ModuleDef, dtype, deep_supervision: bool,
-                 norm: ModuleDef = norm_lib.InstanceNormAct, kernels=None, strides=None):
+                 norm: ModuleDef = norm_lib.InstanceNormAct, kernels=None, strides=None,
+                 convs_per_stage: int = 2):
   """The U-Net decoder, called from a compact `__call__` (its layers belong to the caller).
 
   From the deepest features `x`, per stage i (deepest first): transposed-conv upsampling
   `up{i}` by the encoder's stride `strides[i + 1]`, concatenation with `skips[i]`, two
-  conv-norm-act `dec{i}` with the encoder's `kernels[i]`, and a 1x1 head `head{i}` (every stage
+  conv-norm-act `dec{i}` (`convs_per_stage`; ResEnc: 1) with the encoder's `kernels[i]`, and a 1x1 head `head{i}` (every stage
   with `deep_supervision`, else only the last). `kernels` and `strides` are per stage and axis
   (`stage_geometry`; None: its isotropic default). Returns logits (N, *S, num_classes) in
   float32, or with `deep_supervision` the list from full resolution down, one per stage.
@@ -151,7 +153,7 @@ def unet_decoder(x, skips, feats, *, num_classes: int, spatial_dims: int, conv: 
     x = upsample(feats[i], spatial_dims, strides[i + 1], conv_transpose, dtype, name=f"up{i}")(x)
     x = jnp.concatenate([x, skips[i]], axis=-1)
     x = Stage(feats[i], spatial_dims, kernel_size=kernels[i], conv=conv, norm=norm, dtype=dtype,
-              name=f"dec{i}")(x)
+              num_convs=convs_per_stage, name=f"dec{i}")(x)
     if deep_supervision or i == 0:
       outputs.append(head(num_classes, spatial_dims, conv, dtype, name=f"head{i}")(x)
                      .astype(jnp.float32))

@@ -97,3 +97,10 @@ class InstanceNormAct(nn.Module):
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     return instance_norm_act(x, scale, bias, self.epsilon, self.negative_slope)
+
+
+def negative_slope_of(norm_def) -> float:
+  """The LeakyReLU slope a norm definition applies: `negative_slope` of a
+  `functools.partial(InstanceNormAct, ...)` (`build.norm_act`), else InstanceNormAct's default."""
+  keywords = getattr(norm_def, "keywords", None) or {}
+  return float(keywords.get("negative_slope", InstanceNormAct.negative_slope))

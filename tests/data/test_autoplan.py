@@ -82,6 +82,22 @@ def test_fields_set_by_the_user_override_the_plan(tmp_path):
   assert autoplan.memory_budget_gb(config, "gpu") == plan_lib.DEFAULT_MEMORY_GB == 8.0
 
 
+def test_resenc_preset_plans_and_builds_the_residual_encoder(tmp_path):
+  root = _anisotropic_dataset(tmp_path / "Dataset964_Aniso")
+  config = _config(root, tmp_path / "cache", network="resenc_m", memory_gb=0.25)
+  resolved, experiment = autoplan.resolve(config, platform="cpu")
+  cp = experiment.configurations["3d_fullres"]
+  assert cp.network == "ResidualEncoderUNet"
+  assert cp.n_conv_per_stage == plan_lib.RESENC_BLOCKS_PER_STAGE[:cp.num_stages]
+  assert cp.n_conv_per_stage_decoder == (1,) * (cp.num_stages - 1)
+  assert resolved.model.name == "resenc_unet"
+  assert tuple(resolved.model.blocks_per_stage) == cp.n_conv_per_stage
+  # On a GPU the preset's own budget (M: 8 GB); a plain plan drops the ResEnc-only field.
+  assert autoplan.memory_budget_gb(_config(root, tmp_path / "c", network="resenc_l"), "gpu") == 24.0
+  plain, _ = autoplan.resolve(_config(root, tmp_path / "cache", memory_gb=0.25), platform="cpu")
+  assert plain.model.name == "unet" and "blocks_per_stage" not in plain.model
+
+
 def test_bad_plan_settings_are_named(tmp_path):
   root = _anisotropic_dataset(tmp_path / "Dataset962_Aniso")
   with pytest.raises(ConfigError, match="plan.configuration='4d' is not valid"):
@@ -90,6 +106,8 @@ def test_bad_plan_settings_are_named(tmp_path):
                                         r"\['2d', '3d_fullres'\]"):
     autoplan.resolve(_config(root, tmp_path / "c", configuration="3d_lowres", memory_gb=8),
                      platform="cpu")
+  with pytest.raises(ConfigError, match="plan.network='resenc_s' is not valid"):
+    autoplan.resolve(_config(root, tmp_path / "c", network="resenc_s"), platform="cpu")
   with pytest.raises(ConfigError, match="plan.memory_gb must be >= 0"):
     autoplan.resolve(_config(root, tmp_path / "c", memory_gb=-1.0), platform="cpu")
   c = _config(root, tmp_path / "c")
@@ -99,11 +117,13 @@ def test_bad_plan_settings_are_named(tmp_path):
     autoplan.resolve(c, platform="cpu")
 
 
-def test_auto_config_trains_and_predicts_through_the_front_door(tmp_path):
+@pytest.mark.parametrize("network,model_name", [("plain", "unet"), ("resenc_m", "resenc_unet")])
+def test_auto_config_trains_and_predicts_through_the_front_door(tmp_path, network, model_name):
   root = _anisotropic_dataset(tmp_path / "Dataset963_Aniso")
   workdir = tmp_path / "run"
   env_cache = str(tmp_path / "cache")
-  cmd = [sys.executable, "-m", "jaxseg.main", "--config=configs/auto.py", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "jaxseg.main", f"--config=configs/auto.py:network={network}",
+         f"--workdir={workdir}",
          f"--config.data.root={root}", f"--config.data.cache_dir={env_cache}",
          "--config.plan.memory_gb=0.1", "--config.train.num_steps=2",
          "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
@@ -116,6 +136,7 @@ def test_auto_config_trains_and_predicts_through_the_front_door(tmp_path):
   assert experiment["configuration"] == "3d_fullres" and cp["kernel_sizes"][0] == [3, 3, 1]
   model = json.loads((workdir / "plan.json").read_text())["config"]["model"]
   assert model["strides"] == cp["strides"] and model["num_stages"] == cp["num_stages"]
+  assert model["name"] == model_name
   report = json.loads((workdir / "report.json").read_text())
   assert 0.0 <= report["metrics"]["mean_dice"] <= 1.0
   # predict rebuilds the per-axis network from plan.json and writes a label map on the
