@@ -3,6 +3,12 @@
     python -m jaxseg.predict --workdir RUN --input DIR_OR_FILE --output DIR
         [--tta/--no-tta] [--save-probabilities] [--keep-largest] [--min-size N]
         [--checkpoint best|latest]
+    python -m jaxseg.predict --workdir CV_DIR --folds all --input DIR_OR_FILE --output DIR
+
+`--folds 0,1,2` (or `all`) ensembles the folds of a cross-validation directory
+(`tools/cross_validate.py`: CV_DIR/fold_k, one run each), as nnU-Net does: each case is
+preprocessed once and its class probabilities are the mean of the folds' (each fold with its
+own sliding window and TTA); the folds must share the preprocessing plan, channels and labels.
 
 Inputs follow nnU-Net's naming: `<case>_<channel:04d><ending>` (a single-channel model also
 takes plain `<case><ending>`); a file argument picks up its sibling channel files. Each case is
@@ -261,9 +267,54 @@ def keep_largest_component(label, values) -> np.ndarray:
   return postprocess_label(label, values, keep_largest=True)
 
 
-def predict_case(run: Run, paths, *, tta: bool = True, keep_largest: bool = False,
+def fold_dirs(workdir, folds: str) -> list[pathlib.Path]:
+  """The run directories `workdir/fold_k` named by `folds` ('all' or '0,1,...'); PredictError
+  naming what is missing or malformed."""
+  workdir = pathlib.Path(workdir)
+  if folds == "all":
+    found = sorted((p for p in workdir.glob("fold_*") if p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    if not found:
+      raise PredictError(f"--folds all: {workdir} has no fold_<k> run directories (made by "
+                         "tools/cross_validate.py)")
+    return found
+  try:
+    ks = [int(k) for k in folds.split(",") if k.strip()]
+  except ValueError:
+    raise PredictError(f"--folds {folds!r} is not 'all' or a comma-separated list of fold "
+                       "numbers, e.g. 0,1,2") from None
+  if not ks or len(set(ks)) != len(ks):
+    raise PredictError(f"--folds {folds!r} must name distinct folds")
+  dirs = [workdir / f"fold_{k}" for k in ks]
+  missing = [str(d) for d in dirs if not d.is_dir()]
+  if missing:
+    raise PredictError(f"--folds {folds}: no run directory {', '.join(missing)}")
+  return dirs
+
+
+def load_runs(workdir, *, folds: str | None = None, checkpoint: str = "best") -> list[Run]:
+  """`[load_run(workdir)]`, or with `folds` one Run per fold directory (`fold_dirs`), checked
+  to share the preprocessing, channels, label values and dimensionality (PredictError naming
+  the first fold that differs)."""
+  if folds is None:
+    return [load_run(workdir, checkpoint=checkpoint)]
+  runs = [load_run(d, checkpoint=checkpoint) for d in fold_dirs(workdir, folds)]
+  first = runs[0]
+  for r in runs[1:]:
+    for key in ("preprocessing", "channel_names", "label_values"):
+      if r.plan.get(key) != first.plan.get(key):
+        raise PredictError(f"--folds: {r.workdir} has another {key} than {first.workdir}; "
+                           "the folds of one cross-validation share them")
+    if r.spatial_dims != first.spatial_dims:
+      raise PredictError(f"--folds: {r.workdir} is {r.spatial_dims}D, {first.workdir} "
+                         f"{first.spatial_dims}D")
+  return runs
+
+
+def predict_case(run, paths, *, tta: bool = True, keep_largest: bool = False,
                  probabilities: bool = False, min_size: int = 0):
-  """Segments one case given its channel files.
+  """Segments one case given its channel files, with a `Run` or an ensemble (a list of Runs
+  sharing their preprocessing, `load_runs`): the mean of the runs' class probabilities.
 
   `keep_largest` and `min_size` filter the components of every foreground class on the input
   grid (`postprocess_label`).
@@ -277,15 +328,22 @@ def predict_case(run: Run, paths, *, tta: bool = True, keep_largest: bool = Fals
   from jaxseg.data import dataset as ds  # noqa: PLC0415
   from jaxseg.data import preprocess as pp  # noqa: PLC0415
 
+  runs = list(run) if isinstance(run, (list, tuple)) else [run]
+  run = runs[0]
   image, geometry = ds.load_images(list(paths), ndim=int(run.plan["dataset"]["ndim"]))
   pre, _, record = pp.preprocess_case(image, None, geometry, run.settings)
-  cfg = run.config
   mirror = tuple(range(run.spatial_dims)) if tta else ()
-  probs = inference.predict_volume(run.predict_fn, run.params, pre,
-                                   patch=tuple(cfg.data.patch_size), overlap=cfg.eval.overlap,
-                                   batch_size=cfg.eval.batch_size, mirror_axes=mirror,
-                                   sigma_scale=cfg.eval.get("sigma_scale", 1 / 8),
-                                   devices=jax.local_devices())
+  probs = None
+  for r in runs:
+    cfg = r.config
+    p = inference.predict_volume(r.predict_fn, r.params, pre,
+                                 patch=tuple(cfg.data.patch_size), overlap=cfg.eval.overlap,
+                                 batch_size=cfg.eval.batch_size, mirror_axes=mirror,
+                                 sigma_scale=cfg.eval.get("sigma_scale", 1 / 8),
+                                 devices=jax.local_devices())
+    probs = p if probs is None else probs + p
+  if len(runs) > 1:
+    probs = probs / len(runs)
   classes = np.argmax(probs, axis=-1).astype(np.int16)
   values = np.asarray(run.plan["label_values"], np.int32)
   label = values[pp.invert_prediction(classes, record)]
@@ -304,18 +362,21 @@ def save_npz_atomic(path, **arrays) -> None:
 
 def predict(workdir, input_path, output_dir, *, tta: bool = True, keep_largest: bool = False,
             save_probabilities: bool = False, checkpoint: str = "best", min_size: int = 0,
-            log=print) -> list:
-  """Predicts every case under `input_path` into `output_dir`; returns the written paths."""
-  run = load_run(workdir, checkpoint=checkpoint)
+            folds: str | None = None, log=print) -> list:
+  """Predicts every case under `input_path` into `output_dir` with the run at `workdir` (or the
+  ensemble of its `folds`, see `load_runs`); returns the written paths."""
+  runs = load_runs(workdir, folds=folds, checkpoint=checkpoint)
+  run = runs[0]
   cases = find_cases(input_path, len(run.channel_names), run.channel_names)
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  log(f"jaxseg.predict: {len(cases)} case(s) with {run.workdir} (step {run.step}), "
-      f"TTA {'on' if tta else 'off'}")
+  which = ", ".join(f"{r.workdir.name} (step {r.step})" for r in runs) if folds else \
+      f"{run.workdir} (step {run.step})"
+  log(f"jaxseg.predict: {len(cases)} case(s) with {which}, TTA {'on' if tta else 'off'}")
   written = []
   for case, paths in cases.items():
     t = time.time()
-    label, geometry, probs = predict_case(run, paths, tta=tta, keep_largest=keep_largest,
+    label, geometry, probs = predict_case(runs, paths, tta=tta, keep_largest=keep_largest,
                                           probabilities=save_probabilities, min_size=min_size)
     target = out / f"{case}{_ending(paths[0])}"
     io.write_image(target, label, geometry)
@@ -343,6 +404,9 @@ def parse_args(argv):
                  help="remove connected components of fewer than N voxels of each class "
                       "(before --keep-largest; default 0: none)")
   p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  p.add_argument("--folds", default=None, metavar="K,K,...|all",
+                 help="ensemble these folds of a cross-validation directory (--workdir holding "
+                      "fold_<k> runs, tools/cross_validate.py): mean class probabilities")
   return p.parse_args(argv)
 
 
@@ -355,7 +419,7 @@ def main(argv=None) -> int:
       raise PredictError(f"--min-size must be >= 0, got {args.min_size}")
     predict(args.workdir, args.input, args.output, tta=args.tta, keep_largest=args.keep_largest,
             save_probabilities=args.save_probabilities, checkpoint=args.checkpoint,
-            min_size=args.min_size)
+            min_size=args.min_size, folds=args.folds)
   except (PredictError, InvalidDatasetError, *user_errors()) as e:
     print(f"error: {e}".splitlines()[0], file=sys.stderr)
     return 2

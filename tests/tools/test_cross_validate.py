@@ -135,6 +135,32 @@ def test_folds_run_through_the_front_door(tmp_path, capsys):
   assert cross_validate.main(argv) == 0
   out = capsys.readouterr().out
   assert out.count("is complete; not run again") == 2 and "first step" not in out
+  _check_fold_ensemble(root, workdir, tmp_path)
+
+
+def _check_fold_ensemble(root, workdir, tmp_path):
+  """predict --folds: the ensemble's probabilities are the mean of the folds' own."""
+  from jaxseg import predict
+  scan = root / "imagesTr" / "case_0_0000.nii.gz"
+  probs = []
+  for k in (0, 1):
+    assert predict.main(["--workdir", str(workdir / f"fold_{k}"), "--input", str(scan),
+                         "--output", str(tmp_path / f"p{k}"), "--save-probabilities",
+                         "--no-tta"]) == 0
+    probs.append(np.load(tmp_path / f"p{k}" / "case_0.npz")["probabilities"])
+  assert predict.main(["--workdir", str(workdir), "--folds", "all", "--input", str(scan),
+                       "--output", str(tmp_path / "ens"), "--save-probabilities",
+                       "--no-tta"]) == 0
+  ens = np.load(tmp_path / "ens" / "case_0.npz")["probabilities"]
+  np.testing.assert_allclose(ens, (probs[0] + probs[1]) / 2, atol=1e-6)
+  label = np.asarray(nib.load(str(tmp_path / "ens" / "case_0.nii.gz")).dataobj)
+  np.testing.assert_array_equal(label, np.argmax(ens, axis=0))
+  with pytest.raises(predict.PredictError, match=r"--folds 0,7: no run directory .*fold_7"):
+    predict.fold_dirs(workdir, "0,7")
+  with pytest.raises(predict.PredictError, match="has no fold_<k> run directories"):
+    predict.fold_dirs(tmp_path / "p0", "all")
+  with pytest.raises(predict.PredictError, match="is not 'all' or a comma-separated list"):
+    predict.fold_dirs(workdir, "first")
 
 
 def test_phantom_configs_are_refused(capsys):
