@@ -56,6 +56,12 @@ def test_config_builds_and_steps(name, arg, tmp_path):
     assert test_file.exists() and f"{name}.py" in test_file.read_text(), (
         f"configs/{name}.py (paradigm={paradigm!r}) must be run by {test_file}")
     return
+  if config.get("plan", {}).get("configuration"):
+    # Planned configs (configs/auto.py) need a dataset; they run through the front door in
+    # tests/data/test_autoplan.py.
+    test_file = pathlib.Path(__file__).parent / "data" / "test_autoplan.py"
+    assert f"configs/{name}.py" in test_file.read_text()
+    return
   dims = config.model.spatial_dims
   helpers.tiny(config, tmp_path, dims=dims)
   t = train.setup(config)

@@ -132,7 +132,11 @@ PLAN_FILE = "plan.json"
 
 def _identity(plan: dict) -> dict:
   """What makes two plans the same run: dataset, channels, classes and model."""
+  import json  # noqa: PLC0415
+  from jaxseg import atomic  # noqa: PLC0415
   dataset = plan.get("dataset") or {}
+  # As plan.json holds it (tuples as lists), so a plan compares equal to its own file.
+  plan = json.loads(json.dumps(atomic.json_safe(plan)))
   # The dataset by name, not path: a moved dataset folder still resumes its runs.
   return {"dataset": repr(dataset.get("name")) if dataset else "generated phantoms",
           "channels": list(plan.get("channel_names", [])),

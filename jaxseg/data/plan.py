@@ -143,7 +143,8 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
     network: 'PlainConvUNet' (nnUNetPlans) or 'ResidualEncoderUNet' (the ResEnc presets:
       residual blocks 1, 3, 4, 6, 6, ... per stage, one decoder conv per stage, activations
       counted by :func:`topology.resenc_activation_elements` against the preset's reference
-      (:data:`RESENC_PRESETS`), and no 5% batch cap).
+      (:data:`RESENC_PRESETS`), the patch shrunk until a batch of ``REFERENCE_BATCH`` (2 in
+      3D, 12 in 2D) rather than 2 fits, and no 5% batch cap).
 
   Returns:
     A :class:`ConfigurationPlan` in the axis order given.
@@ -196,19 +197,23 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
     return topology.activation_elements(t.patch_size, t.strides, feats, num_classes)
 
   est = estimate(topo)
-  while MIN_BATCH_SIZE * est > budget:
+  # nnU-Net's default planner shrinks while a batch of 2 exceeds the budget; its ResEnc
+  # planners while one sample exceeds the reference (`estimate > reference`), i.e. while a
+  # batch of REFERENCE_BATCH (2 in 3D, but 12 in 2D) does.
+  fit_batch = REFERENCE_BATCH[ndim] if resenc else MIN_BATCH_SIZE
+  while fit_batch * est > budget:
     patch = list(topo.patch_size)
     ratios = [p / m for p, m in zip(patch, median)]
     axis = max(a for a in range(ndim) if ratios[a] == max(ratios))
     trial = list(patch)
     trial[axis] -= topo.divisible_by[axis]
     if trial[axis] < 1:
-      raise ValueError(_too_small(memory_gb, topo, est, bpa))
+      raise ValueError(_too_small(memory_gb, topo, est, bpa, fit_batch))
     step = topology.network_topology(spacing, trial).divisible_by[axis]
     patch[axis] -= step
     new = topology.network_topology(spacing, patch)
     if new.patch_size == topo.patch_size:
-      raise ValueError(_too_small(memory_gb, topo, est, bpa))
+      raise ValueError(_too_small(memory_gb, topo, est, bpa, fit_batch))
     topo = new
     est = estimate(topo)
 
@@ -230,10 +235,9 @@ def plan_configuration(spacing: Sequence[float], median_shape: Sequence[float], 
       estimated_memory_gb=batch * est * bpa / 1e9, dataset_voxels=float(dataset_voxels))
 
 
-def _too_small(memory_gb, topo, est, bpa) -> str:
+def _too_small(memory_gb, topo, est, bpa, batch=MIN_BATCH_SIZE) -> str:
   return (f"memory_gb={memory_gb}: too small to plan a network; the smallest patch reached, "
-          f"{topo.patch_size}, needs {MIN_BATCH_SIZE * est * bpa / 1e9:.3g} GB for a batch of "
-          f"{MIN_BATCH_SIZE}")
+          f"{topo.patch_size}, needs {batch * est * bpa / 1e9:.3g} GB for a batch of {batch}")
 
 
 # The whole experiment.

@@ -1,0 +1,309 @@
+"""Held-out accuracy side by side: jaxseg (configs/auto.py) and nnU-Net v2 on the same dataset,
+the same folds and the same training time per fold, both scored by `jaxseg.evaluate`.
+
+    python benchmarks/accuracy.py --dataset ../shared/data/Dataset001_BraTS2015Mini \\
+        --minutes 10 --workdir runs/accuracy/brats
+    python benchmarks/accuracy.py --dataset ../shared/data/Dataset004_ISBI2012EM \\
+        --configuration 2d --minutes 10 --workdir runs/accuracy/em
+    python benchmarks/accuracy.py ... --network resenc_m          # jaxseg's ResEnc preset
+
+Plans. Both plan the dataset with nnU-Net's rules for the same memory budget (`--memory-gb`,
+default 0.5 GB, jaxseg's CPU default): jaxseg through `configs/auto.py` (`plan.memory_gb`),
+nnU-Net through `nnUNetv2_plan_and_preprocess -gpu_memory_target`, so both train the same
+patch, batch and topology (nnU-Net's 8 GB patch would not train on a CPU in minutes).
+
+Folds. nnU-Net's 5-fold splits (seed 12345), leave-one-out below 5 cases
+(`jaxseg.data.pipeline.effective_num_folds`); nnU-Net gets the same splits
+(`splits_final.json`).
+
+Time. Each fold of each system trains for `--minutes` of steps: after a warm-up, a probe
+measures the seconds per step (jaxseg: a short run of the same config; nnU-Net: 5 iterations
+of its trainer after 3 warm-up ones) and the schedule is set to fill the budget (jaxseg
+`train.num_steps`; nnU-Net `num_epochs` of 50 iterations plus 5 validation iterations
+(`--nnunet-epoch-iterations`), its poly schedule over them). Compilation, start-up and prediction are not counted; the CPU
+seconds each system used while training are reported next to the wall time.
+
+nnU-Net runs its default trainer (`nnUNetTrainer`: SGD 0.01, Nesterov 0.99, poly decay, Dice +
+CE with deep supervision, its CPU augmentation in `nnUNet_n_proc_DA` background processes,
+default 2) with 50 iterations per epoch instead of 250 and `torch.compile` off
+(`nnUNet_compile=f`). Prediction: every held-out case of each fold, without mirror TTA on both
+sides, on the original grid (jaxseg: `jaxseg.predict`; nnU-Net: its own validation). Both
+folders are scored by `jaxseg.evaluate` against `labelsTr`. Writes WORKDIR/accuracy.json and
+WORKDIR/accuracy.md. Needs nnunetv2 (`pip install nnunetv2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _cpu_children_s() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
+def _run(cmd, log_path: pathlib.Path, env=None) -> float:
+  """Runs `cmd` with output to `log_path`; returns the CPU seconds it used. Exits on failure."""
+  log_path.parent.mkdir(parents=True, exist_ok=True)
+  cpu0 = _cpu_children_s()
+  with open(log_path, "w") as log:
+    rc = subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                        env=env).returncode
+  if rc:
+    sys.exit(f"error: {' '.join(map(str, cmd[:4]))} ... failed ({rc}); log: {log_path}")
+  return _cpu_children_s() - cpu0
+
+
+def folds_of(dataset: pathlib.Path):
+  """nnU-Net's splits of the dataset's cases (leave-one-out below 5 cases)."""
+  from jaxseg.data import dataset as ds
+  from jaxseg.data import pipeline
+  ids = sorted(ds.load_dataset_index(dataset).cases)
+  n, _ = pipeline.effective_num_folds(len(ids), 5)
+  return ds.kfold_splits(ids, n_folds=n)
+
+
+def _evaluate(pred: pathlib.Path, dataset: pathlib.Path, log: pathlib.Path) -> dict:
+  _run([sys.executable, "-m", "jaxseg.evaluate", "--pred", pred, "--ref", dataset / "labelsTr",
+        "--out", pred / "evaluation", "--worst", "0"], log)
+  return json.loads((pred / "evaluation" / "summary.json").read_text())
+
+
+# jaxseg.
+
+
+def _jaxseg_args(a, workdir, fold, steps) -> list:
+  config = f"configs/auto.py:configuration={a.configuration},network={a.network}"
+  return [sys.executable, "-m", "jaxseg.main", f"--config={config}", f"--workdir={workdir}",
+          f"--config.data.root={a.dataset}", f"--config.plan.memory_gb={a.memory_gb}",
+          f"--config.data.fold={fold}", f"--config.train.num_steps={steps}",
+          f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}",
+          f"--config.train.log_every={max(1, min(25, steps // 8))}", f"--config.seed={a.seed}"]
+
+
+def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
+  probe = out / "probe"
+  shutil.rmtree(probe, ignore_errors=True)
+  _run(_jaxseg_args(a, probe, 0, a.probe_steps), out / "probe.log")
+  rates = [r["steps_per_s"] for r in map(json.loads, (probe / "metrics.jsonl").read_text().split("\n")[:-1])
+           if r.get("split") == "train"]
+  rate = sorted(rates[1:] or rates)[len(rates[1:] or rates) // 2]  # median after the first window
+  steps = max(1, int(a.minutes * 60 * rate))
+  pred = out / "pred"
+  folds = []
+  for k, split in enumerate(splits):
+    wd = out / f"fold_{k}"
+    t0 = time.time()
+    cpu = _run(_jaxseg_args(a, wd, k, steps), out / f"fold_{k}.log")
+    report = json.loads((wd / "report.json").read_text())
+    scans = out / f"heldout_{k}"
+    scans.mkdir(exist_ok=True)
+    for case in split["val"]:
+      for f in (a.dataset / "imagesTr").glob(f"{case}_*"):
+        if not (scans / f.name).exists():
+          (scans / f.name).symlink_to(f.resolve())
+    _run([sys.executable, "-m", "jaxseg.predict", "--workdir", wd, "--input", scans, "--output",
+          pred, "--no-tta", "--checkpoint", "latest"], out / f"predict_{k}.log")
+    folds.append({"fold": k, "val": split["val"], "steps": steps, "wall_s": time.time() - t0,
+                  "train_loop_s": steps / report["steps_per_s"] if report.get("steps_per_s") else None,
+                  "cpu_s": cpu})
+  return {"steps_per_s_probe": rate, "steps": steps, "folds": folds,
+          "scores": _evaluate(pred, a.dataset, out / "evaluate.log")}
+
+
+# nnU-Net.
+
+
+def _nnunet_env(root: pathlib.Path, a) -> dict:
+  env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+             nnUNet_results=str(root / "results"), nnUNet_compile="f",
+             nnUNet_n_proc_DA=str(a.nnunet_da_processes))
+  return env
+
+
+def _dataset_id(dataset: pathlib.Path) -> tuple[int, str]:
+  name = dataset.name
+  if not name.startswith("Dataset") or not name[7:10].isdigit():
+    sys.exit(f"error: {dataset}: nnU-Net needs a DatasetXXX_Name folder")
+  return int(name[7:10]), name
+
+
+def nnunet_side(a, splits, out: pathlib.Path) -> dict:
+  did, name = _dataset_id(a.dataset)
+  env = _nnunet_env(out, a)
+  raw = out / "raw" / name
+  if not raw.exists():
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.symlink_to(a.dataset.resolve())
+  pre = out / "preprocessed" / name
+  if not (pre / "nnUNetPlans.json").exists():
+    _run(["nnUNetv2_plan_and_preprocess", "-d", did, "-c", a.configuration, "-np", "2",
+          "-gpu_memory_target", a.memory_gb], out / "plan_and_preprocess.log", env)
+  (pre / "splits_final.json").write_text(json.dumps(splits))
+  plans = json.loads((pre / "nnUNetPlans.json").read_text())["configurations"][a.configuration]
+  pred = out / "pred"
+  pred.mkdir(parents=True, exist_ok=True)
+  folds = []
+  for k, split in enumerate(splits):
+    t0 = time.time()
+    cpu = _run([sys.executable, __file__, "--nnunet-fold", str(k), "--dataset", a.dataset,
+                "--configuration", a.configuration, "--minutes", a.minutes, "--workdir", a.workdir,
+                "--nnunet-epoch-iterations", a.nnunet_epoch_iterations],
+               out / f"fold_{k}.log", env)
+    fold_dir = next((out / "results" / name).glob(f"*__nnUNetPlans__{a.configuration}")) / f"fold_{k}"
+    stats = json.loads((fold_dir / "budget.json").read_text())
+    for f in (fold_dir / "validation").glob(f"*{_ending(a.dataset)}"):
+      shutil.copyfile(f, pred / f.name)
+    folds.append({"fold": k, "val": split["val"], "wall_s": time.time() - t0, "cpu_s": cpu, **stats})
+  return {"patch_size": plans["patch_size"], "batch_size": plans["batch_size"],
+          "folds": folds, "scores": _evaluate(pred, a.dataset, out / "evaluate.log")}
+
+
+def _ending(dataset: pathlib.Path) -> str:
+  return json.loads((dataset / "dataset.json").read_text())["file_ending"]
+
+
+def nnunet_fold(a) -> None:
+  """One fold of nnU-Net's trainer with the time budget (runs in its own process: nnU-Net
+  reads its folders from the environment at import)."""
+  import torch
+  from batchgenerators.utilities.file_and_folder_operations import load_json
+  from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+  did, name = _dataset_id(a.dataset)
+  pre = pathlib.Path(os.environ["nnUNet_preprocessed"]) / name
+  budget_s = a.minutes * 60
+
+  class BudgetTrainer(nnUNetTrainer):
+    """nnU-Net's default trainer, its schedule fitted to `budget_s` of training steps."""
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      self.num_iterations_per_epoch = a.nnunet_epoch_iterations
+      self.num_val_iterations_per_epoch = max(1, a.nnunet_epoch_iterations // 10)
+
+    def run_training(self):
+      self.on_train_start()
+      self.inference_allowed_mirroring_axes = None  # no mirror TTA in the validation
+      t_start = time.perf_counter()
+      self.network.train()
+      for _ in range(3):
+        self.train_step(next(self.dataloader_train))
+      t0 = time.perf_counter()
+      for _ in range(5):
+        self.train_step(next(self.dataloader_train))
+      per_step = (time.perf_counter() - t0) / 5
+      per_epoch = per_step * (self.num_iterations_per_epoch + 0.4 * self.num_val_iterations_per_epoch)
+      left = budget_s - (time.perf_counter() - t_start)
+      self.num_epochs = max(1, int(left / per_epoch))
+      self.lr_scheduler.max_steps = self.num_epochs
+      for _ in range(self.num_epochs):
+        self.on_epoch_start()
+        self.on_train_epoch_start()
+        outs = [self.train_step(next(self.dataloader_train))
+                for _ in range(self.num_iterations_per_epoch)]
+        self.on_train_epoch_end(outs)
+        with torch.no_grad():
+          self.on_validation_epoch_start()
+          outs = [self.validation_step(next(self.dataloader_val))
+                  for _ in range(self.num_val_iterations_per_epoch)]
+          self.on_validation_epoch_end(outs)
+        self.on_epoch_end()
+      train_s = time.perf_counter() - t_start
+      self.on_train_end()
+      (pathlib.Path(self.output_folder) / "budget.json").write_text(json.dumps({
+          "seconds_per_step_probe": per_step, "epochs": self.num_epochs,
+          "steps": 8 + self.num_epochs * self.num_iterations_per_epoch, "train_loop_s": train_s}))
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  plans = load_json(str(pre / "nnUNetPlans.json"))
+  trainer = BudgetTrainer(plans, a.configuration, a.nnunet_fold, load_json(str(pre / "dataset.json")),
+                          device=torch.device("cpu"))
+  trainer.run_training()
+  trainer.perform_actual_validation(False)
+
+
+# Report.
+
+
+def _table(result: dict) -> str:
+  """Per class (jaxseg.evaluate's means over the held-out cases) Dice and HD95 of each system,
+  then the foreground mean, then each fold's budget."""
+  systems = [s for s in ("jaxseg", "nnunet") if s in result]
+  classes = [c for c in result[systems[0]]["scores"]["per_class"] if c != "background"]
+  lines = ["| class | " + " | ".join(f"{s} Dice | {s} HD95 mm" for s in systems) + " |",
+           "|---|" + "---|---|" * len(systems)]
+  rows = [(c, lambda sc, c=c: sc["per_class"][c]) for c in classes]
+  rows.append(("mean (foreground)", lambda sc: sc["foreground_mean"]))
+  for name, get in rows:
+    cells = []
+    for s in systems:
+      m = get(result[s]["scores"])
+      cells += [f"{m['dice']:.3f}", f"{m['hd95']:.1f}"]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  for s in systems:
+    folds = result[s]["folds"]
+    lines.append(f"\n{s}: " + "; ".join(
+        f"fold {f['fold']} ({', '.join(f['val'])}): {f.get('steps', '?')} steps, train loop "
+        f"{(f.get('train_loop_s') or 0) / 60:.1f} min, {f['cpu_s'] / 60:.1f} CPU-min in all" for f in folds))
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--dataset", type=pathlib.Path, required=True)
+  p.add_argument("--workdir", type=pathlib.Path, required=True)
+  p.add_argument("--configuration", default="3d_fullres", choices=("3d_fullres", "2d"))
+  p.add_argument("--network", default="plain", help="jaxseg's plan.network (plain, resenc_m, ...)")
+  p.add_argument("--minutes", type=float, default=10.0, help="training minutes per fold and system")
+  p.add_argument("--memory-gb", type=float, default=0.5, help="the plans' memory budget")
+  p.add_argument("--systems", default="jaxseg,nnunet")
+  p.add_argument("--probe-steps", type=int, default=12)
+  p.add_argument("--nnunet-da-processes", type=int, default=2)
+  p.add_argument("--nnunet-epoch-iterations", type=int, default=50,
+                 help="nnU-Net's training iterations per epoch (validation: a tenth)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--nnunet-fold", type=int, default=None, help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  a.dataset = a.dataset.resolve()
+  if a.nnunet_fold is not None:
+    nnunet_fold(a)
+    return 0
+  a.workdir.mkdir(parents=True, exist_ok=True)
+  splits = folds_of(a.dataset)
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  from machine import cpu_info  # noqa: PLC0415
+  result = {"dataset": str(a.dataset), "configuration": a.configuration, "network": a.network,
+            "minutes_per_fold": a.minutes, "memory_gb": a.memory_gb, "splits": splits,
+            "machine": {**cpu_info(), "python": platform.python_version()},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+  path = a.workdir / "accuracy.json"
+  if path.exists():
+    result = {**json.loads(path.read_text()), **{k: v for k, v in result.items() if k != "date"}}
+  for system in a.systems.split(","):
+    t0 = time.time()
+    side = jaxseg_side if system == "jaxseg" else nnunet_side
+    result[system] = side(a, splits, a.workdir / system)
+    result[system]["wall_s"] = time.time() - t0
+    path.write_text(json.dumps(result, indent=1))
+    print(f"[accuracy] {system} done in {(time.time() - t0) / 60:.1f} min", flush=True)
+  text = _table(result)
+  (a.workdir / "accuracy.md").write_text(text + "\n")
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
