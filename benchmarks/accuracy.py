@@ -133,6 +133,15 @@ def _nnunet_env(root: pathlib.Path, a) -> dict:
   return env
 
 
+def _tool(name: str) -> str:
+  """A console script of this interpreter's environment (or on PATH)."""
+  here = pathlib.Path(sys.executable).parent / name
+  found = str(here) if here.exists() else shutil.which(name)
+  if not found:
+    sys.exit(f"error: {name} not found: pip install nnunetv2")
+  return found
+
+
 def _dataset_id(dataset: pathlib.Path) -> tuple[int, str]:
   name = dataset.name
   if not name.startswith("Dataset") or not name[7:10].isdigit():
@@ -149,7 +158,7 @@ def nnunet_side(a, splits, out: pathlib.Path) -> dict:
     raw.symlink_to(a.dataset.resolve())
   pre = out / "preprocessed" / name
   if not (pre / "nnUNetPlans.json").exists():
-    _run(["nnUNetv2_plan_and_preprocess", "-d", did, "-c", a.configuration, "-np", "2",
+    _run([_tool("nnUNetv2_plan_and_preprocess"), "-d", did, "-c", a.configuration, "-np", "2",
           "-gpu_memory_target", a.memory_gb], out / "plan_and_preprocess.log", env)
   (pre / "splits_final.json").write_text(json.dumps(splits))
   plans = json.loads((pre / "nnUNetPlans.json").read_text())["configurations"][a.configuration]
@@ -189,8 +198,10 @@ def nnunet_fold(a) -> None:
   class BudgetTrainer(nnUNetTrainer):
     """nnU-Net's default trainer, its schedule fitted to `budget_s` of training steps."""
 
-    def __init__(self, *args, **kwargs):
-      super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cpu")):
+      # nnU-Net records its constructor's arguments by name: the signature stays its own.
+      super().__init__(plans, configuration, fold, dataset_json, device)
       self.num_iterations_per_epoch = a.nnunet_epoch_iterations
       self.num_val_iterations_per_epoch = max(1, a.nnunet_epoch_iterations // 10)
 
@@ -229,6 +240,7 @@ def nnunet_fold(a) -> None:
 
   torch.set_num_threads(os.cpu_count() or 1)
   plans = load_json(str(pre / "nnUNetPlans.json"))
+  plans["continue_training"] = False  # what nnunetv2.run.run_training adds for a fresh run
   trainer = BudgetTrainer(plans, a.configuration, a.nnunet_fold, load_json(str(pre / "dataset.json")),
                           device=torch.device("cpu"))
   trainer.run_training()

@@ -216,6 +216,30 @@ def test_activation_elements_by_hand():
   assert topology.activation_elements((8, 8), ((1, 1), (2, 2)), (4, 8), 3) == 1728
 
 
+def test_resenc_activation_elements_by_hand():
+  # Patch 8x8, strides (1,1) (2,2), F = 4, 8, blocks 1, 2, 3 classes: V = 64, 16.
+  # stem 4*64 = 256; stage 0: one block, no projection, 2*4*64 = 512; stage 1: two blocks and
+  # the projection of the strided 4->8 block, (2*2 + 1)*8*16 = 640; decoder (one conv and the
+  # transposed conv) 2*4*64 = 512; segmentation 3*64 = 192.
+  assert topology.resenc_activation_elements((8, 8), ((1, 1), (2, 2)), (4, 8), 3,
+                                             blocks_per_stage=(1, 2)) == 2112
+
+
+def test_resenc_2d_patch_fits_a_sample_against_the_reference():
+  # nnU-Net's ResEnc planners shrink the patch while ONE sample exceeds the reference (which
+  # stands for a batch of 12 in 2D), not a batch of 2: 640x640 slices at ResEnc M (8 GB) give
+  # 512x512, batch 13, 129441792 activations per sample in nnU-Net 2.8.1
+  # (tools/compare_plans.py --synthetic --network resenc_m, docs/planning.md); the plain plan
+  # keeps 640x640 at batch 8.
+  fp = {"spacings": [[0.5, 0.5, 3.0]] * 20, "shapes_after_crop": [[640, 640, 40]] * 20,
+        "channel_names": ["CT"]}
+  resenc = plan.plan_experiment(fp, num_classes=2, network="ResidualEncoderUNet").configurations["2d"]
+  assert (resenc.patch_size, resenc.batch_size) == ((512, 512), 13)
+  assert resenc.activations_per_sample == 129441792
+  plain = plan.plan_experiment(fp, num_classes=2).configurations["2d"]
+  assert (plain.patch_size, plain.batch_size) == ((640, 640), 8)
+
+
 def test_features_cap():
   assert topology.features_per_stage(7, 3) == (32, 64, 128, 256, 320, 320, 320)
   assert topology.features_per_stage(8, 2) == (32, 64, 128, 256, 512, 512, 512, 512)
