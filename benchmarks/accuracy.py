@@ -193,13 +193,14 @@ def nnunet_fold(a) -> None:
 
   did, name = _dataset_id(a.dataset)
   pre = pathlib.Path(os.environ["nnUNet_preprocessed"]) / name
+  CPU = torch.device("cpu")  # noqa: N806
   budget_s = a.minutes * 60
 
   class BudgetTrainer(nnUNetTrainer):
     """nnU-Net's default trainer, its schedule fitted to `budget_s` of training steps."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = CPU):
       # nnU-Net records its constructor's arguments by name: the signature stays its own.
       super().__init__(plans, configuration, fold, dataset_json, device)
       self.num_iterations_per_epoch = a.nnunet_epoch_iterations
