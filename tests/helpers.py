@@ -24,3 +24,24 @@ def tiny(config, cache_dir, *, dims=3, batch=2, steps=4):
     config.train.eval_every = steps
     config.train.checkpoint_every = 1
   return config
+
+
+def assert_default_convs_equal_xla(model_fields: dict, x) -> None:
+  """The network of `model_fields` built with the default convolutions of this platform
+  (`conv_impl='auto'`) and with XLA's (`'lax'`): forward and parameter gradients agree."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  from jaxseg.models import build
+  cfg = ml_collections.ConfigDict(dict(model_fields))
+  auto = build.build_model(cfg, num_classes=2)
+  with cfg.unlocked():
+    cfg.conv_impl = "lax"
+  lax = build.build_model(cfg, num_classes=2)
+  params = lax.init(jax.random.key(0), x)
+  np.testing.assert_allclose(auto.apply(params, x), lax.apply(params, x), rtol=1e-4, atol=1e-4)
+  ga = jax.grad(lambda p: jnp.sum(jnp.sin(auto.apply(p, x))))(params)
+  gl = jax.grad(lambda p: jnp.sum(jnp.sin(lax.apply(p, x))))(params)
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gl)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -47,4 +47,4 @@ def test_fcn_shapes_and_skip_fusion(dims, shape):
 
 
 def test_models_dict_names():
-  assert set(MODELS) == {"unet", "fcn", "hemis"}
+  assert set(MODELS) == {"unet", "resenc_unet", "fcn", "hemis"}

@@ -13,7 +13,7 @@ from jaxseg.models.conv import Conv, ConvTranspose
 from jaxseg.models.norm import InstanceNormAct
 
 
-class FCN(nn.Module):
+class FCN(nn.Module, layers.StageGeometry):
   """Encoder of `num_stages` conv stages with stride-2 downsampling; 1x1 score layers on the
   three deepest stages (FCN-8s: pool3, pool4, conv7); the deepest score map is upsampled x2 by a
   transposed conv and added to the next, again x2 and added to the third, then resized to the
@@ -61,14 +61,3 @@ class FCN(nn.Module):
     y = y.astype(jnp.float32)
     out_shape = in_shape[:-1] + (self.num_classes,)
     return jax.image.resize(y, out_shape, method="linear")
-
-  @property
-  def geometry(self):
-    """(kernel sizes, strides) per stage and axis (`layers.stage_geometry`)."""
-    return layers.stage_geometry(self.num_stages, self.spatial_dims, self.kernel_sizes,
-                                 self.strides)
-
-  @property
-  def downsampling(self) -> tuple[int, ...]:
-    """Per axis, the total stride: what every input size must be divisible by."""
-    return layers.total_strides(self.geometry[1])

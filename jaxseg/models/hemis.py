@@ -42,7 +42,7 @@ def hemis_fuse(features, available):
   return jnp.concatenate([mean, var], axis=-1)
 
 
-class HeMISUNet(nn.Module):
+class HeMISUNet(nn.Module, layers.StageGeometry):
   """U-Net with HeMIS fusion; stage sizes as `UNet` (features doubling from `base_features` up
   to `max_features`, `num_stages` stages, per-axis `kernel_sizes` and `strides`).
 
@@ -98,14 +98,3 @@ class HeMISUNet(nn.Module):
                                conv_transpose=self.conv_transpose, dtype=self.dtype,
                                deep_supervision=self.deep_supervision,
                                kernels=self.geometry[0], strides=self.geometry[1])
-
-  @property
-  def geometry(self):
-    """(kernel sizes, strides) per stage and axis (`layers.stage_geometry`)."""
-    return layers.stage_geometry(self.num_stages, self.spatial_dims, self.kernel_sizes,
-                                 self.strides)
-
-  @property
-  def downsampling(self) -> tuple[int, ...]:
-    """Per axis, the total stride: what every input size must be divisible by."""
-    return layers.total_strides(self.geometry[1])

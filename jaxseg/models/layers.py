@@ -69,6 +69,21 @@ def total_strides(strides) -> tuple[int, ...]:
   return tuple(int(v) for v in np.prod(np.asarray(strides, np.int64), axis=0))
 
 
+class StageGeometry:
+  """Mixin of the networks with `num_stages`, `spatial_dims`, `kernel_sizes` and `strides`
+  fields: their per-stage, per-axis `geometry` and total `downsampling`."""
+
+  @property
+  def geometry(self):
+    """(kernel sizes, strides) per stage and axis (`stage_geometry`)."""
+    return stage_geometry(self.num_stages, self.spatial_dims, self.kernel_sizes, self.strides)
+
+  @property
+  def downsampling(self) -> tuple[int, ...]:
+    """Per axis, the total stride: what every input size must be divisible by."""
+    return total_strides(self.geometry[1])
+
+
 class ConvNormAct(nn.Module):
   """Convolution -> InstanceNorm -> LeakyReLU, as in nnU-Net's encoder/decoder stages; `norm`
   builds the fused norm + activation (default `norm.InstanceNormAct`: epsilon 1e-5, slope

@@ -48,7 +48,7 @@ class ResidualBlock(nn.Module):
     return jax.nn.leaky_relu(y + skip.astype(y.dtype), negative_slope_of(self.norm))
 
 
-class ResEncUNet(nn.Module):
+class ResEncUNet(nn.Module, layers.StageGeometry):
   """U-Net with a residual encoder, as nnU-Net's `ResidualEncoderUNet` (the ResEnc M/L/XL
   presets): a stem conv-norm-act, then per stage `blocks_per_stage[s]` `ResidualBlock`s (the
   first strided), and the U-Net decoder with one conv-norm-act per stage.
@@ -99,14 +99,3 @@ class ResEncUNet(nn.Module):
       raise ValueError(f"blocks_per_stage={blocks} needs {self.num_stages} entries >= 1 "
                        "(one per stage)")
     return blocks
-
-  @property
-  def geometry(self):
-    """(kernel sizes, strides) per stage and axis (`layers.stage_geometry`)."""
-    return layers.stage_geometry(self.num_stages, self.spatial_dims, self.kernel_sizes,
-                                 self.strides)
-
-  @property
-  def downsampling(self) -> tuple[int, ...]:
-    """Per axis, the total stride: what every input size must be divisible by."""
-    return layers.total_strides(self.geometry[1])

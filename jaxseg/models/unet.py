@@ -12,7 +12,7 @@ from jaxseg.models.conv import Conv, ConvTranspose
 from jaxseg.models.norm import InstanceNormAct
 
 
-class UNet(nn.Module):
+class UNet(nn.Module, layers.StageGeometry):
   """Encoder of `num_stages` stages (two conv-norm-act each, strided-conv downsampling between
   stages, features doubling from `base_features` up to `max_features`) and a decoder of
   transposed-conv upsampling, skip concatenation and two conv-norm-act per stage.
@@ -61,14 +61,3 @@ class UNet(nn.Module):
                               deep_supervision=self.deep_supervision, kernels=kernels,
                               strides=strides, **kw)
     return (out, bottleneck) if return_features else out
-
-  @property
-  def geometry(self):
-    """(kernel sizes, strides) per stage and axis (`layers.stage_geometry`)."""
-    return layers.stage_geometry(self.num_stages, self.spatial_dims, self.kernel_sizes,
-                                 self.strides)
-
-  @property
-  def downsampling(self) -> tuple[int, ...]:
-    """Per axis, the total stride: what every input size must be divisible by."""
-    return layers.total_strides(self.geometry[1])
