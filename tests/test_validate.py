@@ -15,7 +15,7 @@ def _cfg():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model.name", "resnet", r"model.name='resnet' is not valid; choose one of \['fcn', 'hemis', 'unet'\]"),
+    ("model.name", "resnet", r"model.name='resnet' is not valid; choose one of \['fcn', 'hemis', 'resenc_unet', 'unet'\]"),
     ("optimizer.name", "lamb", r"optimizer.name='lamb' is not valid; choose one of \['adam', 'adamw', 'sgd'\]"),
     ("loss.name", "focal", r"loss.name='focal' is not valid; choose one of \['ce', 'dice_ce'\]"),
     ("paradigm", "magic", r"paradigm='magic' is not valid; choose one of"),
