@@ -9,6 +9,9 @@
 (`tools/cross_validate.py`: CV_DIR/fold_k, one run each), as nnU-Net does: each case is
 preprocessed once and its class probabilities are the mean of the folds' (each fold with its
 own sliding window and TTA); the folds must share the preprocessing plan, channels and labels.
+The cross-validation's post-processing choice (CV_DIR/postprocessing.json, written by
+`tools/cross_validate.py`: nnU-Net's keep-largest-component where it raised the held-out Dice)
+is applied unless `--no-postprocessing`.
 
 Inputs follow nnU-Net's naming: `<case>_<channel:04d><ending>` (a single-channel model also
 takes plain `<case><ending>`); a file argument picks up its sibling channel files. Each case is
@@ -18,7 +21,7 @@ over all local devices (`jaxseg.inference.predict_volume`), put back on the inpu
 (`jaxseg.data.preprocess.invert_prediction`) and written as `<case><ending>` with the input's
 shape, affine and header (atomically). `--min-size N` and `--keep-largest` filter each
 foreground class's face-connected components on the input grid with `jaxseg.classical` (all
-classes in one jitted call on the default device, see `postprocess_label`).
+classes in one jitted call on the default device, see `postprocessing.postprocess_label`).
 `--save-probabilities` adds `<case>.npz` with the class probabilities (K, *input shape) on the
 input grid. Bad input ends with one line on stderr and exit status 2.
 """
@@ -36,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxseg import atomic
+from jaxseg import atomic, postprocessing
 from jaxseg.data import io
 from jaxseg.errors import InvalidDatasetError
 
@@ -228,45 +231,6 @@ def _stem(path) -> str:
   return path.name[:len(path.name) - len(_ending(path) or "")]
 
 
-# Bytes of device memory per voxel and class that the component filtering may take at once
-# (mask, int32 labels, int32 sizes, temporaries; see jaxseg.classical.postprocess).
-_POSTPROCESS_BUDGET = 2 << 30
-
-
-def postprocess_label(label, values, *, keep_largest: bool = False, min_size: int = 0):
-  """Per label value in `values`: drops the face-connected components of fewer than `min_size`
-  voxels, then, with `keep_largest`, all but the largest one left (ties: the raster-first
-  component); dropped voxels become 0.
-
-  Runs through `jaxseg.classical.filter_components_per_class`: the label map goes to the
-  default device once, all classes are labelled in one jitted call (batched over classes, a few
-  at a time when the volume is large) and the result comes back once. `keep_largest` alone
-  equals the former host implementation (`scipy.ndimage.label` per class, `np.argmax` of the
-  component sizes), close to nnU-Net's per-class "remove all but the largest component" (which
-  keeps every component tied for the largest size). Returns a NumPy array like `label`.
-
-  The label map is on the host here: `inference.predict_volume` returns host probabilities and
-  `preprocess.invert_prediction` resamples on the host, and the components are those of the
-  input grid (as nnU-Net's post-processing), so it travels to the device once and back once.
-  """
-  from jaxseg import classical  # noqa: PLC0415
-  values = [int(v) for v in values]
-  if not values or not (keep_largest or min_size > 1):
-    return np.asarray(label)
-  per_class = 16 * max(int(np.size(label)), 1)
-  batch = max(1, _POSTPROCESS_BUDGET // per_class)
-  out = classical.filter_components_per_class(
-      label, values, keep_largest=keep_largest, min_size=min_size, connectivity=1,
-      batch_size=None if batch >= len(values) else batch)
-  return np.asarray(out)
-
-
-def keep_largest_component(label, values) -> np.ndarray:
-  """Per label value in `values`, keeps only its largest face-connected component (the rest
-  becomes 0); `postprocess_label(label, values, keep_largest=True)`."""
-  return postprocess_label(label, values, keep_largest=True)
-
-
 def fold_dirs(workdir, folds: str) -> list[pathlib.Path]:
   """The run directories `workdir/fold_k` named by `folds` ('all' or '0,1,...'); PredictError
   naming what is missing or malformed."""
@@ -311,13 +275,30 @@ def load_runs(workdir, *, folds: str | None = None, checkpoint: str = "best") ->
   return runs
 
 
+POSTPROCESSING_FILE = "postprocessing.json"
+
+
+def load_postprocessing(workdir) -> dict | None:
+  """The post-processing decision `tools/cross_validate.py` wrote to
+  `workdir/postprocessing.json`, or None when there is none."""
+  path = pathlib.Path(workdir) / POSTPROCESSING_FILE
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise PredictError(f"{path} is not valid JSON ({e}); delete it or rerun "
+                       "tools/cross_validate.py") from e
+
+
 def predict_case(run, paths, *, tta: bool = True, keep_largest: bool = False,
-                 probabilities: bool = False, min_size: int = 0):
+                 probabilities: bool = False, min_size: int = 0, postprocess: dict | None = None):
   """Segments one case given its channel files, with a `Run` or an ensemble (a list of Runs
   sharing their preprocessing, `load_runs`): the mean of the runs' class probabilities.
 
-  `keep_largest` and `min_size` filter the components of every foreground class on the input
-  grid (`postprocess_label`).
+  `postprocess` (a `postprocessing.determine` decision, e.g. a cross-validation's
+  postprocessing.json) is applied first; then `keep_largest` and `min_size` filter the
+  components of every foreground class on the input grid (`postprocessing.postprocess_label`).
 
   Returns (label values on the input grid, the input's Geometry, probabilities (K, *input
   shape) float32 or None).
@@ -347,8 +328,11 @@ def predict_case(run, paths, *, tta: bool = True, keep_largest: bool = False,
   classes = np.argmax(probs, axis=-1).astype(np.int16)
   values = np.asarray(run.plan["label_values"], np.int32)
   label = values[pp.invert_prediction(classes, record)]
+  if postprocess:
+    label = postprocessing.apply(label, postprocess)
   if keep_largest or min_size > 1:
-    label = postprocess_label(label, values[1:], keep_largest=keep_largest, min_size=min_size)
+    label = postprocessing.postprocess_label(label, values[1:], keep_largest=keep_largest,
+                                             min_size=min_size)
   prob_out = (pp.invert_probabilities(np.moveaxis(probs, -1, 0), record) if probabilities
               else None)
   return label, geometry, prob_out
@@ -362,11 +346,15 @@ def save_npz_atomic(path, **arrays) -> None:
 
 def predict(workdir, input_path, output_dir, *, tta: bool = True, keep_largest: bool = False,
             save_probabilities: bool = False, checkpoint: str = "best", min_size: int = 0,
-            folds: str | None = None, log=print) -> list:
+            folds: str | None = None, use_postprocessing: bool = True, log=print) -> list:
   """Predicts every case under `input_path` into `output_dir` with the run at `workdir` (or the
-  ensemble of its `folds`, see `load_runs`); returns the written paths."""
+  ensemble of its `folds`, see `load_runs`, post-processed as the cross-validation's
+  postprocessing.json decides unless `use_postprocessing` is False); returns the written paths."""
   runs = load_runs(workdir, folds=folds, checkpoint=checkpoint)
   run = runs[0]
+  decision = load_postprocessing(workdir) if folds and use_postprocessing else None
+  if decision is not None:
+    log(postprocessing.describe(decision) + f" ({pathlib.Path(workdir) / POSTPROCESSING_FILE})")
   cases = find_cases(input_path, len(run.channel_names), run.channel_names)
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -377,6 +365,7 @@ def predict(workdir, input_path, output_dir, *, tta: bool = True, keep_largest: 
   for case, paths in cases.items():
     t = time.time()
     label, geometry, probs = predict_case(runs, paths, tta=tta, keep_largest=keep_largest,
+                                          postprocess=decision,
                                           probabilities=save_probabilities, min_size=min_size)
     target = out / f"{case}{_ending(paths[0])}"
     io.write_image(target, label, geometry)
@@ -406,7 +395,10 @@ def parse_args(argv):
   p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   p.add_argument("--folds", default=None, metavar="K,K,...|all",
                  help="ensemble these folds of a cross-validation directory (--workdir holding "
-                      "fold_<k> runs, tools/cross_validate.py): mean class probabilities")
+                      "fold_<k> runs, tools/cross_validate.py): mean class probabilities, "
+                      "post-processed as its postprocessing.json says")
+  p.add_argument("--no-postprocessing", action="store_true",
+                 help="with --folds: ignore the cross-validation's postprocessing.json")
   return p.parse_args(argv)
 
 
@@ -419,7 +411,8 @@ def main(argv=None) -> int:
       raise PredictError(f"--min-size must be >= 0, got {args.min_size}")
     predict(args.workdir, args.input, args.output, tta=args.tta, keep_largest=args.keep_largest,
             save_probabilities=args.save_probabilities, checkpoint=args.checkpoint,
-            min_size=args.min_size, folds=args.folds)
+            min_size=args.min_size, folds=args.folds,
+            use_postprocessing=not args.no_postprocessing)
   except (PredictError, InvalidDatasetError, *user_errors()) as e:
     print(f"error: {e}".splitlines()[0], file=sys.stderr)
     return 2

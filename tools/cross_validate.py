@@ -19,7 +19,11 @@ per fold the held-out cases, Dice and IoU per class (means over the fold's held-
 class absent from both reference and prediction left out, as `jaxseg.metrics`) and the wall
 time; over the folds the mean and standard deviation of the fold means, and the worst held-out
 case (lowest mean foreground Dice over all folds). The table is printed and written to
-WORKDIR/cv_table.md, everything to WORKDIR/cv_report.json. `paradigms.supervised.run` draws the overlay of each
+WORKDIR/cv_table.md, everything to WORKDIR/cv_report.json. Then (unless `--no-postprocessing`)
+each fold's run predicts its held-out cases on the original grid and nnU-Net's post-processing
+choice is made on them (`jaxseg.postprocessing.determine`: keep the largest component of the
+foreground, then of each class, where that raises the held-out Dice), written to
+WORKDIR/postprocessing.json; `python -m jaxseg.predict --workdir WORKDIR --folds all` applies it. `paradigms.supervised.run` draws the overlay of each
 fold's worst case into WORKDIR/fold_k/overlay.png, so the fold holding the overall worst case
 has that case's overlay: it is copied to WORKDIR/worst_overlay.png and, with `--figure`, saved as
 a small PNG at that path (at most `--figure-width` pixels wide; see `save_figure`).
@@ -40,6 +44,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 REPORT = "report.json"
 
@@ -69,6 +75,8 @@ def split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument("--aggregate-only", action="store_true", help="only aggregate existing folds")
   p.add_argument("--figure", default="", help="also save the worst case's overlay here (PNG)")
   p.add_argument("--figure-width", type=int, default=1100, help="max width of --figure in pixels")
+  p.add_argument("--no-postprocessing", action="store_true",
+                 help="skip choosing the post-processing on the held-out predictions")
   args, rest = p.parse_known_args(argv)
   overrides = []
   i = 0
@@ -91,6 +99,31 @@ def fold_command(config_arg: str, workdir: pathlib.Path, fold: int, overrides: l
   """The front-door command line of one fold."""
   return [sys.executable, "-m", "jaxseg.main", f"--config={config_arg}",
           f"--workdir={workdir / f'fold_{fold}'}", *overrides, f"--config.data.fold={fold}"]
+
+
+def choose_postprocessing(workdir: pathlib.Path, folds: list[int], log=print) -> dict:
+  """nnU-Net's post-processing choice (`jaxseg.postprocessing.determine`) on every fold's
+  held-out cases, predicted by that fold's run (`jaxseg.predict`, no TTA) on the original grid;
+  written to WORKDIR/postprocessing.json, which `jaxseg.predict --folds` applies."""
+  from jaxseg import atomic, postprocessing, predict
+  from jaxseg.data import dataset, io
+  preds, refs, values, names = [], [], None, {}
+  for k in folds:
+    run = predict.load_run(workdir / f"fold_{k}")
+    index = dataset.load_dataset_index(pathlib.Path(run.plan["dataset"]["root"]))
+    values = [int(v) for v in run.plan["label_values"]][1:]
+    names = dict(zip(values, run.plan["class_names"][1:]))
+    for case in run.plan["split"]["val"]:
+      label, _, _ = predict.predict_case(run, index.image_files[case], tta=False)
+      ref, _ = io.read_label(index.label_files[case])
+      preds.append(label)
+      refs.append(np.asarray(ref))
+  decision = postprocessing.determine(preds, refs, values)
+  decision["class_names"] = {str(v): n for v, n in names.items()}
+  atomic.write_json_atomic(workdir / predict.POSTPROCESSING_FILE, decision)
+  log(f"[cross_validate] {postprocessing.describe(decision, names)} "
+      f"-> {workdir / predict.POSTPROCESSING_FILE}")
+  return decision
 
 
 def fold_done(fold_dir: pathlib.Path, num_steps: int) -> bool:
@@ -267,6 +300,8 @@ def main(argv=None) -> int:
         return rc
       ran.append(k)
   summary = aggregate(workdir, folds)
+  if not args.no_postprocessing:
+    summary["postprocessing"] = choose_postprocessing(workdir, folds)
   summary["config"] = args.config
   summary["overrides"] = overrides
   summary["num_folds"] = num_folds

@@ -130,6 +130,10 @@ def test_folds_run_through_the_front_door(tmp_path, capsys):
   assert (workdir / "worst_overlay.png").is_file() and (tmp_path / "fig.png").is_file()
   assert summary["worst_case"]["fold"] in (0, 1)
   assert (workdir / "cv_table.md").read_text().startswith("| fold | held out | Dice tumour |")
+  # The post-processing choice was made on the 4 held-out predictions.
+  decision = json.loads((workdir / "postprocessing.json").read_text())
+  assert decision["cases"] == 4 and set(decision) >= {"foreground", "classes", "dice", "per_class"}
+  assert summary["postprocessing"]["classes"] == decision["classes"]
   # Run again: both folds are complete, so nothing is trained.
   capsys.readouterr()
   assert cross_validate.main(argv) == 0
@@ -150,11 +154,18 @@ def _check_fold_ensemble(root, workdir, tmp_path):
     probs.append(np.load(tmp_path / f"p{k}" / "case_0.npz")["probabilities"])
   assert predict.main(["--workdir", str(workdir), "--folds", "all", "--input", str(scan),
                        "--output", str(tmp_path / "ens"), "--save-probabilities",
-                       "--no-tta"]) == 0
+                       "--no-tta", "--no-postprocessing"]) == 0
   ens = np.load(tmp_path / "ens" / "case_0.npz")["probabilities"]
   np.testing.assert_allclose(ens, (probs[0] + probs[1]) / 2, atol=1e-6)
   label = np.asarray(nib.load(str(tmp_path / "ens" / "case_0.nii.gz")).dataobj)
   np.testing.assert_array_equal(label, np.argmax(ens, axis=0))
+  # By default the cross-validation's post-processing choice is applied to that label map.
+  from jaxseg import postprocessing
+  decision = json.loads((workdir / "postprocessing.json").read_text())
+  assert predict.main(["--workdir", str(workdir), "--folds", "all", "--input", str(scan),
+                       "--output", str(tmp_path / "ens_pp"), "--no-tta"]) == 0
+  label_pp = np.asarray(nib.load(str(tmp_path / "ens_pp" / "case_0.nii.gz")).dataobj)
+  np.testing.assert_array_equal(label_pp, postprocessing.apply(label, decision))
   with pytest.raises(predict.PredictError, match=r"--folds 0,7: no run directory .*fold_7"):
     predict.fold_dirs(workdir, "0,7")
   with pytest.raises(predict.PredictError, match="has no fold_<k> run directories"):
