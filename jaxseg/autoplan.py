@@ -123,10 +123,14 @@ def _fill(section, key: str, unset, value) -> None:
 
 
 def write(workdir, experiment, configuration: str) -> pathlib.Path:
-  """Writes `workdir/experiment_plan.json` (every configuration, and which one trains);
-  only process 0 writes. Returns the path."""
+  """Writes `workdir/experiment_plan.json` (every configuration, and which one trains) for a new
+  run: a workdir that already holds a run (its plan.json) is left as it is (a resume plans the
+  same; another run's workdir is refused later, undamaged). Only process 0 writes. Returns the
+  path."""
   import jax  # noqa: PLC0415
   path = pathlib.Path(workdir) / PLAN_FILE
+  if (pathlib.Path(workdir) / "plan.json").exists():
+    return path
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json_atomic(path, {"configuration": configuration, **experiment.to_dict()})

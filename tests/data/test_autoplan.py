@@ -98,6 +98,20 @@ def test_resenc_preset_plans_and_builds_the_residual_encoder(tmp_path):
   assert plain.model.name == "unet" and "blocks_per_stage" not in plain.model
 
 
+def test_plan_file_is_not_written_over_an_existing_run(tmp_path):
+  root = _anisotropic_dataset(tmp_path / "Dataset965_Aniso")
+  _, experiment = autoplan.resolve(_config(root, tmp_path / "cache", memory_gb=0.25), platform="cpu")
+  fresh = tmp_path / "fresh"
+  path = autoplan.write(fresh, experiment, "3d_fullres")
+  assert json.loads(path.read_text())["configuration"] == "3d_fullres"
+  other = tmp_path / "other"  # another run's workdir: nothing of it changes
+  other.mkdir()
+  (other / "plan.json").write_text("{}")
+  (other / autoplan.PLAN_FILE).write_text("theirs")
+  autoplan.write(other, experiment, "3d_fullres")
+  assert (other / autoplan.PLAN_FILE).read_text() == "theirs"
+
+
 def test_bad_plan_settings_are_named(tmp_path):
   root = _anisotropic_dataset(tmp_path / "Dataset962_Aniso")
   with pytest.raises(ConfigError, match="plan.configuration='4d' is not valid"):
