@@ -29,7 +29,9 @@ default 2) with 50 iterations per epoch instead of 250 and `torch.compile` off
 (`nnUNet_compile=f`). Prediction: every held-out case of each fold, without mirror TTA on both
 sides, on the original grid (jaxseg: `jaxseg.predict`; nnU-Net: its own validation). Both
 folders are scored by `jaxseg.evaluate` against `labelsTr`. Writes WORKDIR/accuracy.json and
-WORKDIR/accuracy.md. Needs nnunetv2 (`pip install nnunetv2`).
+WORKDIR/accuracy.md. A rerun with the same WORKDIR reuses the probe and every finished fold
+(`<system>/fold_k.json`), so an interrupted comparison continues. Needs nnunetv2
+(`pip install nnunetv2`).
 """
 
 from __future__ import annotations
@@ -93,10 +95,19 @@ def _jaxseg_args(a, workdir, fold, steps) -> list:
           f"--config.train.log_every={max(1, min(25, steps // 8))}", f"--config.seed={a.seed}"]
 
 
+def _done(path: pathlib.Path) -> dict | None:
+  """The stats a finished fold left (a rerun skips it), or None."""
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
 def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
   probe = out / "probe"
-  shutil.rmtree(probe, ignore_errors=True)
-  _run(_jaxseg_args(a, probe, 0, a.probe_steps), out / "probe.log")
+  if not (probe / "report.json").exists():  # a finished probe is reused: same steps on a rerun
+    shutil.rmtree(probe, ignore_errors=True)
+    _run(_jaxseg_args(a, probe, 0, a.probe_steps), out / "probe.log")
   rates = [r["steps_per_s"] for r in map(json.loads, (probe / "metrics.jsonl").read_text().split("\n")[:-1])
            if r.get("split") == "train"]
   rate = sorted(rates[1:] or rates)[len(rates[1:] or rates) // 2]  # median after the first window
@@ -105,6 +116,10 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
   folds = []
   for k, split in enumerate(splits):
     wd = out / f"fold_{k}"
+    stats = _done(out / f"fold_{k}.json")
+    if stats is not None and stats["steps"] == steps:
+      folds.append(stats)
+      continue
     t0 = time.time()
     cpu = _run(_jaxseg_args(a, wd, k, steps), out / f"fold_{k}.log")
     report = json.loads((wd / "report.json").read_text())
@@ -119,6 +134,7 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
     folds.append({"fold": k, "val": split["val"], "steps": steps, "wall_s": time.time() - t0,
                   "train_loop_s": steps / report["steps_per_s"] if report.get("steps_per_s") else None,
                   "cpu_s": cpu})
+    (out / f"fold_{k}.json").write_text(json.dumps(folds[-1]))
   return {"steps_per_s_probe": rate, "steps": steps, "folds": folds,
           "scores": _evaluate(pred, a.dataset, out / "evaluate.log")}
 
@@ -166,6 +182,10 @@ def nnunet_side(a, splits, out: pathlib.Path) -> dict:
   pred.mkdir(parents=True, exist_ok=True)
   folds = []
   for k, split in enumerate(splits):
+    stats = _done(out / f"fold_{k}.json")
+    if stats is not None:
+      folds.append(stats)
+      continue
     t0 = time.time()
     cpu = _run([sys.executable, __file__, "--nnunet-fold", str(k), "--dataset", a.dataset,
                 "--configuration", a.configuration, "--minutes", a.minutes, "--workdir", a.workdir,
@@ -176,6 +196,7 @@ def nnunet_side(a, splits, out: pathlib.Path) -> dict:
     for f in (fold_dir / "validation").glob(f"*{_ending(a.dataset)}"):
       shutil.copyfile(f, pred / f.name)
     folds.append({"fold": k, "val": split["val"], "wall_s": time.time() - t0, "cpu_s": cpu, **stats})
+    (out / f"fold_{k}.json").write_text(json.dumps(folds[-1]))
   return {"patch_size": plans["patch_size"], "batch_size": plans["batch_size"],
           "folds": folds, "scores": _evaluate(pred, a.dataset, out / "evaluate.log")}
 

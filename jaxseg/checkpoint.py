@@ -53,7 +53,7 @@ def read_params(item) -> dict:
   (a partial restore: the optimiser state is not read).
 
   Raises ValueError naming the folder when it cannot be read or holds no 'params'."""
-  item = pathlib.Path(item)
+  item = pathlib.Path(item).absolute()  # orbax finds no metadata under a relative path
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     meta = checkpointer.metadata(item).item_metadata

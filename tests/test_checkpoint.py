@@ -50,3 +50,15 @@ def test_read_params_restores_the_parameters_alone(tmp_path):
   np.testing.assert_array_equal(params["head0"]["bias"], [0.0, 1.0])
   with pytest.raises(ValueError, match="cannot read the checkpoint"):
     checkpoint.read_params(tmp_path)
+
+
+def test_read_params_takes_a_relative_path(tmp_path, monkeypatch):
+  # `python -m jaxseg.predict --workdir runs/x` names the checkpoint relative to the cwd.
+  ck = checkpoint.Checkpointer(tmp_path / "run")
+  ck.save(3, _state(2.0, 3))
+  ck.close()
+  monkeypatch.chdir(tmp_path)
+  item = checkpoint.item_of("run/checkpoints")
+  assert not item.is_absolute()
+  params = checkpoint.read_params(item)
+  np.testing.assert_array_equal(params["enc0"]["kernel"], np.full((3, 2), 2.0, np.float32))
