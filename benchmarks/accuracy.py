@@ -238,9 +238,14 @@ def nnunet_fold(a) -> None:
       for _ in range(5):
         self.train_step(next(self.dataloader_train))
       per_step = (time.perf_counter() - t0) / 5
-      per_epoch = per_step * (self.num_iterations_per_epoch + 0.4 * self.num_val_iterations_per_epoch)
       left = budget_s - (time.perf_counter() - t_start)
-      self.num_epochs = max(1, int(left / per_epoch))
+      # Fill the budget: whole epochs of about the configured length, the iterations per
+      # epoch adjusted so that epochs x iterations (a validation step counted as 0.4 of a
+      # training step) spends what is left.
+      val_share = 0.4 * self.num_val_iterations_per_epoch / self.num_iterations_per_epoch
+      total = max(1, round(left / (per_step * (1 + val_share))))
+      self.num_epochs = max(1, round(total / self.num_iterations_per_epoch))
+      self.num_iterations_per_epoch = max(1, round(total / self.num_epochs))
       self.lr_scheduler.max_steps = self.num_epochs
       for _ in range(self.num_epochs):
         self.on_epoch_start()
