@@ -137,9 +137,9 @@ def write(workdir, experiment, configuration: str) -> pathlib.Path:
   return path
 
 
-def describe(experiment, configuration: str, memory_gb: float) -> str:
+def describe(experiment, configuration: str) -> str:
   """The plan as the run prints it: nnU-Net's table of every configuration and the one used."""
   from jaxseg.data.plan_table import plan_table  # noqa: PLC0415
-  return (f"plan ({memory_gb:g} GB budget; training {configuration!r}):\n"
+  return (f"plan ({experiment.memory_gb:g} GB budget; training {configuration!r}):\n"
           + plan_table(experiment))
 

@@ -110,11 +110,6 @@ def parse_flags(argv):
     sys.exit(2)
 
 
-def experiment_platform() -> str:
-  import jax  # noqa: PLC0415
-  return jax.default_backend()
-
-
 def _print0(text: str) -> None:
   import jax  # noqa: PLC0415
   if jax.process_index() == 0:
@@ -145,8 +140,7 @@ def main(argv) -> int:
         config.lock()
       validate.check_train_config(config)  # before the run creates its workdir
       if experiment is not None:
-        _print0(autoplan.describe(experiment, config.plan.configuration,
-                                  autoplan.memory_budget_gb(config, experiment_platform())))
+        _print0(autoplan.describe(experiment, config.plan.configuration))
         autoplan.write(workdir, experiment, config.plan.configuration)
       train.use_compilation_cache(workdir)
     _runner(config.get("runner", "train"))(config, workdir)
