@@ -38,8 +38,9 @@ def write_dataset(root: pathlib.Path, images, labels, metas, patch) -> list[str]
     seg = np.asarray(lb, np.int8)[None]
     blocks, chunks = comp_blosc2_params(data.shape, tuple(patch), data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(patch), seg.itemsize)
-    props = {"class_locations": {1: np.concatenate(
-        [np.zeros((len(meta.fg_points), 1), np.int64), meta.fg_points.astype(np.int64)], axis=1)},
+    classes = np.ones(len(meta.fg_points), np.int16) if meta.fg_classes is None else meta.fg_classes
+    located = np.concatenate([np.zeros((len(classes), 1), np.int64), meta.fg_points], axis=1)
+    props = {"class_locations": {int(c): located[classes == c] for c in np.unique(classes)},
              "spacing": [1.0] * (data.ndim - 1), "shape_before_cropping": data.shape[1:],
              "bbox_used_for_cropping": [[0, s] for s in data.shape[1:]],
              "shape_after_cropping_and_before_resampling": data.shape[1:]}

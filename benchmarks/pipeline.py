@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
 from jaxseg import report, sharding, steps, train  # noqa: E402
-from jaxseg.data import augment, loader  # noqa: E402
+from jaxseg.data import augment, loader, sampling  # noqa: E402
 from jaxseg import objectives  # noqa: E402
 
 _PROBS = ("rotation_prob", "scale_prob", "noise_prob", "blur_prob", "brightness_prob",
@@ -216,7 +216,8 @@ def make_dataset(root: pathlib.Path, *, cases: int, shape, channels: int, seed: 
       done.touch()
     images.append(np.load(ip, mmap_mode="r"))
     labels.append(np.load(lp, mmap_mode="r"))
-    metas.append(loader.CaseMeta(loader.foreground_points(labels[-1], seed=[i]), -10.0))
+    points, classes = sampling.foreground_points(labels[-1], rng=np.random.default_rng([i]))
+    metas.append(loader.CaseMeta(points, -10.0, classes))
   return images, labels, metas
 
 

@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.phantom_shape = (48, 48, 48)
   c.data.num_val = 4
   c.data.patch_size = (48, 48, 48)
-  c.data.foreground_fraction = 0.33
+  c.data.foreground_fraction = 0.33  # of each batch centred on a foreground class (nnU-Net: class first, then a voxel)
   c.data.loader_workers = 0  # threads cutting batches ahead of the step; 0 = half the cores, 1 to 8
   c.data.loader_prefetch = 0  # batches prepared ahead; 0 = 2 x loader_workers
   c.data.loader_processes = False  # grain worker processes instead of threads (slower on small hosts)

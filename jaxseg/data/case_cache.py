@@ -19,6 +19,7 @@ import numpy as np
 from jaxseg import seeds
 from jaxseg.data import dataset as ds
 from jaxseg.data import preprocess as pp
+from jaxseg.data import sampling
 
 # Bump when preprocessing output changes for the same settings and inputs.
 # 2: images stored as float16 (see `stored_image`).
@@ -102,16 +103,22 @@ def _points_seed(key: str) -> list[int]:
   return [int(key[:15], 16), seeds.FOREGROUND_SUBSAMPLE]
 
 
+def _located(label, key: str) -> np.ndarray:
+  """The foreground index stored in `fg.npy`: int32 (n, 1 + ndim), each point's class then its
+  coordinates (`sampling.foreground_points`, drawn with a seed fixed by the entry's key)."""
+  points, classes = sampling.foreground_points(label, rng=np.random.default_rng(_points_seed(key)))
+  return np.concatenate([classes[:, None].astype(np.int32), points], axis=1)
+
+
 def cached_entry(index: ds.DatasetIndex, case_id: str, settings: pp.PreprocessSettings,
                  cache_dir: str | os.PathLike) -> CacheEntry:
   """The cache entry of a case (see :func:`cached_preprocess`), computed and written
   if missing.
 
   Besides the arrays, an entry stores what the training loader needs without
-  reading the case: the coordinates of its label > 0 voxels (at most
-  ``loader.MAX_FG_POINTS``, a uniform sample seeded by the entry's key when there
-  are more; nnU-Net's ``class_locations``, for the foreground as a whole) and the
-  image's minimum. Entries written before these existed get them added on first
+  reading the case: the class and coordinates of its label > 0 voxels (at most
+  ``sampling.MAX_FG_POINTS`` per class, a uniform sample seeded by the entry's key
+  when there are more; nnU-Net's ``class_locations``) and the image's minimum. Entries written before these existed get them added on first
   read (one pass over the label and image; the arrays are not recomputed).
   """
   cache_dir = pathlib.Path(cache_dir)
@@ -127,11 +134,10 @@ def cached_entry(index: ds.DatasetIndex, case_id: str, settings: pp.PreprocessSe
 
 
 def _compute_entry(index, case_id, settings, files, key, stem, paths) -> None:
-  from jaxseg.data import loader  # noqa: PLC0415
   image, label, geometry = ds.load_case(index, case_id)
   image, label, record = pp.preprocess_case(image, label, geometry, settings)
   image = stored_image(image)
-  fg = loader.foreground_points(label, seed=_points_seed(key))
+  fg = _located(label, key)
   _write_atomic(paths["image.npy"], lambda f: np.save(f, image))
   _write_atomic(paths["label.npy"], lambda f: np.save(f, label))
   _write_atomic(paths["fg.npy"], lambda f: np.save(f, fg))
@@ -159,16 +165,18 @@ def _read_cache(paths, key):
     return None
   try:
     fg = np.load(paths["fg.npy"])
-    ok = fg.dtype == np.int32 and fg.ndim == 2 and fg.shape[1] == label.ndim
+    ok = fg.dtype == np.int32 and fg.ndim == 2 and fg.shape[1] == label.ndim + 1
   except (OSError, ValueError):
     fg, ok = None, False
-  if not ok or "image_min" not in meta:  # an entry from before the loader's index
-    fg = loader.foreground_points(label, seed=_points_seed(key))
+  if not ok or "image_min" not in meta:  # an entry from before the loader's (per-class) index
+    fg = _located(label, key)
     meta["image_min"] = float(image.min()) if image.size else 0.0
     _write_atomic(paths["fg.npy"], lambda f: np.save(f, fg))
     _write_atomic(paths["json"], lambda f: f.write(json.dumps(meta).encode()))
   return CacheEntry(image, label, pp.PreprocessRecord.from_dict(meta["record"]),
-                    loader.CaseMeta(fg_points=fg, image_min=float(meta["image_min"])))
+                    loader.CaseMeta(fg_points=np.ascontiguousarray(fg[:, 1:]),
+                                    image_min=float(meta["image_min"]),
+                                    fg_classes=fg[:, 0].astype(np.int16)))
 
 
 def default_workers() -> int:

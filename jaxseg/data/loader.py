@@ -28,39 +28,22 @@ import time
 import numpy as np
 
 from jaxseg import seeds
-from jaxseg.data.sampling import MAX_FG_POINTS
-
-# Seed of the points sampled once per case at preprocessing (not the run's seed: see fg_points).
-_POINTS_SEED = seeds.FOREGROUND_SUBSAMPLE
+from jaxseg.data import sampling
 
 
 @dataclasses.dataclass(frozen=True)
 class CaseMeta:
   """What cropping a case needs besides its voxels.
 
-  fg_points: int32 (n, spatial dims) coordinates of label > 0 voxels, at most MAX_FG_POINTS
-    (a seeded uniform subsample of them when there are more), in C order.
+  fg_points: int32 (n, spatial dims) coordinates of label > 0 voxels grouped by class, at most
+    `sampling.MAX_FG_POINTS` per class (a seeded uniform subsample when there are more): nnU-Net's
+    `class_locations` (`sampling.foreground_points`).
   image_min: the image's minimum over all channels, the value patches are padded with.
+  fg_classes: int16 (n,) the class of each point (sorted); None: all of one class.
   """
   fg_points: np.ndarray
   image_min: float
-
-
-def foreground_points(label, *, limit: int = MAX_FG_POINTS, seed=_POINTS_SEED) -> np.ndarray:
-  """Coordinates of the voxels of `label` > 0 as int32 (n, label.ndim), in C order.
-
-  With more than `limit` such voxels, `limit` of them drawn uniformly without replacement by
-  `np.random.default_rng(seed)` (still in C order). Reads `label` once, one slab of its first
-  axis at a time, so a memmap is not loaded whole.
-  """
-  label = label if isinstance(label, np.ndarray) else np.asarray(label)
-  shape = label.shape
-  flat = [np.flatnonzero(np.asarray(label[i]) > 0) + i * int(np.prod(shape[1:], dtype=np.int64))
-          for i in range(shape[0])] if label.ndim > 1 else [np.flatnonzero(label > 0)]
-  flat = np.concatenate(flat) if flat else np.zeros(0, np.int64)
-  if len(flat) > limit:
-    flat = np.sort(flat[np.random.default_rng(seed).choice(len(flat), limit, replace=False)])
-  return np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int32).reshape(-1, len(shape))
+  fg_classes: np.ndarray | None = None
 
 
 class MappedLabel:
@@ -147,8 +130,8 @@ class PatchSource:
     patch_size, foreground_fraction, seed: as `PatchSampler`.
     metas: one `CaseMeta` per case (from the cache), or None: then the foreground points are
       drawn from every label here exactly as `PatchSampler` draws them (with the run's seed),
-      and the minima computed. With stored metas, a case with more than MAX_FG_POINTS
-      foreground voxels has the points drawn once at preprocessing instead: the same kind of
+      and the minima computed. With stored metas, a case with more than
+      `sampling.MAX_FG_POINTS` voxels of a class has its points drawn once at preprocessing instead: the same kind of
       sample (uniform, bounded) but not the same points, so its foreground-centred patches
       differ from `PatchSampler`'s; every other patch is the same.
   """
@@ -179,6 +162,8 @@ class PatchSource:
     if metas is None or any(m is None for m in metas):
       metas = self._metas_like_patch_sampler(images, labels, seed, metas)
     self.fg_points = [np.asarray(m.fg_points) for m in metas]
+    self.fg_groups = [sampling.class_groups(np.zeros(len(p), np.int16) if m.fg_classes is None
+                                            else m.fg_classes) for m, p in zip(metas, self.fg_points)]
     self.fill = [float(m.image_min) for m in metas]
     self.fg_fraction = float(foreground_fraction)
     self.seed = int(seed)
@@ -191,10 +176,8 @@ class PatchSource:
       if given is not None and given[i] is not None:
         metas.append(given[i])
         continue
-      pts = np.argwhere(np.asarray(lb) > 0)
-      if len(pts) > MAX_FG_POINTS:
-        pts = pts[rng.choice(len(pts), MAX_FG_POINTS, replace=False)]
-      metas.append(CaseMeta(pts.astype(np.int32), float(np.min(im))))
+      pts, classes = sampling.foreground_points(np.asarray(lb), rng=rng)
+      metas.append(CaseMeta(pts, float(np.min(im)), classes))
     return metas
 
   def _draw(self, step: int, index: int, batch_size: int):
@@ -208,7 +191,7 @@ class PatchSource:
     n_fg = math.ceil(self.fg_fraction * batch_size)
     pts = self.fg_points[case]
     if index >= batch_size - n_fg and len(pts):
-      centre = pts[rng.integers(len(pts))] + lo
+      centre = sampling.pick_foreground(rng, pts, self.fg_groups[case]) + lo
       start = np.clip(centre - patch // 2, 0, padded - patch)
     else:
       start = np.array([rng.integers(0, s - p + 1) for s, p in zip(padded, patch)])

@@ -13,8 +13,57 @@ import numpy as np
 
 from jaxseg import seeds
 
-# Foreground points kept per case: a bounded, uniform subsample (also in the preprocessed cache).
+# Foreground points kept per class of a case: a bounded, uniform subsample (also in the
+# preprocessed cache). nnU-Net keeps 10,000 (or 1% of the class's voxels, if more).
 MAX_FG_POINTS = 20000
+
+
+def foreground_points(label, *, limit: int = MAX_FG_POINTS, rng) -> tuple[np.ndarray, np.ndarray]:
+  """nnU-Net's `class_locations`: where each foreground class of `label` lies.
+
+  Returns (points int32 (n, label.ndim), classes int16 (n,)): the coordinates of the voxels with
+  label > 0 grouped by class (ascending), in C order within a class; a class with more than
+  `limit` voxels keeps `limit` of them drawn uniformly without replacement by the Generator
+  `rng` (used class by class, in ascending order). Reads `label` once, one slab of its first
+  axis at a time, so a memmap is not loaded whole.
+  """
+  shape = tuple(label.shape)
+  stride = int(np.prod(shape[1:], dtype=np.int64))
+  flat, values = [np.zeros(0, np.int64)], [np.zeros(0, np.int16)]
+  for i in range(shape[0]):
+    slab = np.asarray(label[i]).ravel()
+    idx = np.flatnonzero(slab > 0)
+    flat.append(idx + i * stride)
+    values.append(slab[idx].astype(np.int16))
+  flat, values = np.concatenate(flat), np.concatenate(values)
+  order = np.argsort(values, kind="stable")  # by class; C order within one
+  flat, values = flat[order], values[order]
+  keep = []
+  for start, count in zip(*class_groups(values)):
+    sel = np.arange(start, start + count)
+    if count > limit:
+      sel = np.sort(sel[rng.choice(count, limit, replace=False)])
+    keep.append(sel)
+  keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+  points = np.stack(np.unravel_index(flat[keep], shape), axis=1)
+  return points.astype(np.int32).reshape(-1, len(shape)), values[keep]
+
+
+def class_groups(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(starts, counts) of the runs of equal values of `classes` (sorted: one run per class)."""
+  classes = np.asarray(classes)
+  if not len(classes):
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  starts = np.concatenate([[0], np.flatnonzero(classes[1:] != classes[:-1]) + 1])
+  return starts, np.diff(np.concatenate([starts, [len(classes)]]))
+
+
+def pick_foreground(rng, points: np.ndarray, groups) -> np.ndarray:
+  """A foreground voxel as nnU-Net's sampler picks it: a class drawn uniformly among the classes
+  present, then one of its points uniformly. `groups` is `class_groups` of the points' classes."""
+  starts, counts = groups
+  k = int(rng.integers(len(starts)))
+  return points[int(starts[k]) + int(rng.integers(counts[k]))]
 
 
 class PatchSampler:
@@ -26,7 +75,8 @@ class PatchSampler:
     patch_size: patch shape; with one axis fewer than the data, 2D patches are cut from
       slices along the data's last axis.
     foreground_fraction: the last ceil(fraction * batch) examples of each batch are centred
-      on a random foreground voxel (nnU-Net's oversampling); the others anywhere.
+      on a foreground voxel picked as nnU-Net does (a class drawn uniformly among the case's
+      foreground classes, then one of its voxels: `pick_foreground`); the others anywhere.
     seed: base seed.
   """
 
@@ -47,12 +97,9 @@ class PatchSampler:
       self.images.append(np.pad(im, pad, mode="constant", constant_values=float(im.min())))
       self.labels.append(np.pad(lb, pad[1:], mode="constant"))
     rng = np.random.default_rng([seed, seeds.FOREGROUND_SUBSAMPLE])
-    self.fg_points = []
-    for lb in self.labels:
-      pts = np.argwhere(lb > 0)
-      if len(pts) > MAX_FG_POINTS:
-        pts = pts[rng.choice(len(pts), MAX_FG_POINTS, replace=False)]
-      self.fg_points.append(pts)
+    located = [foreground_points(lb, rng=rng) for lb in self.labels]
+    self.fg_points = [pts for pts, _ in located]
+    self.fg_groups = [class_groups(classes) for _, classes in located]
     self.full_patch = full_patch
     self.fg_fraction = float(foreground_fraction)
     self.seed = int(seed)
@@ -68,7 +115,7 @@ class PatchSampler:
     n_fg = math.ceil(self.fg_fraction * batch_size)
     pts = self.fg_points[case]
     if index >= batch_size - n_fg and len(pts):
-      centre = pts[rng.integers(len(pts))]
+      centre = pick_foreground(rng, pts, self.fg_groups[case])
       start = np.clip(centre - patch // 2, 0, shape - patch)
     else:
       start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, patch)])

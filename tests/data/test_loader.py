@@ -25,10 +25,10 @@ def _assert_batches_equal(a, b):
 
 @pytest.mark.parametrize("patch", [(16, 16, 16), (32, 48, 8), (16, 8)])
 def test_patch_source_equals_patch_sampler(patch):
-  # Cases larger and smaller than the patch (padded per crop), one with more foreground voxels
+  # Cases larger and smaller than the patch (padded per crop), one with more voxels of a class
   # than MAX_FG_POINTS (the run-seeded subsample of PatchSampler), 2D slices of 3D cases.
-  images, labels = _cases(np.random.default_rng(0), [(30, 40, 20), (10, 12, 5), (36, 36, 36)])
-  assert (labels[2] > 0).sum() > loader.MAX_FG_POINTS
+  images, labels = _cases(np.random.default_rng(0), [(30, 40, 20), (10, 12, 5), (48, 48, 48)])
+  assert (labels[2] == 1).sum() > sampling.MAX_FG_POINTS
   old = sampling.PatchSampler(images, labels, patch_size=patch, foreground_fraction=0.5, seed=3)
   new = loader.PatchSource(images, labels, patch_size=patch, foreground_fraction=0.5, seed=3)
   for step in range(40):
@@ -72,15 +72,23 @@ def _memmapped(tmp_path, images, labels):
 
 
 def test_memmapped_cases_with_stored_points(tmp_path):
-  images, labels = _cases(np.random.default_rng(1), [(30, 40, 20), (10, 12, 5), (36, 36, 36)])
+  images, labels = _cases(np.random.default_rng(1), [(30, 40, 20), (10, 12, 5), (48, 48, 48)])
   mm_images, mm_labels = _memmapped(tmp_path, images, labels)
-  metas = [loader.CaseMeta(loader.foreground_points(lb, seed=[i, 5]), float(im.min()))
-           for i, (im, lb) in enumerate(zip(images, labels))]
-  # Stored points: every voxel of a small case, a seeded sample of MAX_FG_POINTS of a large one.
-  np.testing.assert_array_equal(metas[0].fg_points, np.argwhere(labels[0] > 0))
-  assert len(metas[2].fg_points) == loader.MAX_FG_POINTS
-  assert (labels[2][tuple(metas[2].fg_points.T)] > 0).all()
-  assert len(np.unique(metas[2].fg_points, axis=0)) == loader.MAX_FG_POINTS
+  located = [sampling.foreground_points(lb, rng=np.random.default_rng([i, 5]))
+             for i, lb in enumerate(labels)]
+  metas = [loader.CaseMeta(pts, float(im.min()), classes)
+           for im, (pts, classes) in zip(images, located)]
+  # Stored points (nnU-Net's class_locations): every voxel of a small case, grouped by class in
+  # C order; a seeded sample of MAX_FG_POINTS of each class of a large one that has more.
+  np.testing.assert_array_equal(metas[0].fg_points,
+                                np.concatenate([np.argwhere(labels[0] == c) for c in (1, 2)]))
+  np.testing.assert_array_equal(metas[0].fg_classes,
+                                np.repeat([1, 2], [(labels[0] == c).sum() for c in (1, 2)]))
+  for c in (1, 2):
+    pts = metas[2].fg_points[metas[2].fg_classes == c]
+    assert len(pts) == sampling.MAX_FG_POINTS < (labels[2] == c).sum()
+    assert (labels[2][tuple(pts.T)] == c).all()
+    assert len(np.unique(pts, axis=0)) == len(pts)
   new = loader.PatchSource(mm_images, mm_labels, patch_size=(16, 16, 16), foreground_fraction=0.5,
                            seed=3, metas=metas)
   # The cases travel by file name: nothing is loaded, and a pickle (to grain worker processes)
@@ -93,6 +101,7 @@ def test_memmapped_cases_with_stored_points(tmp_path):
                               seed=3)
   old.fg_points = [m.fg_points + np.maximum(16 - np.array(lb.shape), 0) // 2
                    for m, lb in zip(metas, labels)]
+  old.fg_groups = [sampling.class_groups(m.fg_classes) for m in metas]
   for step in range(30):
     _assert_batches_equal(old.batch(step, 4), new.batch(step, 4))
 
@@ -193,3 +202,20 @@ def test_default_training_path_uses_the_loader(tmp_path):
   batch = t.batch(3)
   np.testing.assert_array_equal(np.asarray(batch["image"]), old.batch(3, 3)["image"])
   t.batch_fn.close()
+
+
+def test_foreground_patches_pick_a_class_uniformly_then_a_voxel():
+  # nnU-Net's oversampling: a class drawn uniformly among the case's foreground classes, then one
+  # of its voxels. Class 2 has 8 voxels against class 1's 4000: a voxel drawn uniformly over the
+  # foreground would land on it 0.2% of the time; a class drawn first, half of the time.
+  label = np.zeros((20, 20, 20), np.uint8)
+  label[:10] = 1
+  label[15, 15, 15:19] = label[16, 15, 15:19] = 2
+  image = np.zeros((1,) + label.shape, np.float32)
+  for source in (sampling.PatchSampler([image], [label], patch_size=(1, 1, 1),
+                                       foreground_fraction=1.0, seed=0),
+                 loader.PatchSource([image], [label], patch_size=(1, 1, 1),
+                                    foreground_fraction=1.0, seed=0)):
+    centres = np.concatenate([source.batch(step, 4)["label"].ravel() for step in range(200)])
+    assert set(np.unique(centres)) == {1, 2}
+    assert 0.43 < (centres == 2).mean() < 0.57  # 800 draws: 0.5 +- 4.9 standard deviations

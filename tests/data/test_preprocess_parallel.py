@@ -56,8 +56,10 @@ def test_parallel_equals_serial_and_reports_progress(tmp_path):
     np.testing.assert_array_equal(e.image, image.astype(np.float16))
     np.testing.assert_array_equal(e.label, label)
     assert e.record == record
-    # The stored index: every foreground voxel (fewer than MAX_FG_POINTS here) and the minimum.
-    np.testing.assert_array_equal(e.meta.fg_points, np.argwhere(label > 0))
+    # The stored index: every foreground voxel (fewer than MAX_FG_POINTS here) by class, and the
+    # minimum.
+    np.testing.assert_array_equal(e.meta.fg_points, _by_class(label)[0])
+    np.testing.assert_array_equal(e.meta.fg_classes, _by_class(label)[1])
     assert e.meta.image_min == float(image.astype(np.float16).min())
   assert lines[-1].startswith("preprocessing Dataset950_P: 5/5 cases (0 already cached) |")
   assert "cases/s | ETA 0.0 min | 2 worker(s)" in lines[-1]
@@ -134,6 +136,13 @@ def test_entries_from_before_the_index_get_it_added(tmp_path):
   assert "image_min" in json.loads(meta_path.read_text()) and list(cache.glob("*.fg.npy"))
 
 
+def _by_class(label):
+  """Every label > 0 voxel grouped by class (ascending), C order within one; their classes."""
+  classes = [c for c in np.unique(label) if c > 0]
+  return (np.concatenate([np.argwhere(label == c) for c in classes]),
+          np.repeat(classes, [(label == c).sum() for c in classes]))
+
+
 def test_real_data_hands_the_stored_points_to_the_loader(tmp_path):
   # Label values 0, 1, 4 (not contiguous): labels are mapped on read, not loaded.
   root = tmp_path / "Dataset954_R"
@@ -146,7 +155,7 @@ def test_real_data_hands_the_stored_points_to_the_loader(tmp_path):
   for im, lb, meta in zip(data.train_images, data.train_labels, data.train_meta):
     assert isinstance(im, np.memmap) and isinstance(lb, loader.MappedLabel)
     assert set(np.unique(np.asarray(lb))) <= {0, 1, 2}
-    np.testing.assert_array_equal(meta.fg_points, np.argwhere(np.asarray(lb) > 0))
+    np.testing.assert_array_equal(meta.fg_points, _by_class(np.asarray(lb))[0])
   src = loader.PatchSource(data.train_images, data.train_labels, patch_size=(8, 8, 8),
                            foreground_fraction=0.5, seed=0, metas=data.train_meta)
   assert all(v.path for v in src.images + src.labels)
