@@ -5,7 +5,8 @@ the same folds and the same training time per fold, both scored by `jaxseg.evalu
         --minutes 10 --workdir runs/accuracy/brats
     python benchmarks/accuracy.py --dataset ../shared/data/Dataset004_ISBI2012EM \\
         --configuration 2d --minutes 10 --workdir runs/accuracy/em
-    python benchmarks/accuracy.py ... --network resenc_m          # jaxseg's ResEnc preset
+    python benchmarks/accuracy.py ... --network resenc_m --systems jaxseg
+                             # jaxseg's ResEnc preset (jaxseg_resenc_m/), added to the same table
 
 Plans. Both plan the dataset with nnU-Net's rules for the same memory budget (`--memory-gb`,
 default 0.5 GB, jaxseg's CPU default): jaxseg through `configs/auto.py` (`plan.memory_gb`),
@@ -280,7 +281,7 @@ def nnunet_fold(a) -> None:
 def _table(result: dict) -> str:
   """Per class (jaxseg.evaluate's means over the held-out cases) Dice and HD95 of each system,
   then the foreground mean, then each fold's budget."""
-  systems = [s for s in ("jaxseg", "nnunet") if s in result]
+  systems = sorted(s for s in result if s.startswith("jaxseg")) + ["nnunet"] * ("nnunet" in result)
   classes = [c for c in result[systems[0]]["scores"]["per_class"] if c != "background"]
   lines = ["| class | " + " | ".join(f"{s} Dice | {s} HD95 mm" for s in systems) + " |",
            "|---|" + "---|---|" * len(systems)]
@@ -324,7 +325,7 @@ def main(argv=None) -> int:
   splits = folds_of(a.dataset)
   sys.path.insert(0, str(REPO / "benchmarks"))
   from machine import cpu_info  # noqa: PLC0415
-  result = {"dataset": str(a.dataset), "configuration": a.configuration, "network": a.network,
+  result = {"dataset": str(a.dataset), "configuration": a.configuration,
             "minutes_per_fold": a.minutes, "memory_gb": a.memory_gb, "splits": splits,
             "machine": {**cpu_info(), "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -334,6 +335,8 @@ def main(argv=None) -> int:
   for system in a.systems.split(","):
     t0 = time.time()
     side = jaxseg_side if system == "jaxseg" else nnunet_side
+    if system == "jaxseg" and a.network != "plain":  # beside the plain U-Net's results
+      system = f"jaxseg_{a.network}"
     result[system] = side(a, splits, a.workdir / system)
     result[system]["wall_s"] = time.time() - t0
     path.write_text(json.dumps(result, indent=1))

@@ -1,0 +1,66 @@
+"""benchmarks/accuracy.py without training: the folds it hands both systems and its table."""
+
+import importlib.util
+import json
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("accuracy_bench", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _dataset(root, n):
+  for sub in ("imagesTr", "labelsTr"):
+    (root / sub).mkdir(parents=True)
+  (root / "dataset.json").write_text(json.dumps({
+      "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": n,
+      "file_ending": ".nii.gz"}))
+  label = np.zeros((4, 4, 4), np.uint8)
+  label[1:3, 1:3, 1:3] = 1
+  for i in range(n):
+    nib.save(nib.Nifti1Image(label * 5.0, np.eye(4)), str(root / "imagesTr" / f"case_{i:02d}_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / "labelsTr" / f"case_{i:02d}.nii.gz"))
+  return root
+
+
+def test_three_cases_give_leave_one_out_and_seven_give_five_folds(bench, tmp_path):
+  loo = bench.folds_of(_dataset(tmp_path / "Dataset901_Three", 3))
+  assert sorted(f["val"][0] for f in loo) == ["case_00", "case_01", "case_02"]
+  for f in loo:
+    assert sorted(f["train"] + f["val"]) == ["case_00", "case_01", "case_02"] and len(f["val"]) == 1
+  five = bench.folds_of(_dataset(tmp_path / "Dataset902_Seven", 7))
+  assert len(five) == 5
+  assert sorted(c for f in five for c in f["val"]) == [f"case_{i:02d}" for i in range(7)]
+  # sklearn's KFold sizes: 7 cases in 5 folds -> 2, 2, 1, 1, 1.
+  assert [len(f["val"]) for f in five] == [2, 2, 1, 1, 1]
+
+
+def _scores(edema, enh, hd):
+  per = {"background": {"dice": 1.0, "hd95": 0.0}, "edema": {"dice": edema, "hd95": hd},
+         "enhancing": {"dice": enh, "hd95": 2 * hd}}
+  return {"per_class": per, "foreground_mean": {"dice": (edema + enh) / 2, "hd95": 1.5 * hd}}
+
+
+def test_table_puts_every_jaxseg_network_before_nnunet(bench):
+  fold = {"fold": 0, "val": ["c1"], "steps": 285, "train_loop_s": 600.0, "cpu_s": 1500.0}
+  result = {"nnunet": {"scores": _scores(0.265, 0.433, 10.0), "folds": [fold]},
+            "jaxseg_resenc_m": {"scores": _scores(0.5, 0.4, 4.0), "folds": [fold]},
+            "jaxseg": {"scores": _scores(0.490, 0.428, 8.0), "folds": [fold]}}
+  lines = bench._table(result).splitlines()
+  assert lines[0] == ("| class | jaxseg Dice | jaxseg HD95 mm | jaxseg_resenc_m Dice | "
+                      "jaxseg_resenc_m HD95 mm | nnunet Dice | nnunet HD95 mm |")
+  assert lines[2] == "| edema | 0.490 | 8.0 | 0.500 | 4.0 | 0.265 | 10.0 |"
+  assert lines[3] == "| enhancing | 0.428 | 16.0 | 0.400 | 8.0 | 0.433 | 20.0 |"
+  assert lines[4] == "| mean (foreground) | 0.459 | 12.0 | 0.450 | 6.0 | 0.349 | 15.0 |"
+  assert "jaxseg: fold 0 (c1): 285 steps, train loop 10.0 min, 25.0 CPU-min in all" in lines
