@@ -291,7 +291,10 @@ def _table(result: dict) -> str:
     cells = []
     for s in systems:
       m = get(result[s]["scores"])
-      cells += [f"{m['dice']:.3f}", f"{m['hd95']:.1f}"]
+      if m["dice"] is None:  # the class is in neither reference nor prediction of any case
+        cells += ["-", "-"]
+      else:  # an HD95 of null: infinite (the class missing from a prediction or a reference)
+        cells += [f"{m['dice']:.3f}", "inf" if m["hd95"] is None else f"{m['hd95']:.1f}"]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   for s in systems:
     folds = result[s]["folds"]

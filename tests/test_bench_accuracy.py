@@ -48,7 +48,8 @@ def test_three_cases_give_leave_one_out_and_seven_give_five_folds(bench, tmp_pat
 
 def _scores(edema, enh, hd):
   per = {"background": {"dice": 1.0, "hd95": 0.0}, "edema": {"dice": edema, "hd95": hd},
-         "enhancing": {"dice": enh, "hd95": 2 * hd}}
+         "enhancing": {"dice": enh, "hd95": 2 * hd}, "rare": {"dice": 0.0, "hd95": None},
+         "absent": {"dice": None, "hd95": None}}
   return {"per_class": per, "foreground_mean": {"dice": (edema + enh) / 2, "hd95": 1.5 * hd}}
 
 
@@ -62,5 +63,7 @@ def test_table_puts_every_jaxseg_network_before_nnunet(bench):
                       "jaxseg_resenc_m HD95 mm | nnunet Dice | nnunet HD95 mm |")
   assert lines[2] == "| edema | 0.490 | 8.0 | 0.500 | 4.0 | 0.265 | 10.0 |"
   assert lines[3] == "| enhancing | 0.428 | 16.0 | 0.400 | 8.0 | 0.433 | 20.0 |"
-  assert lines[4] == "| mean (foreground) | 0.459 | 12.0 | 0.450 | 6.0 | 0.349 | 15.0 |"
+  assert lines[4] == "| rare | 0.000 | inf | 0.000 | inf | 0.000 | inf |"  # HD95 null: inf
+  assert lines[5] == "| absent | - | - | - | - | - | - |"
+  assert lines[6] == "| mean (foreground) | 0.459 | 12.0 | 0.450 | 6.0 | 0.349 | 15.0 |"
   assert "jaxseg: fold 0 (c1): 285 steps, train loop 10.0 min, 25.0 CPU-min in all" in lines
