@@ -104,6 +104,18 @@ def _done(path: pathlib.Path) -> dict | None:
     return None
 
 
+def _steps_seconds(metrics: pathlib.Path) -> float:
+  """Seconds jaxseg spent in training steps: the log windows' steps over their rates (the first
+  includes the compilation; evaluation and checkpoints are outside the windows)."""
+  records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+  seconds, last = 0.0, 0
+  for r in records:
+    if r.get("split") == "train" and r.get("steps_per_s"):
+      seconds += (r["step"] - last) / r["steps_per_s"]
+      last = r["step"]
+  return seconds
+
+
 def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
   probe = out / "probe"
   if not (probe / "report.json").exists():  # a finished probe is reused: same steps on a rerun
@@ -119,11 +131,12 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
     wd = out / f"fold_{k}"
     stats = _done(out / f"fold_{k}.json")
     if stats is not None and stats["steps"] == steps:
+      if (wd / "metrics.jsonl").exists():  # written by an earlier version of this script
+        stats["train_loop_s"] = _steps_seconds(wd / "metrics.jsonl")
       folds.append(stats)
       continue
     t0 = time.time()
     cpu = _run(_jaxseg_args(a, wd, k, steps), out / f"fold_{k}.log")
-    report = json.loads((wd / "report.json").read_text())
     scans = out / f"heldout_{k}"
     scans.mkdir(exist_ok=True)
     for case in split["val"]:
@@ -133,8 +146,7 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
     _run([sys.executable, "-m", "jaxseg.predict", "--workdir", wd, "--input", scans, "--output",
           pred, "--no-tta", "--checkpoint", "latest"], out / f"predict_{k}.log")
     folds.append({"fold": k, "val": split["val"], "steps": steps, "wall_s": time.time() - t0,
-                  "train_loop_s": steps / report["steps_per_s"] if report.get("steps_per_s") else None,
-                  "cpu_s": cpu})
+                  "train_loop_s": _steps_seconds(wd / "metrics.jsonl"), "cpu_s": cpu})
     (out / f"fold_{k}.json").write_text(json.dumps(folds[-1]))
   return {"steps_per_s_probe": rate, "steps": steps, "folds": folds,
           "scores": _evaluate(pred, a.dataset, out / "evaluate.log")}

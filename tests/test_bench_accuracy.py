@@ -67,3 +67,14 @@ def test_table_puts_every_jaxseg_network_before_nnunet(bench):
   assert lines[5] == "| absent | - | - | - | - | - | - |"
   assert lines[6] == "| mean (foreground) | 0.459 | 12.0 | 0.450 | 6.0 | 0.349 | 15.0 |"
   assert "jaxseg: fold 0 (c1): 285 steps, train loop 10.0 min, 25.0 CPU-min in all" in lines
+
+
+def test_steps_seconds_sums_the_training_windows(bench, tmp_path):
+  # Windows of 25, 25 and 10 steps at 0.5, 0.25 and 1 steps/s: 50 + 100 + 10 s; the
+  # evaluation record is not a training window.
+  lines = [{"split": "train", "step": 25, "steps_per_s": 0.5},
+           {"split": "train", "step": 50, "steps_per_s": 0.25},
+           {"split": "val", "step": 50, "mean_dice": 0.3},
+           {"split": "train", "step": 60, "steps_per_s": 1.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  assert bench._steps_seconds(tmp_path / "metrics.jsonl") == 160.0
