@@ -1,5 +1,6 @@
 """Tiny configs shared by the tests (shapes small enough for a 2-core CPU)."""
 
+import importlib.util
 import pathlib
 import sys
 
@@ -45,3 +46,11 @@ def assert_default_convs_equal_xla(model_fields: dict, x) -> None:
   gl = jax.grad(lambda p: jnp.sum(jnp.sin(lax.apply(p, x))))(params)
   for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gl)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def load_script(path, name: str):
+  """The module of a script outside the package (a benchmark, a config file) loaded from `path`."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,6 +1,5 @@
 """benchmarks/accuracy.py without training: the folds it hands both systems and its table."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -8,16 +7,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import helpers
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "accuracy.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("accuracy_bench", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script(SCRIPT, "accuracy_bench")
 
 
 def _dataset(root, n):

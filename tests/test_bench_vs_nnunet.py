@@ -10,16 +10,15 @@ import sys
 
 import pytest
 
+import helpers
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "vs_nnunet.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("vs_nnunet", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script(SCRIPT, "vs_nnunet")
 
 
 def test_importing_the_script_imports_no_framework(bench):
