@@ -131,9 +131,9 @@ class PatchSource:
     metas: one `CaseMeta` per case (from the cache), or None: then the foreground points are
       drawn from every label here exactly as `PatchSampler` draws them (with the run's seed),
       and the minima computed. With stored metas, a case with more than
-      `sampling.MAX_FG_POINTS` voxels of a class has its points drawn once at preprocessing instead: the same kind of
-      sample (uniform, bounded) but not the same points, so its foreground-centred patches
-      differ from `PatchSampler`'s; every other patch is the same.
+      `sampling.MAX_FG_POINTS` voxels of a class has its points drawn once at preprocessing
+      instead: the same kind of sample (uniform, bounded) but not the same points, so its
+      foreground-centred patches differ from `PatchSampler`'s; every other patch is the same.
   """
 
   def __init__(self, images, labels, *, patch_size, foreground_fraction: float, seed: int,
