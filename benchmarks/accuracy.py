@@ -29,8 +29,13 @@ CE with deep supervision, its CPU augmentation in `nnUNet_n_proc_DA` background 
 default 2) with 50 iterations per epoch instead of 250 and `torch.compile` off
 (`nnUNet_compile=f`). Prediction: every held-out case of each fold, without mirror TTA on both
 sides, on the original grid (jaxseg: `jaxseg.predict`; nnU-Net: its own validation). Both
-folders are scored by `jaxseg.evaluate` against `labelsTr`. Writes WORKDIR/accuracy.json and
-WORKDIR/accuracy.md. A rerun with the same WORKDIR reuses the probe and every finished fold
+folders are scored by `jaxseg.evaluate` against `labelsTr`. Then nnU-Net's post-processing
+step, for each system alike: `jaxseg.postprocessing.determine` (nnU-Net's rule: keep the largest
+foreground component, then per class the largest component, each only where it raises the mean
+Dice) chooses on all of that system's held-out predictions, as nnU-Net chooses on its
+cross-validation, and the post-processed folder (`<system>/pred_postprocessed`) is scored again:
+a second table, optimistic for both as nnU-Net's own (the choice is made on the cases it is
+scored on). Writes WORKDIR/accuracy.json and WORKDIR/accuracy.md. A rerun with the same WORKDIR reuses the probe and every finished fold
 (`<system>/fold_k.json`), so an interrupted comparison continues. Needs nnunetv2
 (`pip install nnunetv2`).
 """
@@ -218,6 +223,49 @@ def _ending(dataset: pathlib.Path) -> str:
   return json.loads((dataset / "dataset.json").read_text())["file_ending"]
 
 
+# Post-processing.
+
+
+def postprocess_folder(pred: pathlib.Path, dataset: pathlib.Path, dest: pathlib.Path) -> dict:
+  """nnU-Net's post-processing choice (`jaxseg.postprocessing.determine`: keep the largest
+  foreground component, then per class the largest component of the class, each adopted only
+  if it raises the mean Dice) made on every held-out prediction in `pred` against the
+  dataset's labels, as `nnUNetv2_determine_postprocessing` makes it on a cross-validation's
+  predictions of all folds; the predictions post-processed so are written to `dest` under the
+  same names. Returns the decision."""
+  from jaxseg import postprocessing
+  from jaxseg.data import dataset as ds
+  from jaxseg.data import io
+  index = ds.load_dataset_index(dataset)
+  files = sorted(pred.glob(f"*{index.file_ending}"))
+  if not files:
+    sys.exit(f"error: {pred}: no {index.file_ending} predictions to post-process")
+  preds, refs, grids = [], [], []
+  for f in files:
+    case = f.name[:-len(index.file_ending)]
+    if case not in index.label_files:
+      sys.exit(f"error: {f}: no label {case}{index.file_ending} in {dataset / 'labelsTr'}")
+    label, grid = io.read_label(f)
+    preds.append(label)
+    grids.append(grid)
+    refs.append(io.read_label(index.label_files[case])[0])
+  values = [v for v in index.label_values if v > 0]
+  decision = postprocessing.determine(preds, refs, values)
+  decision["class_names"] = {str(v): n for n, v in index.labels.items() if isinstance(v, int) and v > 0}
+  dest.mkdir(parents=True, exist_ok=True)
+  for f, label, grid in zip(files, preds, grids):
+    io.write_image(dest / f.name, postprocessing.apply(label, decision), grid)
+  return decision
+
+
+def _with_postprocessing(a, side: dict, out: pathlib.Path) -> dict:
+  decision = postprocess_folder(out / "pred", a.dataset, out / "pred_postprocessed")
+  side["postprocessed"] = {
+      "decision": decision,
+      "scores": _evaluate(out / "pred_postprocessed", a.dataset, out / "evaluate_postprocessed.log")}
+  return side
+
+
 def nnunet_fold(a) -> None:
   """One fold of nnU-Net's trainer with the time budget (runs in its own process: nnU-Net
   reads its folders from the environment at import)."""
@@ -290,11 +338,10 @@ def nnunet_fold(a) -> None:
 # Report.
 
 
-def _table(result: dict) -> str:
-  """Per class (jaxseg.evaluate's means over the held-out cases) Dice and HD95 of each system,
-  then the foreground mean, then each fold's budget."""
-  systems = sorted(s for s in result if s.startswith("jaxseg")) + ["nnunet"] * ("nnunet" in result)
-  classes = [c for c in result[systems[0]]["scores"]["per_class"] if c != "background"]
+def _score_rows(result: dict, systems: list, scores_of) -> list:
+  """Markdown rows: per class (jaxseg.evaluate's means over the held-out cases) Dice and HD95 of
+  each system, then the foreground mean."""
+  classes = [c for c in scores_of(result[systems[0]])["per_class"] if c != "background"]
   lines = ["| class | " + " | ".join(f"{s} Dice | {s} HD95 mm" for s in systems) + " |",
            "|---|" + "---|---|" * len(systems)]
   rows = [(c, lambda sc, c=c: sc["per_class"][c]) for c in classes]
@@ -302,17 +349,39 @@ def _table(result: dict) -> str:
   for name, get in rows:
     cells = []
     for s in systems:
-      m = get(result[s]["scores"])
+      m = get(scores_of(result[s]))
       if m["dice"] is None:  # the class is in neither reference nor prediction of any case
         cells += ["-", "-"]
       else:  # an HD95 of null: infinite (the class missing from a prediction or a reference)
         cells += [f"{m['dice']:.3f}", "inf" if m["hd95"] is None else f"{m['hd95']:.1f}"]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _kept(decision: dict) -> str:
+  """What a post-processing decision keeps, in words."""
+  names = decision.get("class_names", {})
+  parts = (["the largest foreground component"] if decision["foreground"] else []) + [
+      f"the largest {names.get(str(v), v)} component" for v in decision["classes"]]
+  return ", ".join(parts) or "nothing (no filter raised the mean Dice)"
+
+
+def _table(result: dict) -> str:
+  """The held-out scores of each system (jaxseg's networks first), each fold's budget, and,
+  where the post-processing step ran, the same table after it with what each system kept."""
+  systems = sorted(s for s in result if s.startswith("jaxseg")) + ["nnunet"] * ("nnunet" in result)
+  lines = _score_rows(result, systems, lambda side: side["scores"])
   for s in systems:
     folds = result[s]["folds"]
     lines.append(f"\n{s}: " + "; ".join(
         f"fold {f['fold']} ({', '.join(f['val'])}): {f.get('steps', '?')} steps, train loop "
         f"{(f.get('train_loop_s') or 0) / 60:.1f} min, {f['cpu_s'] / 60:.1f} CPU-min in all" for f in folds))
+  if all("postprocessed" in result[s] for s in systems):
+    lines.append("\nWith nnU-Net's post-processing, chosen per system on its held-out predictions "
+                 "of all folds:\n")
+    lines += _score_rows(result, systems, lambda side: side["postprocessed"]["scores"])
+    for s in systems:
+      lines.append(f"\n{s} keeps {_kept(result[s]['postprocessed']['decision'])}.")
   return "\n".join(lines)
 
 
@@ -352,7 +421,7 @@ def main(argv=None) -> int:
     side = jaxseg_side if system == "jaxseg" else nnunet_side
     if system == "jaxseg" and a.network != "plain":  # beside the plain U-Net's results
       system = f"jaxseg_{a.network}"
-    result[system] = side(a, splits, a.workdir / system)
+    result[system] = _with_postprocessing(a, side(a, splits, a.workdir / system), a.workdir / system)
     result[system]["wall_s"] = time.time() - t0
     path.write_text(json.dumps(result, indent=1))
     print(f"[accuracy] {system} done in {(time.time() - t0) / 60:.1f} min", flush=True)

@@ -76,3 +76,61 @@ def test_steps_seconds_sums_the_training_windows(bench, tmp_path):
            {"split": "train", "step": 60, "steps_per_s": 1.0}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
   assert bench._steps_seconds(tmp_path / "metrics.jsonl") == 160.0
+
+
+def test_postprocessing_keeps_what_raises_dice_and_writes_every_case(bench, tmp_path):
+  # Two cases, labels 1 (organ) and 2 (lesion). The predictions add a stray one-voxel organ
+  # island far from the organ, so keeping the largest organ component raises the organ's Dice;
+  # the lesion is predicted as two components that are both in the reference, so keeping its
+  # largest would lower the lesion's Dice and is not adopted. Keeping the largest component of
+  # the merged foreground (the organ) would drop both lesion blobs: not adopted either.
+  root = tmp_path / "Dataset903_Two"
+  for sub in ("imagesTr", "labelsTr"):
+    (root / sub).mkdir(parents=True)
+  (root / "dataset.json").write_text(json.dumps({
+      "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
+      "numTraining": 2, "file_ending": ".nii.gz"}))
+  ref = np.zeros((12, 12, 12), np.uint8)
+  ref[2:6, 2:6, 2:6] = 1        # organ, 64 voxels
+  ref[8:10, 8:10, 8:10] = 2     # lesion blob a, 8 voxels, apart from the organ
+  ref[8:10, 2:4, 8:10] = 2      # lesion blob b, 8 voxels
+  pred = ref.copy()
+  pred[11, 11, 0] = 1           # stray organ voxel
+  pred_dir = tmp_path / "pred"
+  pred_dir.mkdir()
+  for case in ("c0", "c1"):
+    nib.save(nib.Nifti1Image(ref * 1.0, np.eye(4)), str(root / "imagesTr" / f"{case}_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(ref, np.diag([2.0, 1.0, 3.0, 1.0])), str(root / "labelsTr" / f"{case}.nii.gz"))
+    nib.save(nib.Nifti1Image(pred, np.diag([2.0, 1.0, 3.0, 1.0])), str(pred_dir / f"{case}.nii.gz"))
+  (pred_dir / "evaluation").mkdir()  # the evaluation folder beside the predictions is skipped
+  decision = bench.postprocess_folder(pred_dir, root, tmp_path / "pp")
+  assert decision["foreground"] is False
+  assert decision["classes"] == [1]
+  assert decision["class_names"] == {"1": "organ", "2": "lesion"}
+  # Organ Dice before: 2*64 / (65 + 64); after: 1. Mean over organ and lesion (1.0).
+  assert decision["dice"]["before"] == pytest.approx((128 / 129 + 1.0) / 2)
+  assert decision["dice"]["after"] == pytest.approx(1.0)
+  for case in ("c0", "c1"):
+    out = nib.load(str(tmp_path / "pp" / f"{case}.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(out.dataobj), ref)
+    np.testing.assert_allclose(out.affine, np.diag([2.0, 1.0, 3.0, 1.0]))
+  assert bench._kept(decision) == "the largest organ component"
+
+
+def test_table_adds_the_postprocessed_scores_when_every_system_has_them(bench):
+  fold = {"fold": 0, "val": ["c1"], "steps": 285, "train_loop_s": 600.0, "cpu_s": 1500.0}
+  kept = {"foreground": True, "classes": [4], "class_names": {"4": "enhancing"}}
+  none = {"foreground": False, "classes": [], "class_names": {}}
+  result = {"nnunet": {"scores": _scores(0.265, 0.433, 10.0), "folds": [fold],
+                       "postprocessed": {"scores": _scores(0.27, 0.44, 9.0), "decision": none}},
+            "jaxseg": {"scores": _scores(0.490, 0.428, 8.0), "folds": [fold],
+                       "postprocessed": {"scores": _scores(0.5, 0.45, 6.0), "decision": kept}}}
+  lines = bench._table(result).splitlines()
+  at = lines.index("| class | jaxseg Dice | jaxseg HD95 mm | nnunet Dice | nnunet HD95 mm |", 1)
+  assert lines[at + 2] == "| edema | 0.500 | 6.0 | 0.270 | 9.0 |"
+  assert lines[at + 3] == "| enhancing | 0.450 | 12.0 | 0.440 | 18.0 |"
+  assert ("jaxseg keeps the largest foreground component, the largest enhancing component."
+          in lines)
+  assert "nnunet keeps nothing (no filter raised the mean Dice)." in lines
+  del result["nnunet"]["postprocessed"]  # an older result: the first table only
+  assert "With nnU-Net's post-processing" not in bench._table(result)
