@@ -14,8 +14,9 @@ below set to 0 / () / None are the plan's; any of them set on the command line o
 plan (e.g. --config.data.patch_size=(64,64,64)). The memory budget `plan.memory_gb` (0: 8 GB,
 nnU-Net's, on a GPU/TPU; 0.5 GB on a CPU) sizes the patch: the run prints the plan and writes
 it to <workdir>/experiment_plan.json. Training as nnU-Net: SGD 0.01 with Nesterov momentum 0.99
-and polynomial decay, Dice + CE with deep supervision, nnU-Net v2's augmentation; nnU-Net trains
-250,000 steps, set train.num_steps to the budget you have.
+and polynomial decay, Dice + CE with deep supervision, nnU-Net v2's augmentation, its He
+initialisation (`jaxseg.models.conv.he_normal`); nnU-Net trains 250,000 steps, set
+train.num_steps to the budget you have.
 """
 
 import sys

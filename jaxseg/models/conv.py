@@ -1,8 +1,9 @@
 """Backend-neutral convolution layers: XLA's convolution and a GEMM transposed convolution.
 
 `Conv` and `ConvTranspose` have the parameters of ``flax.linen.Conv`` / ``ConvTranspose``
-('kernel' (*kernel_size, C_in, features), 'bias' (features,), initialised the same), so
-checkpoints are interchangeable, and take the arithmetic as a function field
+('kernel' (*kernel_size, C_in, features), 'bias' (features,)), so checkpoints are
+interchangeable, initialised as nnU-Net's networks (He normal for a LeakyReLU of slope 0.01,
+zero bias; `he_normal`), and take the arithmetic as a function field
 (`convolution`): a model is built with module definitions such as
 ``functools.partial(Conv, convolution=f)`` (`jaxseg.models.build.conv_modules` picks them per
 platform; the CPU routes live in `jaxseg.cpu_conv`). The defaults are XLA's convolution and,
@@ -29,6 +30,15 @@ import jax.numpy as jnp
 Array = jax.Array
 Padding = str | int | Sequence[int | tuple[int, int]]
 Pads = tuple[tuple[int, int], ...]
+
+
+# nnU-Net's initialisation (dynamic_network_architectures' `InitWeights_He(1e-2)`: torch's
+# `kaiming_normal_` with a = 0.01, an untruncated normal of variance 2 / (1 + a^2) / fan_in).
+# torch takes a transposed convolution's fan_in from its weight's second dimension, the output
+# channels: for Flax's (*kernel, C_in, C_out) kernel that is the fan_out.
+_HE_SCALE = 2.0 / (1.0 + 0.01 ** 2)
+he_normal = nn.initializers.variance_scaling(_HE_SCALE, 'fan_in', 'normal')
+he_normal_transposed = nn.initializers.variance_scaling(_HE_SCALE, 'fan_out', 'normal')
 
 
 def as_tuple(v: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
@@ -236,9 +246,9 @@ def _flatten_batch(x: Array, nd: int):
 class Conv(nn.Module):
   """``flax.linen.Conv`` with the same parameters and a pluggable convolution.
 
-  Parameters are named, shaped and initialised as in ``nn.Conv`` ('kernel'
+  Parameters are named and shaped as in ``nn.Conv`` ('kernel'
   (*kernel_size, C_in, features), 'bias' (features,)), so checkpoints are
-  interchangeable; the output equals ``nn.Conv``'s for the supported
+  interchangeable, and initialised as nnU-Net's (`he_normal`, zero bias); the output equals ``nn.Conv``'s for the supported
   options (no dilation, no feature groups, no mask).
 
   Attributes:
@@ -252,7 +262,7 @@ class Conv(nn.Module):
     dtype: computation dtype (default: inferred from inputs and params).
     param_dtype: dtype of the parameters.
     precision: passed to the convolution / dot.
-    kernel_init: initializer for the kernel.
+    kernel_init: initializer for the kernel (default nnU-Net's, `he_normal`).
     bias_init: initializer for the bias.
     convolution: ``f(x, kernel, strides, pads, precision)`` (default XLA's, `conv_lax`).
   """
@@ -264,7 +274,7 @@ class Conv(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
-  kernel_init: Callable = nn.initializers.lecun_normal()
+  kernel_init: Callable = he_normal
   bias_init: Callable = nn.initializers.zeros_init()
   convolution: Callable[..., Array] = conv_lax
 
@@ -312,8 +322,8 @@ class ConvTranspose(nn.Module):
     kernel_size: one int per spatial dim (an int means 1D, as in Flax).
     strides: None (= kernel_size) or equal to kernel_size.
     padding: only 'VALID' (accepted for drop-in use).
-    use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as in
-      `Conv`.
+    use_bias, dtype, param_dtype, precision, bias_init: as in `Conv`.
+    kernel_init: default nnU-Net's for its transposed convolutions (`he_normal_transposed`).
     convolution: ``f(x, kernel, strides, precision)``, a value of `CONV_TRANSPOSE_IMPLS`
       (default `conv_transpose_gemm`).
   """
@@ -325,7 +335,7 @@ class ConvTranspose(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
-  kernel_init: Callable = nn.initializers.lecun_normal()
+  kernel_init: Callable = he_normal_transposed
   bias_init: Callable = nn.initializers.zeros_init()
   convolution: Callable[..., Array] = conv_transpose_gemm
 

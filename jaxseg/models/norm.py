@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -84,17 +85,19 @@ instance_norm_act.defvjp(_fwd, _bwd)
 
 class InstanceNormAct(nn.Module):
   """``nn.InstanceNorm`` (float32 statistics) then LeakyReLU, with the parameters of
-  ``nn.InstanceNorm`` ('scale' ones, 'bias' zeros, shape (C,)); the output has the input's
-  dtype; see `instance_norm_act`."""
+  ``nn.InstanceNorm`` ('scale' ones, 'bias' zeros, shape (C,); `scale_init` zeros for the
+  last norm of a residual block, as nnU-Net's `init_last_bn_before_add_to_0`); the output has
+  the input's dtype; see `instance_norm_act`."""
   epsilon: float = 1e-5
   negative_slope: float = 0.01
+  scale_init: Callable = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if x.ndim < 3:
       raise ValueError(f'InstanceNormAct needs (N, *spatial, C) input, got shape {x.shape}')
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    scale = self.param('scale', self.scale_init, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     return instance_norm_act(x, scale, bias, self.epsilon, self.negative_slope)
 

@@ -19,8 +19,8 @@ BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 class ResidualBlock(nn.Module):
   """dynamic_network_architectures' `BasicBlockD`: conv-norm-act (strided), conv-norm, plus the
   skip (average-pooled by the stride, then a 1x1 conv without bias and a norm where the
-  features change),
-  then the activation."""
+  features change), then the activation. Initialised as nnU-Net's ResEnc: He normal
+  convolutions (`conv.he_normal`), the last norm's scale zero."""
   features: int
   spatial_dims: int
   strides: layers.PerAxis = 1
@@ -37,7 +37,9 @@ class ResidualBlock(nn.Module):
                            dtype=self.dtype, name="conv1")(x)
     y = self.conv(self.features, kernel, strides=(1,) * d, padding="SAME", dtype=self.dtype,
                   name="conv2")(y)
-    y = self.norm(negative_slope=1.0, name="norm2")(y)  # slope 1: the norm alone
+    # Slope 1: the norm alone. Its scale starts at zero (nnU-Net's
+    # `init_last_bn_before_add_to_0`): a fresh block passes its skip through.
+    y = self.norm(negative_slope=1.0, scale_init=nn.initializers.zeros, name="norm2")(y)
     skip = x
     if any(s != 1 for s in strides):
       skip = nn.avg_pool(skip, strides, strides=strides, padding="VALID")

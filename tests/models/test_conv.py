@@ -119,11 +119,20 @@ def test_module_matches_flax(flax_cls, own_cls, kwargs):
     np.testing.assert_allclose(lax_apply(params, x), want, rtol=1e-4, atol=1e-4)
 
 
-def test_module_init_equals_flax():
-  x = jnp.ones((1, 5, 4, 3))
-  jax.tree.map(np.testing.assert_array_equal,
-               jax.jit(conv_lib.Conv(4, (3, 3)).init)(jax.random.key(0), x),
-               jax.jit(nn.Conv(4, (3, 3)).init)(jax.random.key(0), x))
+def test_init_is_nnunets_he_normal():
+  # dynamic_network_architectures' InitWeights_He(1e-2): torch's kaiming_normal_(a=0.01), an
+  # untruncated normal of std sqrt(2 / (1 + 0.01^2) / fan_in), bias 0. A 3x3x3 conv 64 -> 64
+  # has fan_in 27 * 64 = 1728: std 0.034020. torch takes a transposed convolution's fan_in
+  # from its output channels: 2x2x2, 64 -> 32 gives 8 * 32 = 256, std 0.088384.
+  for module, shape, std in [(conv_lib.Conv(64, (3, 3, 3)), (1, 4, 4, 4, 64), 0.034020),
+                             (conv_lib.ConvTranspose(32, (2, 2, 2)), (1, 2, 2, 2, 64), 0.088384)]:
+    params = jax.jit(module.init)(jax.random.key(0), jnp.ones(shape))['params']
+    k = np.asarray(params['kernel']).ravel()
+    assert np.sqrt(2 / 1.0001 / (1728 if std < 0.05 else 256)) == pytest.approx(std, rel=1e-4)
+    assert k.std() == pytest.approx(std, rel=0.01) and abs(k.mean()) < 0.01 * std
+    # Untruncated: about 4.55% of a normal lies beyond 2 std (a truncated one: none).
+    assert np.mean(np.abs(k) > 2 * std) == pytest.approx(0.0455, abs=0.004)
+    np.testing.assert_array_equal(params['bias'], 0.0)
 
 
 def test_modules_take_batch_dims_like_flax():

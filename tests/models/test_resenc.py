@@ -53,6 +53,17 @@ def test_default_blocks_and_per_axis_shapes():
     _ = ResEncUNet(num_classes=2, num_stages=3, blocks_per_stage=(1, 2)).blocks
 
 
+def test_fresh_residual_block_passes_its_skip_through():
+  # nnU-Net's init_last_bn_before_add_to_0: the second norm's scale (and bias) start at zero,
+  # so a fresh block with an identity skip (same features, stride 1) is leaky_relu(x).
+  from jaxseg.models.resenc import ResidualBlock
+  block = ResidualBlock(features=4, spatial_dims=2)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
+  params = block.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(params["params"]["norm2"]["scale"], 0.0)
+  np.testing.assert_allclose(block.apply(params, x), jax.nn.leaky_relu(x, 0.01), rtol=1e-6)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("dynamic_network_architectures") is None,
                     reason="nnU-Net's network library not installed (pip install -e '.[bench]')")
 def test_parameter_count_equals_nnunets_residual_encoder_unet():
