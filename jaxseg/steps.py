@@ -10,8 +10,12 @@ from jaxseg import compile_options, sharding
 from jaxseg.data import augment
 
 
-def make_train_step(loss_fn, tx, mesh, aug_config, *, loss_consts=None):
+def make_train_step(loss_fn, tx, mesh, aug_config, *, patch_size=None, loss_consts=None):
   """Jitted train step with the state donated, batch split over the mesh, state replicated.
+
+  The batch's patches may be larger than `patch_size` (the network's; None: the batch's own):
+  augmentation samples from their surroundings and hands the loss the centre `patch_size`
+  (`augment.augment_batch`).
 
   `key_data` is raw key data (uint32, replicated). Randomness: the step's key is
   `fold_in(key, state.step)`, split for augmentation and loss,
@@ -29,7 +33,7 @@ def make_train_step(loss_fn, tx, mesh, aug_config, *, loss_consts=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
     aug_key, loss_key = jax.random.split(key)
     batch = {**batch, "image": batch["image"].astype(jnp.float32)}
-    batch = augment.augment_batch(aug_key, batch, aug_config)
+    batch = augment.augment_batch(aug_key, batch, aug_config, patch_size)
     args = (state.params, batch, loss_key) + (() if consts is None else (consts,))
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(*args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

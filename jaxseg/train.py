@@ -167,7 +167,9 @@ def build_step(config: ml_collections.ConfigDict, *, num_classes: int, in_channe
                                        part=config.get("init_from_part", init_from.DEFAULT_PART))
   state = init_state(model, tx, seed=config.seed, in_channels=in_channels, mesh=mesh, params=params)
   return Step(model=model, mesh=mesh, tx=tx, state=state,
-              train_step=steps.make_train_step(loss_fn, tx, mesh, config.augment, loss_consts=loss_consts),
+              train_step=steps.make_train_step(loss_fn, tx, mesh, config.augment,
+                                             patch_size=tuple(config.data.patch_size),
+                                             loss_consts=loss_consts),
               predict_fn=steps.make_predict_fn(model))
 
 

@@ -71,6 +71,53 @@ class AugmentSettings:
     return cls(**values)
 
 
+# Context. nnU-Net's data loader cuts patches larger than the network's (`initial_patch_size`,
+# nnunetv2's `get_patch_size`), so that a rotated or zoomed-out patch samples image, not
+# padding; the spatial transform then outputs the network's patch from their centre. Its
+# heuristic grows the patch by the patch rotated about each axis in turn by the largest angle
+# (capped at 90 degrees), then divides by 0.85, the lower end of an old scale range it keeps
+# "as it was" (its comment), not the (0.7, 1.4) it samples.
+_CONTEXT_ZOOM = 0.85
+
+
+def context_size(patch_size, settings: "AugmentSettings") -> tuple[int, ...]:
+  """The patch a sampler cuts for a network patch of `patch_size` (a tuple of ints) so that
+  the spatial transform (rotation, scaling, elastic) samples image rather than the edge.
+
+  As nnU-Net's `get_patch_size`: per axis, the largest extent of the patch's bounding box
+  rotated about each axis in turn by the largest rotation (`rotation_deg_3d`, 2D
+  `rotation_deg_2d`, capped at 90 degrees; 0 when `rotation_prob` is 0), divided by 0.85 and
+  floored. nnU-Net rotates the patch's corner vector with one sign convention, so its result
+  depends on the axis order (its [40, 64, 56] gives [78, 98, 80], [56, 64, 40] gives
+  [94, 88, 73]); the bounding box here is the larger of the two on every axis ([94, 98, 78]).
+  Each axis grows by an even count, so the network's patch is the exact centre. Returns
+  `patch_size` when no spatial transform is switched on.
+  """
+  patch = [int(p) for p in patch_size]
+  if max(settings.rotation_prob, settings.scale_prob, settings.elastic_prob) <= 0:
+    return tuple(patch)
+  nd = len(patch)
+  degrees = settings.rotation_deg_2d if nd == 2 else settings.rotation_deg_3d
+  theta = math.radians(min(abs(degrees), 90.0)) if settings.rotation_prob > 0 else 0.0
+  c, s = math.cos(theta), math.sin(theta)
+  box = [float(p) for p in patch]
+  for i, j in ([(0, 1)] if nd == 2 else [(1, 2), (0, 2), (0, 1)]):
+    box[i] = max(box[i], c * patch[i] + s * patch[j])
+    box[j] = max(box[j], s * patch[i] + c * patch[j])
+  grown = [max(0, math.floor(b / _CONTEXT_ZOOM + 1e-9) - p) for b, p in zip(box, patch)]
+  return tuple(p + 2 * math.ceil(g / 2) for p, g in zip(patch, grown))
+
+
+def centre_crop(x, out_shape, first_axis: int = 0):
+  """The centre `out_shape` of `x`'s spatial axes `first_axis ...` (each input axis longer by
+  an even count)."""
+  index = [slice(None)] * x.ndim
+  for k, o in enumerate(out_shape):
+    n = x.shape[first_axis + k]
+    index[first_axis + k] = slice((n - o) // 2, (n - o) // 2 + o)
+  return x[tuple(index)]
+
+
 # Per-example transforms.
 
 
@@ -89,29 +136,34 @@ def rotation_matrix(angles):
   return rx @ ry @ rz
 
 
-def spatial_transform(image, label, *, angles, scale, displacement=None):
-  """Rotates and scales one example about the patch centre, optionally plus a displacement.
+def spatial_transform(image, label, *, angles, scale, displacement=None, out_shape=None):
+  """Rotates and scales one example about its centre, optionally plus a displacement, onto an
+  output grid of `out_shape` (default the input's) centred on the input's centre.
 
-  Output voxel `x` samples the input at `R(angles) * scale * (x - c) + c (+ displacement[x])`,
-  c the patch centre (scale > 1 zooms out, as batchgeneratorsv2's SpatialTransform). Image
-  channels are interpolated linearly, the label by nearest neighbour, both with
-  `jax.scipy.ndimage.map_coordinates(mode='nearest')` (edge values outside the patch).
+  Output voxel `x` samples the input at `R(angles) * scale * (x - c_out) + c_in
+  (+ displacement[x])`, c the centres (scale > 1 zooms out, as batchgeneratorsv2's
+  SpatialTransform); with no rotation and scale 1 that is the centre crop. Image channels are
+  interpolated linearly, the label by nearest neighbour, both with
+  `jax.scipy.ndimage.map_coordinates(mode='nearest')` (edge values outside the input: a
+  sampler that cuts `context_size` patches keeps that rare).
 
   Args:
     image: float (*S, C); label: integer (*S).
     angles: radians, shape (1,) in 2D or (3,) in 3D.
     scale: scalar or (nd,) scale factors.
-    displacement: optional float (nd, *S) in voxels.
+    displacement: optional float (nd, *out_shape) in voxels.
+    out_shape: the output's spatial shape, at most S per axis.
   Returns:
-    (image (*S, C), label (*S)).
+    (image (*out_shape, C), label (*out_shape)).
   """
-  shape = label.shape
-  centre = (jnp.asarray(shape, jnp.float32) - 1) / 2
+  shape = tuple(label.shape) if out_shape is None else tuple(out_shape)
+  nd = len(shape)
+  c_in = ((jnp.asarray(label.shape, jnp.float32) - 1) / 2).reshape((-1,) + (1,) * nd)
+  c_out = ((jnp.asarray(shape, jnp.float32) - 1) / 2).reshape((-1,) + (1,) * nd)
   grid = jnp.stack(jnp.meshgrid(*[jnp.arange(s, dtype=jnp.float32) for s in shape],
                                 indexing="ij"))
-  centre = centre.reshape((-1,) + (1,) * len(shape))
   matrix = rotation_matrix(angles) * jnp.asarray(scale, jnp.float32)
-  coords = jnp.einsum("ij,j...->i...", matrix, grid - centre) + centre
+  coords = jnp.einsum("ij,j...->i...", matrix, grid - c_out) + c_in
   if displacement is not None:
     coords = coords + displacement
   coords = list(coords)
@@ -276,7 +328,8 @@ class _Stage:
   field: object = None  # (nd, image_shape) -> per-example normal field shape, or None
 
 
-def _spatial_stage(s: AugmentSettings):
+def _spatial_stage(s: AugmentSettings, out_shape: tuple):
+  """The spatial transform onto `out_shape` (the network's patch, the centre of the input)."""
   def count(nd, c):
     return (1 if nd == 2 else 3) + 1 + (1 + nd if s.elastic_prob > 0 else 0)
 
@@ -288,13 +341,14 @@ def _spatial_stage(s: AugmentSettings):
     scale = jnp.where(flags[1], _lerp(u[n_angles], s.scale_range), 1.0)
     disp = None
     if s.elastic_prob > 0:
-      patch = jnp.asarray(label.shape, jnp.float32)
+      patch = jnp.asarray(out_shape, jnp.float32)
       sigma = _lerp(u[n_angles + 1], s.elastic_scale) * patch  # one scale for all axes
       magnitude = _lerp(u[n_angles + 2:n_angles + 2 + nd], s.elastic_magnitude) * patch
       disp = smooth_displacement(field, sigma=sigma, magnitude=magnitude) * flags[2]
-    return spatial_transform(image, label, angles=angles, scale=scale, displacement=disp)
+    return spatial_transform(image, label, angles=angles, scale=scale, displacement=disp,
+                             out_shape=out_shape)
 
-  field = ((lambda nd, shape: (nd,) + tuple(shape[:nd])) if s.elastic_prob > 0 else None)
+  field = ((lambda nd, shape: (nd,) + tuple(out_shape)) if s.elastic_prob > 0 else None)
   return _Stage("spatial", (s.rotation_prob, s.scale_prob, s.elastic_prob), count, fn, field)
 
 
@@ -359,49 +413,64 @@ def _mirror_stage(s):
   return _Stage("mirror", (1.0 if axes else 0.0,), lambda nd, c: len(axes), fn)
 
 
-def stages(s: AugmentSettings):
-  """The transforms in nnU-Net v2's order (`nnUNetTrainer.get_training_transforms`)."""
-  return [_spatial_stage(s), _noise_stage(s), _blur_stage(s), _brightness_stage(s),
+def stages(s: AugmentSettings, out_shape: tuple):
+  """The transforms in nnU-Net v2's order (`nnUNetTrainer.get_training_transforms`); the
+  spatial one outputs `out_shape`, the network's patch."""
+  return [_spatial_stage(s, out_shape), _noise_stage(s), _blur_stage(s), _brightness_stage(s),
           _contrast_stage(s), _lowres_stage(s), _gamma_stage(s, True), _gamma_stage(s, False),
           _mirror_stage(s)]
 
 
-def _run_stage(stage, flags, u, key, image, label):
+def _run_stage(stage, flags, u, key, image, label, unchanged=None):
   """Runs `stage` vmapped on the batch only if some example drew it (lax.cond).
 
-  flags (B, n) bool, u (B, k) uniforms; examples that did not draw it are returned unchanged.
+  flags (B, n) bool, u (B, k) uniforms; examples that did not draw it are returned as
+  `unchanged` (an (image, label) pair shaped like the stage's output; default the input).
   """
   b = image.shape[0]
   apply = flags.any(axis=1)
+  keep = (image, label) if unchanged is None else unchanged
 
   def run(operands):
     im, lb = operands
     field = (None if stage.field is None else
              jax.random.normal(key, (b,) + stage.field(lb.ndim - 1, im.shape[1:]), im.dtype))
     new_im, new_lb = jax.vmap(stage.fn)(flags, u, field, im, lb)
-    sel_im = apply.reshape((b,) + (1,) * (im.ndim - 1))
-    sel_lb = apply.reshape((b,) + (1,) * (lb.ndim - 1))
-    return jnp.where(sel_im, new_im, im), jnp.where(sel_lb, new_lb, lb)
+    sel_im = apply.reshape((b,) + (1,) * (keep[0].ndim - 1))
+    sel_lb = apply.reshape((b,) + (1,) * (keep[1].ndim - 1))
+    return jnp.where(sel_im, new_im, keep[0]), jnp.where(sel_lb, new_lb, keep[1])
 
   if all(p >= 1 for p in stage.probs):
     return run((image, label))
-  return lax.cond(apply.any(), run, lambda operands: operands, (image, label))
+  return lax.cond(apply.any(), run, lambda operands: keep, (image, label))
 
 
-def augment_batch(key, batch, aug_config):
-  """Applies the augmentations switched on in `aug_config` to a batch dict, per example.
+def augment_batch(key, batch, aug_config, patch_size=None):
+  """Applies the augmentations switched on in `aug_config` to a batch dict, per example, and
+  returns the centre `patch_size` of each (the network's patch; default the batch's own).
 
   batch: {'image': float (B, *S, C), 'label': int (B, *S), ...}; other entries pass through.
+  S may exceed `patch_size` by an even count per axis (a sampler's `context_size` patches):
+  the spatial transform then samples its rotated or zoomed-out grid from that context, and
+  an example it does not transform is the centre crop.
   All random numbers come from `key` (one uniform draw for every scalar of every example, one
   normal draw per field), so the result is a pure function of (key, batch, config).
-  Returns a new dict with the same shapes and dtypes.
+  Returns a new dict, image and label of spatial shape `patch_size`, dtypes kept.
   """
   s = aug_config if isinstance(aug_config, AugmentSettings) else AugmentSettings.from_config(aug_config)
   image, label = batch["image"], batch["label"]
   b, nd, c = image.shape[0], label.ndim - 1, image.shape[-1]
-  active = [st for st in stages(s) if max(st.probs) > 0]
+  in_shape = tuple(label.shape[1:])
+  out_shape = in_shape if patch_size is None else tuple(int(p) for p in patch_size)
+  if len(out_shape) != nd or any(i < o or (i - o) % 2 for i, o in zip(in_shape, out_shape)):
+    raise ValueError(f"augment_batch: patches {in_shape} do not hold patch_size {out_shape} "
+                     "at their centre (each axis at least as long, longer by an even count)")
+  cropped = (centre_crop(image, out_shape, 1), centre_crop(label, out_shape, 1))
+  active = [st for st in stages(s, out_shape) if max(st.probs) > 0]
+  if active and active[0].name != "spatial":
+    image, label = cropped  # no spatial transform: the context is not needed
   if not active:
-    return batch
+    return batch if out_shape == in_shape else {**batch, "image": cropped[0], "label": cropped[1]}
   widths = [len(st.probs) + st.count(nd, c) for st in active]
   k_u, k_fields = jax.random.split(key)
   u = jax.random.uniform(k_u, (b, sum(widths)), jnp.float32)
@@ -412,5 +481,6 @@ def augment_batch(key, batch, aug_config):
     start += width
     n = len(st.probs)
     flags = cols[:, :n] < jnp.asarray(st.probs, jnp.float32)
-    image, label = _run_stage(st, flags, cols[:, n:], k, image, label)
+    image, label = _run_stage(st, flags, cols[:, n:], k, image, label,
+                              cropped if st.name == "spatial" else None)
   return {**batch, "image": image, "label": label}

@@ -127,7 +127,7 @@ class PatchSource:
       ones (every case) give float16 batches: half the bytes to read and to send to the
       device, which casts them (`benchmarks/pipeline.py --store-dtype` measures the gain).
     labels: integer arrays (*spatial) (or `MappedLabel`s).
-    patch_size, foreground_fraction, seed: as `PatchSampler`.
+    patch_size, foreground_fraction, seed, context: as `PatchSampler`.
     metas: one `CaseMeta` per case (from the cache), or None: then the foreground points are
       drawn from every label here exactly as `PatchSampler` draws them (with the run's seed),
       and the minima computed. With stored metas, a case with more than
@@ -137,7 +137,7 @@ class PatchSource:
   """
 
   def __init__(self, images, labels, *, patch_size, foreground_fraction: float, seed: int,
-               metas=None):
+               metas=None, context=None):
     if not len(images):
       raise ValueError("no training cases to sample patches from")
     if len(images) != len(labels):
@@ -149,6 +149,8 @@ class PatchSource:
                        f"{data_dims} spatial axes")
     self.slices = len(self.patch) == data_dims - 1
     self.full_patch = self.patch + (1,) if self.slices else self.patch
+    self.margin = sampling.context_margin(self.patch, context) + ((0,) if self.slices else ())
+    self.full_context = tuple(p + 2 * m for p, m in zip(self.full_patch, self.margin))
     self.images = [_Volume(im) for im in images]
     self.labels = [_Volume(lb) for lb in labels]
     self.channels = self.images[0].shape[0]
@@ -181,7 +183,8 @@ class PatchSource:
     return metas
 
   def _draw(self, step: int, index: int, batch_size: int):
-    """(case, corner in the case's coordinates) of example `index` of the batch of `step`."""
+    """(case, corner of the patch in the case's coordinates) of example `index` of the batch of
+    `step`."""
     rng = np.random.default_rng([self.seed, step, index])
     case = int(rng.integers(len(self.images)))
     shape = np.array(self.labels[case].shape)
@@ -200,14 +203,15 @@ class PatchSource:
   def batch(self, step: int, batch_size: int, indices=None) -> dict:
     """Examples `indices` (default all) of the batch of `step`, stacked channels-last.
 
-    Returns {'image': (B, *patch, C) in the images' dtype, 'label': int32 (B, *patch)}, equal
-    to `PatchSampler.batch` (see the class docstring).
+    Returns {'image': (B, *context, C) in the images' dtype, 'label': int32 (B, *context)},
+    equal to `PatchSampler.batch` (see the class docstring).
     """
     indices = list(range(batch_size) if indices is None else indices)
-    image = np.empty((len(indices),) + self.full_patch + (self.channels,), self.image_dtype)
-    label = np.empty((len(indices),) + self.full_patch, np.int32)
+    image = np.empty((len(indices),) + self.full_context + (self.channels,), self.image_dtype)
+    label = np.empty((len(indices),) + self.full_context, np.int32)
     for j, i in enumerate(indices):
       case, start = self._draw(step, i, batch_size)
+      start = tuple(a - m for a, m in zip(start, self.margin))
       lb = self.labels[case]
       crop_into(image[j], label[j], self.images[case].open(), lb.open(), start,
                 self.fill[case], lb.lut)
@@ -307,16 +311,22 @@ class BatchLoader:
 def for_training(data, config, mesh) -> BatchLoader:
   """The default `batch_fn` of `train.setup`: a `BatchLoader` over `data`'s training cases
   (with the cache's stored `CaseMeta`s where `data` has them) for this process's share of
-  `config.train.batch_size`.
+  `config.train.batch_size`. The patches come with the surroundings the spatial augmentation
+  samples (`augment.context_size` of `config.augment`); the train step cuts
+  `config.data.patch_size` from them (`augment.augment_batch`).
 
   Reads `config.data.loader_workers` (0: `default_workers()`), `loader_prefetch` (0: 2 x
   workers) and `loader_processes` (False: threads).
   """
   from jaxseg import sharding  # noqa: PLC0415
+  from jaxseg.data import augment  # noqa: PLC0415  (jax: not in the loader's worker processes)
   metas = getattr(data, "train_meta", None)
-  source = PatchSource(data.train_images, data.train_labels, patch_size=config.data.patch_size,
+  patch = tuple(config.data.patch_size)
+  source = PatchSource(data.train_images, data.train_labels, patch_size=patch,
                        foreground_fraction=config.data.foreground_fraction, seed=config.seed,
-                       metas=metas)
+                       metas=metas,
+                       context=augment.context_size(patch, augment.AugmentSettings.from_config(
+                           config.augment)))
   b = config.train.batch_size
   local = sharding.local_batch_slice(b, mesh)
   return BatchLoader(source, b, range(local.start, local.stop),

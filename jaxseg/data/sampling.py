@@ -66,6 +66,20 @@ def pick_foreground(rng, points: np.ndarray, groups) -> np.ndarray:
   return points[int(starts[k]) + int(rng.integers(counts[k]))]
 
 
+def context_margin(patch, context) -> tuple[int, ...]:
+  """Per axis, the voxels of context on each side of `patch` in a cut of `context` (None: no
+  context). Raises ValueError unless `context` is at least `patch` and longer by an even count
+  per axis."""
+  patch = tuple(int(p) for p in patch)
+  if context is None:
+    return (0,) * len(patch)
+  context = tuple(int(c) for c in context)
+  if len(context) != len(patch) or any(c < p or (c - p) % 2 for c, p in zip(context, patch)):
+    raise ValueError(f"context {context} must hold patch_size {patch} at its centre (each axis "
+                     "at least as long, longer by an even count)")
+  return tuple((c - p) // 2 for c, p in zip(context, patch))
+
+
 class PatchSampler:
   """Random patches from a list of cases.
 
@@ -78,9 +92,14 @@ class PatchSampler:
       on a foreground voxel picked as nnU-Net does (a class drawn uniformly among the case's
       foreground classes, then one of its voxels: `pick_foreground`); the others anywhere.
     seed: base seed.
+    context: the size cut (default `patch_size`): the patch where it was drawn plus
+      (context - patch) / 2 voxels of its surroundings on each side (`augment.context_size`;
+      the case's minimum and label 0 outside the case), for a spatial augmentation that
+      outputs the patch. The patch's position does not depend on it.
   """
 
-  def __init__(self, images, labels, *, patch_size, foreground_fraction: float, seed: int):
+  def __init__(self, images, labels, *, patch_size, foreground_fraction: float, seed: int,
+               context=None):
     if not images:
       raise ValueError("no training cases to sample patches from")
     self.patch = tuple(int(p) for p in patch_size)
@@ -90,10 +109,11 @@ class PatchSampler:
                        f"{data_dims} spatial axes")
     self.slices = len(self.patch) == data_dims - 1
     full_patch = self.patch + (1,) if self.slices else self.patch
+    self.margin = context_margin(self.patch, context) + ((0,) if self.slices else ())
     self.images, self.labels = [], []
     for im, lb in zip(images, labels):
-      pad = [(0, 0)] + [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2)
-                        for p, s in zip(full_patch, lb.shape)]
+      pad = [(0, 0)] + [(max(0, p - s) // 2 + m, max(0, p - s) - max(0, p - s) // 2 + m)
+                        for p, s, m in zip(full_patch, lb.shape, self.margin)]
       self.images.append(np.pad(im, pad, mode="constant", constant_values=float(im.min())))
       self.labels.append(np.pad(lb, pad[1:], mode="constant"))
     rng = np.random.default_rng([seed, seeds.FOREGROUND_SUBSAMPLE])
@@ -105,21 +125,22 @@ class PatchSampler:
     self.seed = int(seed)
 
   def example(self, step: int, index: int, batch_size: int, *, return_case: bool = False):
-    """Example `index` of the batch of `step`: (image (*patch, C), label (*patch)), and with
-    `return_case` the index of the case it was cut from."""
+    """Example `index` of the batch of `step`: (image (*context, C), label (*context)), and
+    with `return_case` the index of the case it was cut from."""
     rng = np.random.default_rng([self.seed, step, index])
     case = int(rng.integers(len(self.images)))
     image, label = self.images[case], self.labels[case]
-    shape = np.array(label.shape)
+    margin = np.array(self.margin)
+    shape = np.array(label.shape) - 2 * margin  # the case padded to the patch
     patch = np.array(self.full_patch)
     n_fg = math.ceil(self.fg_fraction * batch_size)
     pts = self.fg_points[case]
     if index >= batch_size - n_fg and len(pts):
-      centre = pick_foreground(rng, pts, self.fg_groups[case])
+      centre = pick_foreground(rng, pts, self.fg_groups[case]) - margin
       start = np.clip(centre - patch // 2, 0, shape - patch)
     else:
       start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, patch)])
-    sl = tuple(slice(int(a), int(a) + int(p)) for a, p in zip(start, patch))
+    sl = tuple(slice(int(a), int(a) + int(p + 2 * m)) for a, p, m in zip(start, patch, margin))
     img = image[(slice(None),) + sl]
     lab = label[sl]
     if self.slices:
@@ -131,7 +152,7 @@ class PatchSampler:
   def batch(self, step: int, batch_size: int, indices=None):
     """Examples `indices` (default all) of the batch of `step`, stacked channels-last.
 
-    Returns {'image': float32 (B, *patch, C), 'label': int32 (B, *patch)}.
+    Returns {'image': float32 (B, *context, C), 'label': int32 (B, *context)}.
     """
     indices = range(batch_size) if indices is None else indices
     ex = [self.example(step, i, batch_size) for i in indices]

@@ -215,3 +215,67 @@ def test_unused_stages_leave_the_batch_untouched():
   s = _settings(rotation_prob=0.0, scale_prob=1e-9, mirror_axes=())
   out = A.augment_batch(jax.random.key(0), batch, s)
   np.testing.assert_array_equal(np.asarray(out["image"]), np.asarray(batch["image"]))
+
+
+def test_context_size_is_nnunets_initial_patch_as_a_bounding_box():
+  s = A.AugmentSettings.from_config(common.base_config().augment)  # rotation 30 deg, scale on
+  # 3D, 56x64x40 rotated by 30 deg about each axis in turn (c = 0.8660, s = 0.5): about axis 0
+  # (56, 75.4, 66.6), axis 1 (68.5, 64, 62.6), axis 2 (80.5, 83.4, 40); the largest per axis
+  # (80.5, 83.4, 66.6) / 0.85 = (94.7, 98.1, 78.4), floored: growths 38, 34, 38, all even.
+  assert A.context_size((56, 64, 40), s) == (94, 98, 78)
+  assert A.context_size((40, 64, 56), s) == (78, 98, 94)  # the axis order does not matter
+  # 2D: 180 deg is capped at 90 (the patch's transpose), then / 0.85: 320 / 0.85 = 376.5.
+  assert A.context_size((320, 256), s) == (376, 376)
+  # 32^3: 43.7 / 0.85 = 51.4 -> 51, an odd growth of 19 rounded up to 20 (an exact centre).
+  assert A.context_size((32, 32, 32), s) == (52, 52, 52)
+  assert A.context_size((32, 32, 32), dataclasses.replace(s, rotation_prob=0.0)) == (38, 38, 38)
+  assert A.context_size((32, 32, 32), OFF) == (32, 32, 32)  # no spatial transform: no context
+
+
+def test_context_size_holds_nnunets_initial_patch_in_either_axis_order():
+  patch_size = pytest.importorskip(
+      "nnunetv2.training.data_augmentation.compute_initial_patch_size").get_patch_size
+  s = A.AugmentSettings.from_config(common.base_config().augment)
+  for patch in [(56, 64, 40), (40, 64, 56), (128, 128, 128), (20, 160, 192), (320, 256)]:
+    rot = np.pi / 6 if len(patch) == 3 else np.pi
+    theirs = [patch_size(list(p), (-rot, rot), (-rot, rot), (-rot, rot), (0.85, 1.25))
+              for p in (patch, patch[::-1])]
+    both = np.maximum(theirs[0], theirs[1][::-1])
+    ours = np.asarray(A.context_size(patch, s))
+    assert (ours >= both).all() and (ours - both <= 1).all(), (patch, ours, both)
+
+
+def test_context_is_cut_to_the_patch_at_its_centre():
+  rng = np.random.default_rng(5)
+  ctx = {"image": jnp.asarray(rng.normal(size=(3, 14, 12, 10, 2)).astype(np.float32)),
+         "label": jnp.asarray(rng.integers(0, 4, (3, 14, 12, 10)).astype(np.int32))}
+  centre = (slice(None), slice(3, 11), slice(2, 10), slice(1, 9))
+  # Every example drawn for the spatial transform, but by 0 degrees at scale 1: the exact
+  # centre; and with no transform switched on at all: the same crop.
+  zero = _settings(rotation_prob=1.0, rotation_deg_3d=0.0)
+  for s in (zero, OFF):
+    out = A.augment_batch(jax.random.key(0), ctx, s, (8, 8, 8))
+    np.testing.assert_array_equal(np.asarray(out["image"]), np.asarray(ctx["image"])[centre])
+    np.testing.assert_array_equal(np.asarray(out["label"]), np.asarray(ctx["label"])[centre])
+  # A rotation by 90 degrees in 2D samples the context: the centre of the rotated context.
+  x = rng.normal(size=(12, 12)).astype(np.float32)
+  lab = rng.integers(0, 3, (12, 12)).astype(np.int32)
+  im, lb = A.spatial_transform(jnp.asarray(x[..., None]), jnp.asarray(lab),
+                               angles=jnp.array([np.pi / 2]), scale=1.0, out_shape=(6, 8))
+  np.testing.assert_allclose(np.asarray(im)[..., 0], np.rot90(x, -1)[3:9, 2:10], atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(lb), np.rot90(lab, -1)[3:9, 2:10])
+  with pytest.raises(ValueError, match="do not hold patch_size"):
+    A.augment_batch(jax.random.key(0), ctx, zero, (9, 8, 8))  # 14 - 9 is odd
+
+
+def test_spatial_transform_from_context_keeps_the_loss_inputs_aligned():
+  # The blob batch as context around a smaller patch: with the spatial transform on for every
+  # example, the image and the label still describe one blob (label == image > 0.5 away from
+  # the interpolated rim).
+  batch = _blob_batch(b=4)
+  s = _settings(rotation_prob=1.0, scale_prob=1.0)
+  out = A.augment_batch(jax.random.key(2), batch, s, (20, 16, 12))
+  im, lb = np.asarray(out["image"])[..., 0], np.asarray(out["label"])
+  assert im.shape == (4, 20, 16, 12) and lb.shape == (4, 20, 16, 12)
+  sure = (im > 0.6) | (im < 0.4)
+  np.testing.assert_array_equal(lb[sure], (im[sure] > 0.5).astype(np.int32))

@@ -219,3 +219,66 @@ def test_foreground_patches_pick_a_class_uniformly_then_a_voxel():
     centres = np.concatenate([source.batch(step, 4)["label"].ravel() for step in range(200)])
     assert set(np.unique(centres)) == {1, 2}
     assert 0.43 < (centres == 2).mean() < 0.57  # 800 draws: 0.5 +- 4.9 standard deviations
+
+
+@pytest.mark.parametrize("patch,context", [((16, 16, 16), (22, 20, 30)), ((16, 8), (24, 10))])
+def test_context_surrounds_the_same_patch_and_both_samplers_cut_it(patch, context):
+  # The context cut is the patch drawn without context, where it was drawn, plus its
+  # surroundings: the case's voxels where the case has them, its minimum and label 0 outside.
+  images, labels = _cases(np.random.default_rng(4), [(30, 40, 20), (10, 12, 5), (40, 36, 24)])
+  kw = dict(patch_size=patch, foreground_fraction=0.5, seed=5)
+  plain = sampling.PatchSampler(images, labels, **kw)
+  sampler = sampling.PatchSampler(images, labels, context=context, **kw)
+  source = loader.PatchSource(images, labels, context=context, **kw)
+  margin = [(c - p) // 2 for c, p in zip(context, patch)] + [0] * (3 - len(patch))
+  centre = tuple(slice(m, m + p) for m, p in zip(margin, patch))
+  for step in range(25):
+    b = sampler.batch(step, 4)
+    _assert_batches_equal(b, source.batch(step, 4))
+    assert b["label"].shape == (4,) + context
+    _assert_batches_equal({k: v[(slice(None),) + centre] for k, v in b.items()}, plain.batch(step, 4))
+  # By hand for one example: the corner of its patch in the case, then the context around it.
+  for step in range(10):
+    for i in range(4):
+      case, corner = source._draw(step, i, 4)
+      im, lb = images[case], labels[case]
+      lo = [a - m for a, m in zip(corner, margin)]
+      want_im = np.full((2,) + tuple(p + 2 * m for p, m in zip(patch + (1,) * (3 - len(patch)), margin)),
+                        im.min(), np.float32)
+      want_lb = np.zeros(want_im.shape[1:], np.int32)
+      src = tuple(slice(max(a, 0), min(a + n, s)) for a, n, s in zip(lo, want_lb.shape, lb.shape))
+      dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
+      want_im[(slice(None),) + dst] = im[(slice(None),) + src]
+      want_lb[dst] = lb[src]
+      if len(patch) == 2:
+        want_im, want_lb = want_im[..., 0], want_lb[..., 0]
+      got = sampler.batch(step, 4, [i])
+      np.testing.assert_array_equal(got["image"][0], np.moveaxis(want_im, 0, -1))
+      np.testing.assert_array_equal(got["label"][0], want_lb)
+  with pytest.raises(ValueError, match="must hold patch_size"):
+    sampling.PatchSampler(images, labels, context=(17, 16, 16), **dict(kw, patch_size=(16, 16, 16)))
+
+
+def test_training_path_cuts_context_for_nnunets_spatial_augmentation(tmp_path):
+  # With nnU-Net's augmentation (rotation and scaling on) the loader cuts the context around
+  # each patch (16^3 -> 26^3: 16 x 1.366 / 0.85 = 25.7, floored, grown evenly) and the train
+  # step hands the network the 16^3 centre; with mirroring only the loader cuts the patch.
+  import jax
+  import helpers  # puts configs/ on sys.path
+  import common
+  import unet3d
+  from jaxseg import train
+  from jaxseg.data import augment
+  config = helpers.tiny(unet3d.get_config(), tmp_path, batch=2)
+  with config.unlocked():
+    config.augment = common.base_config().augment
+  assert augment.context_size((16, 16, 16), augment.AugmentSettings.from_config(config.augment)) == (26,) * 3
+  t = train.setup(config)
+  batch = t.batch_fn(0, range(2))
+  assert batch["image"].shape == (2, 26, 26, 26, 1) and batch["label"].shape == (2, 26, 26, 26)
+  state, metrics = t.train_step(t.state, jax.device_put(batch), t.key)
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+  t.batch_fn.close()
+  plain = train.setup(helpers.tiny(unet3d.get_config(), tmp_path, batch=2))
+  assert plain.batch_fn(0, range(2))["label"].shape == (2, 16, 16, 16)
+  plain.batch_fn.close()
