@@ -36,7 +36,9 @@ Dice) chooses on all of that system's held-out predictions, as nnU-Net chooses o
 cross-validation, and the post-processed folder (`<system>/pred_postprocessed`) is scored again:
 a second table, optimistic for both as nnU-Net's own (the choice is made on the cases it is
 scored on). Writes WORKDIR/accuracy.json and WORKDIR/accuracy.md. A rerun with the same WORKDIR reuses the probe and every finished fold
-(`<system>/fold_k.json`), so an interrupted comparison continues. Needs nnunetv2
+(`<system>/fold_k.json`), so an interrupted comparison continues; each fold records the
+commit it was trained at, the table names it, and a fold reused at another commit is
+announced (move `<system>/` away to train it again). Needs nnunetv2
 (`pip install nnunetv2`).
 """
 
@@ -55,6 +57,8 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import cpu_info, git_commit  # noqa: E402
 
 
 def _cpu_children_s() -> float:
@@ -102,11 +106,18 @@ def _jaxseg_args(a, workdir, fold, steps) -> list:
 
 
 def _done(path: pathlib.Path) -> dict | None:
-  """The stats a finished fold left (a rerun skips it), or None."""
+  """The stats a finished fold left (a rerun skips it), or None. Says so when the fold was
+  trained at another commit than the current one (its numbers are that commit's)."""
   try:
-    return json.loads(path.read_text())
+    stats = json.loads(path.read_text())
   except (OSError, ValueError):
     return None
+  now = git_commit()
+  if stats.get("commit") != now:
+    print(f"[accuracy] reusing {path.parent.name} fold {stats.get('fold')}, trained at commit "
+          f"{stats.get('commit') or 'unrecorded'} (now {now or 'unknown'}); move "
+          f"{path.parent} away to train it again", flush=True)
+  return stats
 
 
 def _steps_seconds(metrics: pathlib.Path) -> float:
@@ -151,7 +162,8 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
     _run([sys.executable, "-m", "jaxseg.predict", "--workdir", wd, "--input", scans, "--output",
           pred, "--no-tta", "--checkpoint", "latest"], out / f"predict_{k}.log")
     folds.append({"fold": k, "val": split["val"], "steps": steps, "wall_s": time.time() - t0,
-                  "train_loop_s": _steps_seconds(wd / "metrics.jsonl"), "cpu_s": cpu})
+                  "train_loop_s": _steps_seconds(wd / "metrics.jsonl"), "cpu_s": cpu,
+                  "commit": git_commit()})
     (out / f"fold_{k}.json").write_text(json.dumps(folds[-1]))
   return {"steps_per_s_probe": rate, "steps": steps, "folds": folds,
           "scores": _evaluate(pred, a.dataset, out / "evaluate.log")}
@@ -213,7 +225,8 @@ def nnunet_side(a, splits, out: pathlib.Path) -> dict:
     stats = json.loads((fold_dir / "budget.json").read_text())
     for f in (fold_dir / "validation").glob(f"*{_ending(a.dataset)}"):
       shutil.copyfile(f, pred / f.name)
-    folds.append({"fold": k, "val": split["val"], "wall_s": time.time() - t0, "cpu_s": cpu, **stats})
+    folds.append({"fold": k, "val": split["val"], "wall_s": time.time() - t0, "cpu_s": cpu,
+                  "commit": git_commit(), **stats})
     (out / f"fold_{k}.json").write_text(json.dumps(folds[-1]))
   return {"patch_size": plans["patch_size"], "batch_size": plans["batch_size"],
           "folds": folds, "scores": _evaluate(pred, a.dataset, out / "evaluate.log")}
@@ -375,7 +388,8 @@ def _table(result: dict) -> str:
     folds = result[s]["folds"]
     lines.append(f"\n{s}: " + "; ".join(
         f"fold {f['fold']} ({', '.join(f['val'])}): {f.get('steps', '?')} steps, train loop "
-        f"{(f.get('train_loop_s') or 0) / 60:.1f} min, {f['cpu_s'] / 60:.1f} CPU-min in all" for f in folds))
+        f"{(f.get('train_loop_s') or 0) / 60:.1f} min, {f['cpu_s'] / 60:.1f} CPU-min in all"
+        + (f", commit {f['commit']}" if f.get("commit") else "") for f in folds))
   if all("postprocessed" in result[s] for s in systems):
     lines.append("\nWith nnU-Net's post-processing, chosen per system on its held-out predictions "
                  "of all folds:\n")
@@ -407,8 +421,6 @@ def main(argv=None) -> int:
     return 0
   a.workdir.mkdir(parents=True, exist_ok=True)
   splits = folds_of(a.dataset)
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  from machine import cpu_info  # noqa: PLC0415
   result = {"dataset": str(a.dataset), "configuration": a.configuration,
             "minutes_per_fold": a.minutes, "memory_gb": a.memory_gb, "splits": splits,
             "machine": {**cpu_info(), "python": platform.python_version()},

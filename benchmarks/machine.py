@@ -1,10 +1,14 @@
-"""What every benchmark prints next to its numbers: the CPU (model, AVX2 / AVX-512, cores)."""
+"""What every benchmark prints next to its numbers: the CPU (model, AVX2 / AVX-512, cores) and
+the commit it measured."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import platform
+import subprocess
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def cpu_info() -> dict:
@@ -28,3 +32,16 @@ def cpu_info() -> dict:
 def cpu_model() -> str:
   """The CPU's model name, e.g. 'AMD EPYC'."""
   return cpu_info()["cpu"]
+
+
+def git_commit() -> str:
+  """HEAD's short hash, with '+changes' when the tracked files differ from it; '' outside a
+  git checkout."""
+  try:
+    def git(*args):
+      return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=10).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+changes" if head and git("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.SubprocessError):
+    return ""

@@ -88,7 +88,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, git_commit  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -648,17 +648,6 @@ def nvidia_smi() -> str | None:
     return out.stdout.strip() or None
   except (OSError, subprocess.SubprocessError):
     return None
-
-
-def git_commit() -> str:
-  """HEAD's short hash, with '+changes' when the working tree differs from it (a copied tree)."""
-  try:
-    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,  # noqa: E731
-                                    timeout=10).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD")
-    return head + ("+changes" if head and git("status", "--porcelain", "--untracked-files=no") else "")
-  except (OSError, subprocess.SubprocessError):
-    return ""
 
 
 def machine_info() -> dict:

@@ -57,7 +57,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, git_commit  # noqa: E402
 import torch_reference  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -770,14 +770,6 @@ def print_table(key: str, spec: dict, summary: dict) -> None:
     print(f"{name}: train step {r['train_median']:.2f}x (rounds "
           f"{', '.join(f'{v:.2f}' for v in r['train_rounds'])}), inference "
           f"{r['inference_median']:.2f}x (>1: jaxseg faster)")
-
-
-def git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return ""
 
 
 def merge_results(path: pathlib.Path, key: str, entry: dict) -> None:

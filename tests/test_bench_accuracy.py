@@ -134,3 +134,21 @@ def test_table_adds_the_postprocessed_scores_when_every_system_has_them(bench):
   assert "nnunet keeps nothing (no filter raised the mean Dice)." in lines
   del result["nnunet"]["postprocessed"]  # an older result: the first table only
   assert "With nnU-Net's post-processing" not in bench._table(result)
+
+
+def test_folds_record_their_commit_and_a_reuse_across_commits_is_announced(bench, tmp_path, capsys):
+  side = tmp_path / "jaxseg"
+  side.mkdir()
+  (side / "fold_0.json").write_text(json.dumps({"fold": 0, "commit": "0000000", "steps": 5}))
+  assert bench._done(side / "fold_0.json")["steps"] == 5
+  said = capsys.readouterr().out
+  assert "reusing jaxseg fold 0, trained at commit 0000000 (now " in said
+  assert f"move {side} away" in said
+  (side / "fold_1.json").write_text(json.dumps({"fold": 1, "commit": bench.git_commit()}))
+  bench._done(side / "fold_1.json")
+  assert capsys.readouterr().out == ""  # the same commit: nothing to say
+  assert bench._done(side / "fold_2.json") is None
+  fold = {"fold": 0, "val": ["c1"], "steps": 9, "train_loop_s": 60.0, "cpu_s": 120.0, "commit": "abc1234"}
+  result = {"jaxseg": {"scores": _scores(0.5, 0.4, 4.0), "folds": [fold]}}
+  assert ("jaxseg: fold 0 (c1): 9 steps, train loop 1.0 min, 2.0 CPU-min in all, commit abc1234"
+          in bench._table(result).splitlines())
