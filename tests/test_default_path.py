@@ -36,12 +36,13 @@ def _run(args, isa, tmp_path):
 def _conv_field(isa) -> str:
   """What the run log's conv= field must say: oneDNN wherever it is installed (a wrapper that
   fails its self-check under these kernels fails this test rather than hiding behind XLA),
-  with XLA's filter gradients where oneDNN has AVX2 kernels only."""
+  with XLA's 3D filter gradients where oneDNN's is GEMM-based (AVX2 kernels only)."""
   if not onednn.available():
     return f"conv=cpu_per_layer (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})/gemm"
-  if onednn.fast_filter_grad() and isa != "AVX2":
+  if onednn.fast_filter_grad(3) and isa != "AVX2":
     return "conv=cpu_per_layer (oneDNN)/gemm"
-  return "conv=cpu_per_layer (oneDNN; filter gradients by XLA GEMM: oneDNN has AVX2 kernels only here)/gemm"
+  return ("conv=cpu_per_layer (oneDNN; 3D filter gradients by XLA GEMM: oneDNN has only a "
+          "GEMM-based one here, without AVX-512)/gemm")
 
 
 def _losses(workdir):

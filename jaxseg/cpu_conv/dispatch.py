@@ -112,15 +112,19 @@ def cpu_products(x_shape, kernel_shape, strides) -> tuple[str, str, str]:
 
 
 @functools.cache
-def per_layer(use_onednn: bool, onednn_filter_grad: bool) -> Callable[..., Array]:
+def per_layer(use_onednn: bool, onednn_filter_grad_dims: frozenset[int] = frozenset()
+              ) -> Callable[..., Array]:
   """The 'cpu_per_layer' route, resolved: oneDNN's products where `use_onednn` and the layer
-  is one oneDNN computes (fp32, no cropping), its filter gradient only if `onednn_filter_grad`
-  (`onednn.fast_filter_grad`); otherwise, per layer, the XLA products `cpu_products` picks."""
+  is one oneDNN computes (fp32, no cropping), its filter gradient only for the spatial dims in
+  `onednn_filter_grad_dims` (`onednn.fast_filter_grad`); otherwise, per layer, the XLA products
+  `cpu_products` picks."""
 
   def conv_cpu_per_layer(x, kernel, strides, pads, precision):
     products = cpu_products(x.shape, kernel.shape, strides)
-    if use_onednn and onednn.supports(x.dtype, pads, kernel.ndim - 2):
-      products = ('onednn', 'onednn', 'onednn' if onednn_filter_grad else products[2])
+    nd = kernel.ndim - 2
+    if use_onednn and onednn.supports(x.dtype, pads, nd):
+      dw = 'onednn' if nd in onednn_filter_grad_dims else products[2]
+      products = ('onednn', 'onednn', dw)
     return custom_vjp_conv(*products)(x, kernel, strides, pads, precision)
 
   return conv_cpu_per_layer
@@ -182,7 +186,8 @@ def convolution(impl: str, *, device_count: int = 1, dtype=jnp.float32) -> Calla
                      + ', '.join(repr(k) for k in CONV_IMPLS))
   if impl == 'cpu_per_layer':
     use = uses_onednn(device_count, dtype)
-    return per_layer(use, use and onednn.fast_filter_grad())
+    dims = frozenset(nd for nd in (1, 2, 3) if use and onednn.fast_filter_grad(nd))
+    return per_layer(use, dims)
   return CONV_IMPLS[impl]
 
 
@@ -191,10 +196,12 @@ def describe_per_layer(device_count: int) -> str:
   name = 'cpu_per_layer'
   if device_count > 1:
     return f'{name} (XLA GEMM: {device_count} devices)'
-  if onednn.fast_filter_grad():
-    return f'{name} (oneDNN)'
   if onednn.available():
-    return f'{name} (oneDNN; filter gradients by XLA GEMM: oneDNN has AVX2 kernels only here)'
+    slow = [f'{nd}D' for nd in (2, 3) if not onednn.fast_filter_grad(nd)]
+    if not slow:
+      return f'{name} (oneDNN)'
+    return (f'{name} (oneDNN; {"/".join(slow)} filter gradients by XLA GEMM: oneDNN has only a '
+            'GEMM-based one here, without AVX-512)')
   return f'{name} (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})'
 
 

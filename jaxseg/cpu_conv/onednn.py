@@ -112,14 +112,14 @@ def _build() -> pathlib.Path:
   return target
 
 
-_isa: int | None = None
-_AVX512_CORE_BIT = 0x20  # set in every dnnl_cpu_isa_t value from avx512_core up
+# Spatial dims (1-3) whose filter gradient oneDNN computes with a direct kernel here.
+_fast_filter_grad_dims: frozenset[int] = frozenset()
 
 
 def _register(path: pathlib.Path) -> None:
-  global _isa
+  global _fast_filter_grad_dims
   lib = ctypes.cdll.LoadLibrary(str(path))
-  _isa = int(lib.jaxseg_onednn_cpu_isa())
+  _fast_filter_grad_dims = frozenset(nd for nd in (1, 2, 3) if lib.jaxseg_onednn_fast_filter_grad(nd))
   for name in _TARGETS:
     symbol = f'jaxseg_onednn_conv_{name}'
     jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
@@ -265,14 +265,15 @@ def available() -> bool:
   return _load()
 
 
-def fast_filter_grad() -> bool:
-  """Whether oneDNN's filter gradient is worth calling here: it runs AVX-512 kernels.
+def fast_filter_grad(spatial_dims: int) -> bool:
+  """Whether oneDNN's filter gradient of `spatial_dims`-D convolutions is worth calling here:
+  it runs a direct kernel, not its GEMM-based one.
 
-  With AVX2 only (a CPU without AVX-512, or ONEDNN_MAX_CPU_ISA=AVX2) oneDNN computes the
-  filter gradient with its GEMM-based kernel, ~10x slower than with AVX-512 and slower than
-  XLA's GEMM route, while its forward and input gradient stay fast (benchmarks/README_conv.md,
-  'ISA levels')."""
-  return available() and _isa is not None and bool(_isa & _AVX512_CORE_BIT)
+  With AVX-512 it always does. With AVX2 only (a CPU without AVX-512, or ONEDNN_MAX_CPU_ISA=AVX2)
+  the wrapper hands oneDNN's 1D/2D filter gradient channel-blocked copies of x and dy, for which
+  it has a direct AVX2 kernel; in 3D it has only the GEMM-based one, ~10x slower than with
+  AVX-512 and slower than XLA's GEMM route (benchmarks/README_conv.md, 'ISA levels')."""
+  return available() and spatial_dims in _fast_filter_grad_dims
 
 
 def unavailable_reason() -> str | None:

@@ -25,7 +25,7 @@ needs_onednn = pytest.mark.skipif(
 
 # (x shape, kernel shape, strides, padding, chunk bytes): 2D and 3D, stride 1
 # and 2, odd and even sizes, 2 to 16 channels, a 1x1 head, an even kernel,
-# explicit pads. Chunk bytes force the looped impls through one GEMM (None),
+# explicit pads, 12 -> 20 channels. Chunk bytes force the looped impls through one GEMM (None),
 # one plane per chunk (500), several planes or several batch entries per
 # chunk (see test_chunking).
 CASES = [
@@ -36,6 +36,9 @@ CASES = [
     ((2, 4, 6, 4, 16), (1, 1, 1, 16, 2), 1, 'SAME', None),
     ((4, 9, 8, 16), (3, 3, 16, 16), 1, 'SAME', 38_400),
     ((3, 11, 9, 3), (3, 3, 3, 4), (2, 1), ((1, 2), (0, 1)), 500),
+    # Channels that are not whole 8-channel blocks, where oneDNN's AVX2 filter gradient reads
+    # blocked copies of x and dy (`onednn.fast_filter_grad`).
+    ((2, 13, 11, 12), (3, 3, 12, 20), 2, ((1, 1), (0, 2)), None),
 ]
 
 
@@ -172,16 +175,19 @@ def _custom_calls(fn, *args):
 
 @needs_onednn
 def test_cpu_per_layer_takes_onednn_for_fp32_only(monkeypatch):
-  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: True)
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda nd: True)
   x, w, rng = _random((2, 6, 5, 4, 3), (3, 3, 3, 3, 4))
   dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
   vg = lambda pad: functools.partial(  # noqa: E731
       _value_and_grads, functools.partial(cpu_conv.conv, strides=1, padding=pad,
                                           impl='cpu_per_layer'))
   assert _custom_calls(vg('SAME'), x, w, dy) == {'fwd', 'bwd_data', 'bwd_weights'}
-  # 'onednn' keeps oneDNN's filter gradient; with AVX2 kernels only, 'cpu_per_layer' does not.
-  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: False)
+  # 'onednn' keeps oneDNN's filter gradient; where it is GEMM-based (3D without AVX-512),
+  # 'cpu_per_layer' does not.
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda nd: nd != 3)
   assert _custom_calls(vg('SAME'), x, w, dy) == {'fwd', 'bwd_data'}
+  x2, w2, dy2 = x[:, 0], w[0], dy[:, 0]
+  assert _custom_calls(vg('SAME'), x2, w2, dy2) == {'fwd', 'bwd_data', 'bwd_weights'}
   got = jax.jit(vg('SAME'))(x, w, dy)
   _assert_close(got, _value_and_grads(lambda a, b: _reference(a, b, 1, 'SAME'), x, w, dy))
   # bf16 and cropping (negative) pads stay on the XLA route, and still match lax.
@@ -217,11 +223,12 @@ def test_cpu_per_layer_keeps_xla_on_several_devices(monkeypatch):
   dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
   vg = lambda n: functools.partial(  # noqa: E731
       _value_and_grads, functools.partial(cpu_conv.conv, impl='cpu_per_layer', device_count=n))
-  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: True)
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda nd: True)
   assert conv_impl_name(cfg, platform='cpu', device_count=1) == 'cpu_per_layer (oneDNN)/gemm'
-  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda: False)
+  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda nd: nd != 3)
   assert conv_impl_name(cfg, platform='cpu', device_count=1) == (
-      'cpu_per_layer (oneDNN; filter gradients by XLA GEMM: oneDNN has AVX2 kernels only here)/gemm')
+      'cpu_per_layer (oneDNN; 3D filter gradients by XLA GEMM: oneDNN has only a GEMM-based one '
+      'here, without AVX-512)/gemm')
   assert _custom_calls(vg(1), x, w, dy) == {'fwd', 'bwd_data'}
   assert _custom_calls(vg(2), x, w, dy) == set()
   assert conv_impl_name(cfg, platform='cpu', device_count=2) == 'cpu_per_layer (XLA GEMM: 2 devices)/gemm'
@@ -284,3 +291,42 @@ def test_native_source_ships_inside_the_package():
   # pyproject's package-data must list it: "jaxseg.cpu_conv" = ["native/*.cc"].
   assert onednn._SOURCE.is_file()
   assert onednn._SOURCE.parent == pathlib.Path(dispatch.__file__).parent / 'native'
+
+
+@needs_onednn
+def test_filter_gradients_without_avx512_match_lax(tmp_path):
+  # Capped at AVX2 (what a CPU without AVX-512 runs), oneDNN computes 1D and 2D filter
+  # gradients with its direct kernel on channel-blocked copies of x and dy, and 3D ones with
+  # its GEMM-based kernel, which 'cpu_per_layer' leaves to XLA. Run in a child process: the
+  # cap must be set before oneDNN loads. Channel counts off the 8-channel blocks included.
+  import os
+  import subprocess
+  import sys
+  script = tmp_path / 'avx2_filter_grads.py'
+  script.write_text('''
+import jax, numpy as np
+from jax import lax
+from jaxseg.cpu_conv import onednn
+assert onednn.available(), onednn.unavailable_reason()
+assert [onednn.fast_filter_grad(nd) for nd in (1, 2, 3)] == [True, True, False]
+rng = np.random.default_rng(0)
+for x_shape, k_shape, strides, pads in [((2, 17, 15, 12), (3, 3, 12, 20), (2, 2), ((1, 1), (0, 2))),
+                                        ((3, 16, 16, 32), (3, 3, 32, 8), (1, 1), ((1, 1), (1, 1))),
+                                        ((2, 30, 9), (3, 9, 16), (1,), ((1, 1),))]:
+  nd = len(k_shape) - 2
+  dn = ('N' + 'HW'[2 - nd:] + 'C', 'HW'[2 - nd:] + 'IO', 'N' + 'HW'[2 - nd:] + 'C')
+  x = rng.standard_normal(x_shape, np.float32)
+  k = rng.standard_normal(k_shape, np.float32)
+  f = lambda w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dn)
+  y, vjp = jax.vjp(f, k)
+  dy = rng.standard_normal(y.shape, np.float32)
+  want = np.asarray(vjp(dy)[0])
+  got = np.asarray(jax.jit(lambda x, dy: onednn.conv_filter_grad(x, dy, k_shape, strides, pads))(x, dy))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+print('ok')
+''')
+  env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2', JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr[-3000:]

@@ -82,14 +82,73 @@ memory::dims ToDims(ffi::Span<const int64_t> v) {
 
 enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
+// A reorder from one layout to another, with its scratchpad's size.
+struct Reorder {
+  std::unique_ptr<dnnl::reorder> prim;  // null when the layouts are the same
+  memory::desc scratch;
+  memory::desc to;  // the layout it writes
+};
+
+Reorder MakeReorder(const memory::desc& from, const memory::desc& to) {
+  Reorder r;
+  r.to = to;
+  if (from != to) {
+    auto pd = dnnl::reorder::primitive_desc(Engine(), from, Engine(), to,
+                                            UserScratchpad());
+    r.prim = std::make_unique<dnnl::reorder>(pd);
+    r.scratch = pd.scratchpad_desc();
+  }
+  return r;
+}
+
 struct Entry {
   dnnl::primitive prim;
   memory::desc scratch;  // the primitive's scratchpad
-  memory::desc reorder_scratch;
   memory::desc kernel_user;  // the caller's (*ks, I, O) layout
-  memory::desc kernel_prim;  // the layout the primitive wants
-  std::unique_ptr<dnnl::reorder> reorder;  // between the two, if they differ
+  memory::desc kernel_prim;  // the primitive's kernel layout
+  Reorder kernel;  // caller's kernel -> primitive's (forward, input gradient), or back (filter gradient)
+  // The filter gradient where it reads x and dy in oneDNN's channel-blocked
+  // layout (`TryBlockedFilterGrad`): copies them there.
+  Reorder x, dy;
 };
+
+bool HasAvx512() {
+  // dnnl_cpu_isa_t sets this bit from avx512_core up.
+  return (static_cast<int>(dnnl::get_effective_cpu_isa()) & 0x20) != 0;
+}
+
+bool IsGemm(const dnnl::primitive_desc_base& pd) {
+  return std::string(pd.impl_info_str()).find("gemm") != std::string::npos;
+}
+
+// Without AVX-512, oneDNN's filter gradient on channels-last data is 1.2-3x
+// slower than its direct AVX2 kernel on 8-channel blocks (nChw8c), the copies
+// of x and dy included (2D U-Net layers; benchmarks/README_conv.md, 'ISA
+// levels'). So there the filter gradient asks for oneDNN's preferred layout,
+// unless the input has fewer than 8 channels (padded to a whole block) or
+// even that kernel is GEMM-based (3D at AVX2): then channels-last stays. With
+// AVX-512 the channels-last kernels are the measured default.
+bool TryBlockedFilterGrad(int64_t c_in) { return !HasAvx512() && c_in >= 8; }
+
+// The filter gradient's primitive descriptor, for channels-last data or, where
+// `blocked`, for the data layout oneDNN prefers.
+dnnl::convolution_backward_weights::primitive_desc FilterGradPd(
+    const memory::dims& xd, const memory::dims& wd, const memory::dims& yd,
+    const memory::dims& s, const memory::dims& lo, const memory::dims& hi,
+    bool blocked) {
+  int nd = static_cast<int>(xd.size()) - 2;
+  auto f32 = memory::data_type::f32;
+  tag data = blocked ? tag::any : DataTag(nd);
+  memory::desc x_md(xd, f32, data), y_md(yd, f32, data), w_any(wd, f32, tag::any);
+  memory::dims dil(nd, 0);
+  auto fwd_pd = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training,
+      dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil, lo, hi,
+      UserScratchpad());
+  return dnnl::convolution_backward_weights::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil,
+      lo, hi, fwd_pd, UserScratchpad());
+}
 
 std::string Key(Kind k, const memory::dims& x, const memory::dims& w,
                 const memory::dims& y, const memory::dims& s,
@@ -120,6 +179,20 @@ Entry& Get(Kind kind, const memory::dims& xd, const memory::dims& wd,
   memory::dims dil(nd, 0);
   auto& eng = Engine();
   auto attr = UserScratchpad();
+  if (kind == kBwdWeights) {
+    bool blocked = TryBlockedFilterGrad(xd[1]);
+    auto pd = FilterGradPd(xd, wd, yd, s, lo, hi, blocked);
+    if (blocked && IsGemm(pd)) pd = FilterGradPd(xd, wd, yd, s, lo, hi, false);
+    auto e = std::make_unique<Entry>();
+    e->kernel_user = w_user;
+    e->prim = dnnl::convolution_backward_weights(pd);
+    e->scratch = pd.scratchpad_desc();
+    e->kernel_prim = pd.diff_weights_desc();
+    e->kernel = MakeReorder(e->kernel_prim, w_user);
+    e->x = MakeReorder(x_md, pd.src_desc());
+    e->dy = MakeReorder(y_md, pd.diff_dst_desc());
+    return *cache.emplace(key, std::move(e)).first->second;
+  }
   auto fwd_pd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training,
       dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil, lo, hi,
@@ -130,28 +203,15 @@ Entry& Get(Kind kind, const memory::dims& xd, const memory::dims& wd,
     e->prim = dnnl::convolution_forward(fwd_pd);
     e->kernel_prim = fwd_pd.weights_desc();
     e->scratch = fwd_pd.scratchpad_desc();
-  } else if (kind == kBwdData) {
+  } else {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil,
         lo, hi, fwd_pd, attr);
     e->prim = dnnl::convolution_backward_data(pd);
     e->kernel_prim = pd.weights_desc();
     e->scratch = pd.scratchpad_desc();
-  } else {
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil,
-        lo, hi, fwd_pd, attr);
-    e->prim = dnnl::convolution_backward_weights(pd);
-    e->kernel_prim = pd.diff_weights_desc();
-    e->scratch = pd.scratchpad_desc();
   }
-  if (e->kernel_prim != e->kernel_user) {
-    auto rpd = kind == kBwdWeights
-        ? dnnl::reorder::primitive_desc(eng, e->kernel_prim, eng, w_user, attr)
-        : dnnl::reorder::primitive_desc(eng, w_user, eng, e->kernel_prim, attr);
-    e->reorder = std::make_unique<dnnl::reorder>(rpd);
-    e->reorder_scratch = rpd.scratchpad_desc();
-  }
+  e->kernel = MakeReorder(w_user, e->kernel_prim);
   return *cache.emplace(key, std::move(e)).first->second;
 }
 
@@ -175,35 +235,50 @@ ffi::Error Run(Kind kind, void* x, void* w, void* y,
     memory y_m(memory::desc(yd, memory::data_type::f32,
                             DataTag(static_cast<int>(yd.size()) - 2)),
                eng, y);
-    memory w_user(e.kernel_user, eng, w);
-    memory w_prim = e.reorder ? memory(e.kernel_prim, eng) : w_user;
-    // One buffer serves the reorder and the convolution: they run in turn.
-    size_t scratch_bytes = std::max(e.scratch.get_size(),
-                                    e.reorder_scratch.get_size());
-    void* scratch = ThreadScratch(scratch_bytes);
+    // One thread-local buffer holds, 64-byte aligned one after the other: the
+    // scratchpad (shared by the convolution and the reorders, which run in
+    // turn), the kernel in the primitive's layout and, for a blocked filter
+    // gradient, the blocked copies of x and dy.
+    auto align = [](size_t n) { return (n + 63) / 64 * 64; };
+    size_t scratch_bytes = align(std::max({e.scratch.get_size(), e.kernel.scratch.get_size(),
+                                           e.x.scratch.get_size(), e.dy.scratch.get_size()}));
+    size_t kernel_bytes = e.kernel.prim ? align(e.kernel_prim.get_size()) : 0;
+    size_t x_bytes = e.x.prim ? align(e.x.to.get_size()) : 0;
+    size_t dy_bytes = e.dy.prim ? align(e.dy.to.get_size()) : 0;
+    char* scratch = static_cast<char*>(
+        ThreadScratch(scratch_bytes + kernel_bytes + x_bytes + dy_bytes));
+    char* kernel_buf = scratch + scratch_bytes;
+    char* x_buf = kernel_buf + kernel_bytes;
+    char* dy_buf = x_buf + x_bytes;
     memory conv_scratch(e.scratch, eng, scratch);
-    auto reorder = [&](memory& from, memory& to) {
-      memory rs(e.reorder_scratch, eng, scratch);
-      e.reorder->execute(strm, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
-                                {DNNL_ARG_SCRATCHPAD, rs}});
+    auto reorder = [&](const Reorder& r, memory& from, memory& to) {
+      memory rs(r.scratch, eng, scratch);
+      r.prim->execute(strm, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                             {DNNL_ARG_SCRATCHPAD, rs}});
     };
+    memory w_user(e.kernel_user, eng, w);
+    memory w_prim = e.kernel.prim ? memory(e.kernel_prim, eng, kernel_buf) : w_user;
     if (kind == kFwd) {
-      if (e.reorder) reorder(w_user, w_prim);
+      if (e.kernel.prim) reorder(e.kernel, w_user, w_prim);
       e.prim.execute(strm, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_WEIGHTS, w_prim},
                             {DNNL_ARG_DST, y_m},
                             {DNNL_ARG_SCRATCHPAD, conv_scratch}});
     } else if (kind == kBwdData) {
-      if (e.reorder) reorder(w_user, w_prim);
+      if (e.kernel.prim) reorder(e.kernel, w_user, w_prim);
       e.prim.execute(strm, {{DNNL_ARG_DIFF_SRC, x_m},
                             {DNNL_ARG_WEIGHTS, w_prim},
                             {DNNL_ARG_DIFF_DST, y_m},
                             {DNNL_ARG_SCRATCHPAD, conv_scratch}});
     } else {
-      e.prim.execute(strm, {{DNNL_ARG_SRC, x_m},
+      memory x_prim = e.x.prim ? memory(e.x.to, eng, x_buf) : x_m;
+      memory dy_prim = e.dy.prim ? memory(e.dy.to, eng, dy_buf) : y_m;
+      if (e.x.prim) reorder(e.x, x_m, x_prim);
+      if (e.dy.prim) reorder(e.dy, y_m, dy_prim);
+      e.prim.execute(strm, {{DNNL_ARG_SRC, x_prim},
                             {DNNL_ARG_DIFF_WEIGHTS, w_prim},
-                            {DNNL_ARG_DIFF_DST, y_m},
+                            {DNNL_ARG_DIFF_DST, dy_prim},
                             {DNNL_ARG_SCRATCHPAD, conv_scratch}});
-      if (e.reorder) reorder(w_prim, w_user);
+      if (e.kernel.prim) reorder(e.kernel, w_prim, w_user);
     }
     strm.wait();
   } catch (const dnnl::error& err) {
@@ -261,6 +336,23 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 // The instruction set oneDNN's kernels use here (dnnl_cpu_isa_t; ONEDNN_MAX_CPU_ISA caps it).
 extern "C" int jaxseg_onednn_cpu_isa() {
   return static_cast<int>(dnnl::get_effective_cpu_isa());
+}
+
+// Whether oneDNN's filter gradient of `nd`-dimensional convolutions runs a
+// direct (not GEMM-based) kernel here: always with AVX-512; without it, in the
+// layout this wrapper asks for (`TryBlockedFilterGrad`). Asked of a
+// 16-channel 3-kernel layer, as U-Nets have.
+extern "C" int jaxseg_onednn_fast_filter_grad(int nd) {
+  try {
+    if (HasAvx512()) return 1;
+    memory::dims x{2, 16}, w{16, 16}, y{2, 16}, s, p;
+    for (int i = 0; i < nd; ++i) {
+      x.push_back(16); w.push_back(3); y.push_back(16); s.push_back(1); p.push_back(1);
+    }
+    return IsGemm(FilterGradPd(x, w, y, s, p, p, TryBlockedFilterGrad(16))) ? 0 : 1;
+  } catch (const dnnl::error&) {
+    return 0;
+  }
 }
 
 // Arguments: (x, kernel) -> y; (dy, kernel) -> dx; (x, dy) -> dkernel.
