@@ -152,3 +152,19 @@ def test_folds_record_their_commit_and_a_reuse_across_commits_is_announced(bench
   result = {"jaxseg": {"scores": _scores(0.5, 0.4, 4.0), "folds": [fold]}}
   assert ("jaxseg: fold 0 (c1): 9 steps, train loop 1.0 min, 2.0 CPU-min in all, commit abc1234"
           in bench._table(result).splitlines())
+
+
+def test_probe_rate_is_steps_over_seconds_after_the_first_window(bench, tmp_path):
+  # The compiling step (no rate) and the first window (prefetched batches, 3/s) are left out;
+  # then 4 steps at 2/s and 2 steps at 1/s: 6 steps in 4 s, not the median of the window rates.
+  m = tmp_path / "metrics.jsonl"
+  m.write_text("\n".join(json.dumps(r) for r in [
+      {"split": "train", "step": 1, "steps_per_s": None},
+      {"split": "train", "step": 5, "steps_per_s": 3.0},
+      {"split": "train", "step": 9, "steps_per_s": 2.0},
+      {"split": "val", "step": 9, "mean_dice": 0.5},
+      {"split": "train", "step": 11, "steps_per_s": 1.0}]) + "\n")
+  assert bench._probe_rate(m) == pytest.approx(1.5)
+  m.write_text(json.dumps({"split": "train", "step": 5, "steps_per_s": 3.0}) + "\n")
+  with pytest.raises(ValueError, match="run a longer probe"):
+    bench._probe_rate(m)
