@@ -45,7 +45,7 @@ def layers(patch, batch, channels, features):
     out.append(((batch, *shape, f), f, 1))
     cin = f
   shape = list(patch)
-  for i, f in enumerate(features[:-1]):
+  for f in features[:-1]:
     out.append(((batch, *shape, 2 * f), f, 1))
     out.append(((batch, *shape, f), f, 1))
     shape = [(n + 1) // 2 for n in shape]
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     dy = rng.standard_normal(dy_shape, np.float32)
     want = np.asarray(fns['xla'](x, dy))
     times = {name: [] for name in fns}
-    for name, f in fns.items():  # compile, and check the two agree
+    for f in fns.values():  # compile, and check the two agree
       got = np.asarray(f(x, dy))
       np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
     for _ in range(a.rounds):
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
       'layers': rows, 'total_ms': {k: v * 1e3 for k, v in totals.items()},
   }
   m = result['machine']
-  print(f"total per step: " + ', '.join(f'{k} {v:.0f} ms' for k, v in result['total_ms'].items())
+  print("total per step: " + ', '.join(f'{k} {v:.0f} ms' for k, v in result['total_ms'].items())
         + f" | {m['cpu']} (AVX-512: {m['avx512f']}), {m['cores']} cores, jax {jax.__version__}; "
         f"cpu_per_layer takes {'oneDNN' if m['onednn_fast_filter_grad'] else 'XLA'}'s {nd}D "
         "filter gradient here")
