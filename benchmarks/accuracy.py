@@ -120,16 +120,21 @@ def _done(path: pathlib.Path) -> dict | None:
   return stats
 
 
-def _steps_seconds(metrics: pathlib.Path) -> float:
-  """Seconds jaxseg spent in training steps: the log windows' steps over their rates (the first
-  includes the compilation; evaluation and checkpoints are outside the windows)."""
+def _train_windows(metrics: pathlib.Path) -> list[tuple[int, float]]:
+  """(steps, seconds) of each training log window of a jaxseg run: its steps over its rate
+  (evaluation and checkpoints are outside the windows)."""
   records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-  seconds, last = 0.0, 0
+  windows, last = [], 0
   for r in records:
     if r.get("split") == "train" and r.get("steps_per_s"):
-      seconds += (r["step"] - last) / r["steps_per_s"]
+      windows.append((r["step"] - last, (r["step"] - last) / r["steps_per_s"]))
       last = r["step"]
-  return seconds
+  return windows
+
+
+def _steps_seconds(metrics: pathlib.Path) -> float:
+  """Seconds jaxseg spent in training steps (the first window includes the compilation)."""
+  return sum(t for _, t in _train_windows(metrics))
 
 
 def _probe_rate(metrics: pathlib.Path) -> float:
@@ -137,15 +142,7 @@ def _probe_rate(metrics: pathlib.Path) -> float:
   first. Not a median of window rates, and not the first window (its steps use the batches the
   loader prefetched during compilation): the loop runs at the rate the steps keep once the
   loader shares the cores (a 12-step median overrated a 10-minute EM loop by 9%)."""
-  records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-  windows, last = [], None
-  for r in records:
-    if r.get("split") != "train":
-      continue
-    if r.get("steps_per_s") and last is not None:
-      windows.append((r["step"] - last, (r["step"] - last) / r["steps_per_s"]))
-    if r.get("steps_per_s"):
-      last = r["step"]
+  windows = _train_windows(metrics)[1:]
   if not windows:
     raise ValueError(f"{metrics}: too few log windows to measure the step rate; run a longer probe")
   return sum(n for n, _ in windows) / sum(t for _, t in windows)
