@@ -35,3 +35,9 @@ def test_a_small_run_writes_both_routes(filter_grad, tmp_path):
   assert set(r["total_ms"]) == routes
   assert all(row[f"{k}_ms"] > 0 for row in r["layers"] for k in routes)
   assert r["machine"]["onednn_fast_filter_grad"] == onednn.fast_filter_grad(2)
+
+
+def test_a_bad_size_is_named(filter_grad, capsys):
+  with pytest.raises(SystemExit):
+    filter_grad.main(["--patch", "320,x"])
+  assert "--patch: expected comma-separated positive integers, got '320,x'" in capsys.readouterr().err
