@@ -34,13 +34,14 @@ def assert_default_convs_equal_xla(model_fields: dict, x) -> None:
   import jax.numpy as jnp
   import ml_collections
   import numpy as np
+  from jaxseg import train
   from jaxseg.models import build
   cfg = ml_collections.ConfigDict(dict(model_fields))
   auto = build.build_model(cfg, num_classes=2)
   with cfg.unlocked():
     cfg.conv_impl = "lax"
   lax = build.build_model(cfg, num_classes=2)
-  params = lax.init(jax.random.key(0), x)
+  params = {"params": train.init_params(lax, seed=0, in_channels=x.shape[-1])}
   np.testing.assert_allclose(auto.apply(params, x), lax.apply(params, x), rtol=1e-4, atol=1e-4)
   ga = jax.grad(lambda p: jnp.sum(jnp.sin(auto.apply(p, x))))(params)
   gl = jax.grad(lambda p: jnp.sum(jnp.sin(lax.apply(p, x))))(params)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseg import inference, steps
+from jaxseg import inference, steps, train
 from jaxseg.models import UNet
 
 
@@ -45,7 +45,7 @@ def test_gaussian_importance_peaks_in_the_centre():
 @pytest.fixture(scope="module")
 def unet3d():
   model = UNet(num_classes=3, spatial_dims=3, base_features=4, max_features=8, num_stages=3)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 2)))["params"]
+  params = train.init_params(model, seed=0, in_channels=2)
   return steps.make_predict_fn(model), params  # the function training and predict.py use
 
 
@@ -96,10 +96,10 @@ def test_tiles_split_over_devices_give_the_one_device_result():
   # A fresh interpreter: the fake device count must be set before JAX starts.
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
-      from jaxseg import inference, steps
+      from jaxseg import inference, steps, train
       from jaxseg.models import UNet
       model = UNet(num_classes=3, spatial_dims=3, base_features=4, max_features=8, num_stages=3)
-      params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 2)))["params"]
+      params = train.init_params(model, seed=0, in_channels=2)
       apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x), axis=-1))
       x = np.random.default_rng(5).normal(size=(20, 18, 12, 2)).astype(np.float32)
       kw = dict(patch=(8, 8, 8), batch_size=6, mirror_axes=(0, 1))

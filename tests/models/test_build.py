@@ -174,7 +174,7 @@ kw = dict(platform=sys.argv[2], device_count=1) if len(sys.argv) > 2 else {}
 validate._check_conv_impl(c.model.conv_impl)
 model = build_model(c.model, num_classes=3, **kw)
 x = jnp.zeros((1, 8, 8, 8, 1))
-params = jax.jit(model.init)(jax.random.key(0), x)
+params = {"params": train.init_params(model, seed=0, in_channels=1)}  # as a training run
 y = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, x))))(params)
 print(conv_impl_name(c.model, **kw))
 loaded = sorted(m for m in sys.modules if m.startswith("jaxseg.cpu_conv"))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxseg import train
 from jaxseg.models import norm
 
 
@@ -94,7 +95,7 @@ def test_bfloat16_unet_tracks_float32():
   x = jnp.asarray(rng.standard_normal((2, 8, 8, 8, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, (2, 8, 8, 8)), jnp.int32)
   kw = dict(num_classes=3, spatial_dims=3, base_features=8, max_features=16, num_stages=2)
-  params = UNet(**kw).init(jax.random.key(0), x)['params']
+  params = train.init_params(UNet(**kw), seed=0, in_channels=1)
 
   def loss(dtype, p):
     return losses.dice_ce(UNet(**kw, dtype=dtype).apply({'params': p}, x), y, num_classes=3)

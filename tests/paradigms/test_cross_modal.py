@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
-from jaxseg import paradigms
+from jaxseg import paradigms, train
 from jaxseg.data import multimodal, synthetic
 from jaxseg.models import hemis
 from jaxseg.paradigms import cross_modal
@@ -102,7 +102,7 @@ def tiny_hemis(shared_encoder=False):
 def test_hemis_model_masked_modalities_do_not_change_the_output():
   model = tiny_hemis()
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 3))
-  params = model.init(jax.random.key(1), x)["params"]
+  params = train.init_params(model, seed=1, in_channels=x.shape[-1])
   assert {"mod0_enc0", "mod2_enc1", "up0", "dec0", "head0"} <= set(params)
   available = jnp.array([[1, 0, 1], [0, 1, 0]], bool)
   other = x.at[0, ..., 1].set(100.0).at[1, ..., 0].set(-7.0).at[1, ..., 2].set(3.0)
@@ -115,7 +115,7 @@ def test_hemis_model_masked_modalities_do_not_change_the_output():
 def test_hemis_shared_encoder_is_invariant_to_the_order_of_modalities():
   model = tiny_hemis(shared_encoder=True)
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 3))
-  params = model.init(jax.random.key(1), x)["params"]
+  params = train.init_params(model, seed=1, in_channels=x.shape[-1])
   available = jnp.array([[1, 1, 0], [1, 1, 1]], bool)
   perm = jnp.array([1, 2, 0])
   np.testing.assert_allclose(model.apply({"params": params}, x[..., perm], available[:, perm]),
@@ -127,7 +127,7 @@ def test_early_fusion_zeroes_missing_channels():
                                        deep_supervision=False))
   model = cross_modal.build_model(cfg, fusion="early", num_classes=3)
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 2))
-  params = model.init(jax.random.key(1), x)["params"]
+  params = train.init_params(model, seed=1, in_channels=x.shape[-1])
   available = jnp.array([[1, 0], [1, 1]], bool)
   out = cross_modal.apply_model(model, "early", params, x, available)
   ref = model.apply({"params": params}, x.at[0, ..., 1].set(0.0))

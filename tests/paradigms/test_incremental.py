@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import helpers
-from jaxseg import checkpoint, paradigms
+from jaxseg import checkpoint, paradigms, train
 from jaxseg.paradigms import continual, incremental
 from jaxseg.errors import ConfigError
 
@@ -249,7 +249,7 @@ def test_ewc_fisher_from_a_stage_batch(tmp_path):
   batch = incremental.fisher_batch(c, stage, [(img, lab, (1,))], 4)
   assert batch["image"].shape == (3, 16, 16, 16, 1)
   model = build_model(c.model, num_classes=4)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)))["params"]
+  params = train.init_params(model, seed=0, in_channels=1)
   fisher = incremental.stage_fisher(model, params, stage, batch)
   leaves = jax.tree.leaves(fisher)
   assert jax.tree.structure(fisher) == jax.tree.structure(params)
