@@ -293,6 +293,23 @@ def _with_postprocessing(a, side: dict, out: pathlib.Path) -> dict:
   return side
 
 
+# nnU-Net's step time is measured over NNUNET_PROBE_STEPS steps after NNUNET_WARMUP_STEPS, all
+# inside its budget. Five timed steps gave 5.3-11.1 s per step in three folds on a 2-core AVX2
+# CPU whose loops then ran at 7.7-11.0 s (its augmentation shares the two cores).
+NNUNET_WARMUP_STEPS, NNUNET_PROBE_STEPS = 3, 15
+
+
+def nnunet_schedule(per_step_s: float, left_s: float, epoch_iterations: int,
+                    val_iterations: int) -> tuple[int, int]:
+  """(epochs, iterations per epoch) of nnU-Net's trainer that spend `left_s` seconds at
+  `per_step_s` per training step: whole epochs of about `epoch_iterations`, with a validation
+  step (`val_iterations` per epoch) counted as 0.4 of a training step."""
+  val_share = 0.4 * val_iterations / epoch_iterations
+  total = max(1, round(left_s / (per_step_s * (1 + val_share))))
+  epochs = max(1, round(total / epoch_iterations))
+  return epochs, max(1, round(total / epochs))
+
+
 def nnunet_fold(a) -> None:
   """One fold of nnU-Net's trainer with the time budget (runs in its own process: nnU-Net
   reads its folders from the environment at import)."""
@@ -320,20 +337,15 @@ def nnunet_fold(a) -> None:
       self.inference_allowed_mirroring_axes = None  # no mirror TTA in the validation
       t_start = time.perf_counter()
       self.network.train()
-      for _ in range(3):
+      for _ in range(NNUNET_WARMUP_STEPS):
         self.train_step(next(self.dataloader_train))
       t0 = time.perf_counter()
-      for _ in range(5):
+      for _ in range(NNUNET_PROBE_STEPS):
         self.train_step(next(self.dataloader_train))
-      per_step = (time.perf_counter() - t0) / 5
-      left = budget_s - (time.perf_counter() - t_start)
-      # Fill the budget: whole epochs of about the configured length, the iterations per
-      # epoch adjusted so that epochs x iterations (a validation step counted as 0.4 of a
-      # training step) spends what is left.
-      val_share = 0.4 * self.num_val_iterations_per_epoch / self.num_iterations_per_epoch
-      total = max(1, round(left / (per_step * (1 + val_share))))
-      self.num_epochs = max(1, round(total / self.num_iterations_per_epoch))
-      self.num_iterations_per_epoch = max(1, round(total / self.num_epochs))
+      per_step = (time.perf_counter() - t0) / NNUNET_PROBE_STEPS
+      self.num_epochs, self.num_iterations_per_epoch = nnunet_schedule(
+          per_step, budget_s - (time.perf_counter() - t_start), self.num_iterations_per_epoch,
+          self.num_val_iterations_per_epoch)
       self.lr_scheduler.max_steps = self.num_epochs
       for _ in range(self.num_epochs):
         self.on_epoch_start()
@@ -351,7 +363,8 @@ def nnunet_fold(a) -> None:
       self.on_train_end()
       (pathlib.Path(self.output_folder) / "budget.json").write_text(json.dumps({
           "seconds_per_step_probe": per_step, "epochs": self.num_epochs,
-          "steps": 8 + self.num_epochs * self.num_iterations_per_epoch, "train_loop_s": train_s}))
+          "steps": NNUNET_WARMUP_STEPS + NNUNET_PROBE_STEPS
+                   + self.num_epochs * self.num_iterations_per_epoch, "train_loop_s": train_s}))
 
   torch.set_num_threads(os.cpu_count() or 1)
   plans = load_json(str(pre / "nnUNetPlans.json"))

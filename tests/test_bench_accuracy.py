@@ -168,3 +168,13 @@ def test_probe_rate_is_steps_over_seconds_after_the_first_window(bench, tmp_path
   m.write_text(json.dumps({"split": "train", "step": 5, "steps_per_s": 3.0}) + "\n")
   with pytest.raises(ValueError, match="run a longer probe"):
     bench._probe_rate(m)
+
+
+def test_nnunet_schedule_fills_the_budget_with_whole_epochs(bench):
+  # 546 s at 3 s per step, a validation step (5 per epoch of 50) at 0.4 of one: 546 / 3.12 =
+  # 175 steps, 3.5 epochs of 50 -> 4 epochs of 44.
+  assert bench.nnunet_schedule(3.0, 546.0, 50, 5) == (4, 44)
+  # 540 s at 10 s: 540 / 10.4 = 51.9 -> 52 steps, one epoch of 52 (not floored to 50).
+  assert bench.nnunet_schedule(10.0, 540.0, 50, 5) == (1, 52)
+  # A budget spent by the probe still trains one step.
+  assert bench.nnunet_schedule(10.0, -5.0, 50, 5) == (1, 1)
