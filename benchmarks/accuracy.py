@@ -133,7 +133,9 @@ def _train_windows(metrics: pathlib.Path) -> list[tuple[int, float]]:
 
 
 def _steps_seconds(metrics: pathlib.Path) -> float:
-  """Seconds jaxseg spent in training steps (the first window includes the compilation)."""
+  """Seconds jaxseg spent in training steps, compilation left out: the training loop times its
+  first window from the end of the compiling first step, and that step is counted at the
+  window's rate."""
   return sum(t for _, t in _train_windows(metrics))
 
 
