@@ -18,7 +18,7 @@ Folds. nnU-Net's 5-fold splits (seed 12345), leave-one-out below 5 cases
 (`splits_final.json`).
 
 Time. Each fold of each system trains for `--minutes` of steps: after a warm-up, a probe
-measures the seconds per step (jaxseg: 40 steps of the same config, `_probe_rate`; nnU-Net: 5 iterations
+measures the seconds per step (jaxseg: 40 steps of the same config, `_probe_rate`; nnU-Net: 15 iterations
 of its trainer after 3 warm-up ones) and the schedule is set to fill the budget (jaxseg
 `train.num_steps`; nnU-Net `num_epochs` of 50 iterations plus 5 validation iterations
 (`--nnunet-epoch-iterations`), its poly schedule over them). Compilation, start-up and prediction are not counted; the CPU
