@@ -25,8 +25,12 @@ from jaxseg.state import TrainState
 
 def use_compilation_cache(workdir) -> None:
   """Points JAX's persistent compilation cache at `workdir/xla_cache`, so a resumed run skips
-  compilation. A process-wide JAX setting: `jaxseg.main` calls it for its run; a notebook
-  or library caller decides for itself."""
+  compilation, unless a cache directory is already set (`JAX_COMPILATION_CACHE_DIR` or
+  `jax.config`): then that cache and its settings are kept, shared by every run that uses it.
+  A process-wide JAX setting: `jaxseg.main` calls it for its run; a notebook or library caller
+  decides for itself."""
+  if jax.config.jax_compilation_cache_dir:
+    return
   jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(workdir) / "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

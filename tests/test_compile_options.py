@@ -28,3 +28,22 @@ def test_gpu_options_are_known_to_xla():
   # with the GPU table on CPU catches a misspelt key that only a GPU run would otherwise hit.
   f = jax.jit(lambda x: x + 1.0, compiler_options=compile_options.for_platform("gpu"))
   assert float(f(jnp.float32(1.0))) == 2.0
+
+
+def test_compilation_cache_is_the_workdirs_unless_one_is_set(tmp_path):
+  from jaxseg import train
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    train.use_compilation_cache(tmp_path / "run")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "run" / "xla_cache")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
+    # A cache set beforehand (JAX_COMPILATION_CACHE_DIR, or jax.config) is kept with its settings.
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "shared"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    train.use_compilation_cache(tmp_path / "other")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "shared")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
