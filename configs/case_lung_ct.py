@@ -19,20 +19,21 @@ augmentation (rotation, scaling, noise, blur, brightness, contrast, low resoluti
 mirroring; `augment=mirror` keeps mirroring only), 400 steps per fold, one evaluation at the end
 (sliding window, no TTA).
 
-Measured 2026-12-04, jax 0.10.2, 2-core x86-64 CPU container (AMD EPYC), no GPU, shared with
-other developers' jobs (load average 3.6-5.2 on the 2 cores), with the cross-validation command:
-5 folds x 400 steps, wall 636 s in all (106-134 s per fold: 11-20 s to the first step, ~3.5
+Measured 2026-12-05 (commit 0dba08e), jax 0.10.2, 2-core AMD EPYC Zen 3 (AVX2, no AVX-512),
+no GPU, with the cross-validation command while a benchmark and a test run shared the 2 cores:
+5 folds x 400 steps, wall 828 s in all (148-174 s per fold: 15-23 s to the first step, ~3.4
 steps/s). Held-out tumour Dice / IoU (mean over a fold's patches; a tumour-free patch predicted
 empty is left out, one with a false positive scores 0):
 
     fold       0      1      2      3      4      mean +- sd
-    Dice     0.744  0.753  0.761  0.745  0.666   0.734 +- 0.039
-    IoU      0.652  0.647  0.659  0.655  0.573   0.637 +- 0.036
+    Dice     0.744  0.772  0.820  0.714  0.695   0.749 +- 0.049
+    IoU      0.645  0.673  0.710  0.615  0.603   0.649 +- 0.043
 
-On the 111 patches with tumour the mean Dice is 0.820; 13 of the 19 tumour-free patches get a
+On the 111 patches with tumour the mean Dice is 0.817; 10 of the 19 tumour-free patches get a
 false positive (the worst held-out case, lung_0067, is one: docs/cases/lung_ct.png).
-`augment=mirror`, same folds and steps (wall 706 s, load 5.4): Dice 0.719 +- 0.014, IoU 0.622
-+- 0.019 (0.804 on the tumour patches); the default was chosen on these same folds.
+`augment=mirror`, same folds and steps, on the code of 2026-12-04 (wall 706 s, load 5.4): Dice
+0.719 +- 0.014, IoU 0.622 +- 0.019 (0.804 on the tumour patches), against 0.734 +- 0.039 for
+nnU-Net's augmentation on that code; the default was chosen on these same folds.
 """
 
 import pathlib
