@@ -30,7 +30,10 @@ a small PNG at that path (at most `--figure-width` pixels wide; see `save_figure
 
 The overrides are parsed exactly as the front door parses them (ml_collections' config flags),
 so a bad field fails here before any fold runs. `--config.data.fold` is set per fold and may not
-be given. Run it under `nice` on a shared machine: the folds inherit the priority.
+be given. On a shared machine lower its priority and the folds inherit it; where the kernel
+groups processes by session (`/proc/sys/kernel/sched_autogroup_enabled` is 1, Linux's default on
+many distributions), `nice` ranks a process only against its own session's, so lower the
+session's weight instead: `echo 19 > /proc/self/autogroup` in the shell that starts it.
 """
 
 from __future__ import annotations
