@@ -22,17 +22,6 @@ ISAS = [pytest.param(None, id="native"), pytest.param("AVX2", id="avx2")]
 # under XLA's threads), so they run natively only; the front door runs under both ISAs.
 
 
-def _native_is_avx2() -> bool:
-  """Whether oneDNN's best ISA on this CPU is AVX2 itself (no AVX-512, AVX-VNNI or AMX in its
-  flags): then ONEDNN_MAX_CPU_ISA=AVX2 changes nothing and the native run is the AVX2 run."""
-  try:
-    text = pathlib.Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return False
-  flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-  return "avx2" in flags and not any(f.startswith(("avx512", "amx")) or f == "avx_vnni" for f in flags)
-
-
 def _run(args, isa, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   for name in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
@@ -64,7 +53,7 @@ def _losses(workdir):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_front_door_with_the_default_config(isa, tmp_path):
-  if isa == "AVX2" and _native_is_avx2():
+  if isa == "AVX2" and onednn.native_isa_is_avx2():
     pytest.skip("this CPU's best oneDNN ISA is AVX2: the native run is the AVX2 run")
   workdir = tmp_path / "run"
   r = _run(["jaxseg.main", "--config=configs/unet3d.py", f"--workdir={workdir}",

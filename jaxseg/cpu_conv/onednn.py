@@ -194,16 +194,27 @@ def _check_in_process() -> None:
               f'differs from lax by up to {float(np.abs(a - b).max()):.3g} (scale {scale:.3g})')
 
 
-def _cpu_key() -> str:
-  """What decides which oneDNN kernels run: the CPU's flags and ONEDNN_MAX_CPU_ISA."""
-  flags = ''
+def _flags_line() -> str:
+  """The first 'flags' line of /proc/cpuinfo ('' where there is none)."""
   try:
     for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
       if line.startswith('flags'):
-        flags = line
-        break
+        return line
   except OSError:
     pass
+  return ''
+
+
+def native_isa_is_avx2() -> bool:
+  """Whether oneDNN's best ISA on this CPU is AVX2 itself (AVX2, and no AVX-512, AVX-VNNI or AMX
+  flags): then ONEDNN_MAX_CPU_ISA=AVX2 changes nothing."""
+  flags = _flags_line().partition(':')[2].split()
+  return 'avx2' in flags and not any(f.startswith(('avx512', 'amx')) or f == 'avx_vnni' for f in flags)
+
+
+def _cpu_key() -> str:
+  """What decides which oneDNN kernels run: the CPU's flags and ONEDNN_MAX_CPU_ISA."""
+  flags = _flags_line()
   isa = os.environ.get('ONEDNN_MAX_CPU_ISA', '')
   return hashlib.sha256((flags + '|' + isa).encode()).hexdigest()[:16]
 
