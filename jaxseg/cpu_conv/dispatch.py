@@ -112,19 +112,16 @@ def cpu_products(x_shape, kernel_shape, strides) -> tuple[str, str, str]:
 
 
 @functools.cache
-def per_layer(use_onednn: bool, onednn_filter_grad_dims: frozenset[int] = frozenset()
-              ) -> Callable[..., Array]:
-  """The 'cpu_per_layer' route, resolved: oneDNN's products where `use_onednn` and the layer
-  is one oneDNN computes (fp32, no cropping), its filter gradient only for the spatial dims in
-  `onednn_filter_grad_dims` (`onednn.fast_filter_grad`); otherwise, per layer, the XLA products
+def per_layer(use_onednn: bool) -> Callable[..., Array]:
+  """The 'cpu_per_layer' route, resolved: oneDNN's three products where `use_onednn` and the
+  layer is one oneDNN computes (fp32, no cropping); otherwise, per layer, the XLA products
   `cpu_products` picks."""
 
   def conv_cpu_per_layer(x, kernel, strides, pads, precision):
-    products = cpu_products(x.shape, kernel.shape, strides)
-    nd = kernel.ndim - 2
-    if use_onednn and onednn.supports(x.dtype, pads, nd):
-      dw = 'onednn' if nd in onednn_filter_grad_dims else products[2]
-      products = ('onednn', 'onednn', dw)
+    if use_onednn and onednn.supports(x.dtype, pads, kernel.ndim - 2):
+      products = ('onednn', 'onednn', 'onednn')
+    else:
+      products = cpu_products(x.shape, kernel.shape, strides)
     return custom_vjp_conv(*products)(x, kernel, strides, pads, precision)
 
   return conv_cpu_per_layer
@@ -185,9 +182,7 @@ def convolution(impl: str, *, device_count: int = 1, dtype=jnp.float32) -> Calla
     raise ValueError(f'unknown convolution impl {impl!r}; valid choices: '
                      + ', '.join(repr(k) for k in CONV_IMPLS))
   if impl == 'cpu_per_layer':
-    use = uses_onednn(device_count, dtype)
-    dims = frozenset(nd for nd in (1, 2, 3) if use and onednn.fast_filter_grad(nd))
-    return per_layer(use, dims)
+    return per_layer(uses_onednn(device_count, dtype))
   return CONV_IMPLS[impl]
 
 
@@ -197,11 +192,11 @@ def describe_per_layer(device_count: int) -> str:
   if device_count > 1:
     return f'{name} (XLA GEMM: {device_count} devices)'
   if onednn.available():
-    slow = [f'{nd}D' for nd in (2, 3) if not onednn.fast_filter_grad(nd)]
-    if not slow:
+    window = [f'{nd}D' for nd in (1, 2, 3) if onednn.window_filter_grad(nd)]
+    if not window:
       return f'{name} (oneDNN)'
-    return (f'{name} (oneDNN; {"/".join(slow)} filter gradients by XLA GEMM: oneDNN has only a '
-            'GEMM-based one here, without AVX-512)')
+    return (f'{name} (oneDNN; {"/".join(window)} filter gradients as shifted-window GEMMs: '
+            "oneDNN's own is im2col-based here, without AVX-512)")
   return f'{name} (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})'
 
 

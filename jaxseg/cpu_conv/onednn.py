@@ -99,7 +99,7 @@ def _build() -> pathlib.Path:
   # build never leaves a half-written library where the next run looks.
   fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.build-', suffix='.so')
   os.close(fd)
-  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{ffi_inc}', f'-I{inc}',
+  cmd = [cxx, '-O2', '-std=c++17', '-fopenmp', '-shared', '-fPIC', '-w', f'-I{ffi_inc}', f'-I{inc}',
          str(_SOURCE), f'-L{lib}', '-ldnnl', f'-Wl,-rpath,{lib}', '-o', tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -112,14 +112,16 @@ def _build() -> pathlib.Path:
   return target
 
 
-# Spatial dims (1-3) whose filter gradient oneDNN computes with a direct kernel here.
-_fast_filter_grad_dims: frozenset[int] = frozenset()
+# Spatial dims (1-3) whose filter gradient the wrapper computes as shifted-window GEMMs here
+# (where oneDNN's own is GEMM-based: 3D without AVX-512).
+_window_filter_grad_dims: frozenset[int] = frozenset()
 
 
 def _register(path: pathlib.Path) -> None:
-  global _fast_filter_grad_dims
+  global _window_filter_grad_dims
   lib = ctypes.cdll.LoadLibrary(str(path))
-  _fast_filter_grad_dims = frozenset(nd for nd in (1, 2, 3) if lib.jaxseg_onednn_fast_filter_grad(nd))
+  _window_filter_grad_dims = frozenset(nd for nd in (1, 2, 3)
+                                       if lib.jaxseg_onednn_window_filter_grad(nd))
   for name in _TARGETS:
     symbol = f'jaxseg_onednn_conv_{name}'
     jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
@@ -127,13 +129,15 @@ def _register(path: pathlib.Path) -> None:
 
 # (input shape, kernel shape, strides) of the self-check: the U-Nets' kinds of
 # layer (first layer with one channel, 3-kernels at stride 1 and 2, a 1-kernel
-# head) in 3D and 2D, at sizes where oneDNN picks the same kernels as in
-# training (the GEMM-based filter gradient, for one, on AVX2 CPUs).
+# head, an anisotropic first stage) in 3D and 2D, at sizes where oneDNN picks
+# the same kernels as in training (and where the wrapper computes 3D filter
+# gradients itself, on AVX2 CPUs, its shifted-window GEMMs).
 _CHECK_CASES = (
     ((2, 16, 16, 16, 1), (3, 3, 3, 1, 8), (1, 1, 1)),
     ((2, 32, 32, 32, 8), (3, 3, 3, 8, 8), (1, 1, 1)),
     ((2, 16, 16, 16, 8), (3, 3, 3, 8, 16), (2, 2, 2)),
     ((1, 8, 8, 8, 32), (1, 1, 1, 32, 4), (1, 1, 1)),
+    ((1, 5, 9, 7, 4), (1, 3, 3, 4, 8), (1, 2, 2)),
     ((4, 24, 24, 16), (3, 3, 16, 16), (1, 1)),
     ((4, 24, 24, 16), (3, 3, 16, 32), (2, 2)),
 )
@@ -276,15 +280,14 @@ def available() -> bool:
   return _load()
 
 
-def fast_filter_grad(spatial_dims: int) -> bool:
-  """Whether oneDNN's filter gradient of `spatial_dims`-D convolutions is worth calling here:
-  it runs a direct kernel, not its GEMM-based one.
-
-  With AVX-512 it always does. With AVX2 only (a CPU without AVX-512, or ONEDNN_MAX_CPU_ISA=AVX2)
-  the wrapper hands oneDNN's 1D/2D filter gradient channel-blocked copies of x and dy, for which
-  it has a direct AVX2 kernel; in 3D it has only the GEMM-based one, ~10x slower than with
-  AVX-512 and slower than XLA's GEMM route (benchmarks/README_conv.md, 'ISA levels')."""
-  return available() and spatial_dims in _fast_filter_grad_dims
+def window_filter_grad(spatial_dims: int) -> bool:
+  """Whether the wrapper computes filter gradients of `spatial_dims`-D convolutions itself, as
+  GEMMs over shifted windows of the padded input (`WindowFilterGrad` in the C++ source), rather
+  than with oneDNN's kernel. It does where that kernel is GEMM-based: 3D on CPUs without AVX-512
+  (or under ONEDNN_MAX_CPU_ISA=AVX2), where oneDNN copies an im2col matrix of x first and ran
+  slower than XLA's GEMM route (benchmarks/README_conv.md, 'ISA levels'). With AVX-512, and in
+  1D/2D, oneDNN's direct kernels run (without AVX-512 on channel-blocked copies of x and dy)."""
+  return available() and spatial_dims in _window_filter_grad_dims
 
 
 def unavailable_reason() -> str | None:

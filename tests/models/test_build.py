@@ -88,14 +88,13 @@ def test_default_choice_per_platform():
 def test_cpu_default_is_resolved_for_the_mesh_not_the_process(monkeypatch):
   from jaxseg.cpu_conv import dispatch, onednn
   monkeypatch.setattr(onednn, "available", lambda: True)
-  monkeypatch.setattr(onednn, "fast_filter_grad", lambda nd: False)
   cfg = ml_collections.ConfigDict({"name": "unet", "spatial_dims": 3, "num_stages": 3})
   one = build.build_model(cfg, num_classes=2, platform="cpu", device_count=1)
-  assert one.conv.keywords["convolution"] is dispatch.per_layer(True, frozenset())
+  assert one.conv.keywords["convolution"] is dispatch.per_layer(True)
   two = build.build_model(cfg, num_classes=2, platform="cpu", device_count=2)
-  assert two.conv.keywords["convolution"] is dispatch.per_layer(False, frozenset())
+  assert two.conv.keywords["convolution"] is dispatch.per_layer(False)
   bf16 = build.build_model({**cfg, "dtype": "bfloat16"}, num_classes=2, platform="cpu", device_count=1)
-  assert bf16.conv.keywords["convolution"] is dispatch.per_layer(False, frozenset())
+  assert bf16.conv.keywords["convolution"] is dispatch.per_layer(False)
   # Built twice, the same model: modules compare (and hash) equal.
   assert build.build_model(cfg, num_classes=2, platform="cpu", device_count=1) == one
   assert hash(build.build_model(cfg, num_classes=2, platform="cpu", device_count=1)) == hash(one)

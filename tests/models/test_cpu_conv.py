@@ -37,7 +37,7 @@ CASES = [
     ((4, 9, 8, 16), (3, 3, 16, 16), 1, 'SAME', 38_400),
     ((3, 11, 9, 3), (3, 3, 3, 4), (2, 1), ((1, 2), (0, 1)), 500),
     # Channels that are not whole 8-channel blocks, where oneDNN's AVX2 filter gradient reads
-    # blocked copies of x and dy (`onednn.fast_filter_grad`).
+    # blocked copies of x and dy.
     ((2, 13, 11, 12), (3, 3, 12, 20), 2, ((1, 1), (0, 2)), None),
 ]
 
@@ -175,17 +175,12 @@ def _custom_calls(fn, *args):
 
 @needs_onednn
 def test_cpu_per_layer_takes_onednn_for_fp32_only(monkeypatch):
-  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda nd: True)
   x, w, rng = _random((2, 6, 5, 4, 3), (3, 3, 3, 3, 4))
   dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
   vg = lambda pad: functools.partial(  # noqa: E731
       _value_and_grads, functools.partial(cpu_conv.conv, strides=1, padding=pad,
                                           impl='cpu_per_layer'))
   assert _custom_calls(vg('SAME'), x, w, dy) == {'fwd', 'bwd_data', 'bwd_weights'}
-  # 'onednn' keeps oneDNN's filter gradient; where it is GEMM-based (3D without AVX-512),
-  # 'cpu_per_layer' does not.
-  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda nd: nd != 3)
-  assert _custom_calls(vg('SAME'), x, w, dy) == {'fwd', 'bwd_data'}
   x2, w2, dy2 = x[:, 0], w[0], dy[:, 0]
   assert _custom_calls(vg('SAME'), x2, w2, dy2) == {'fwd', 'bwd_data', 'bwd_weights'}
   got = jax.jit(vg('SAME'))(x, w, dy)
@@ -223,13 +218,13 @@ def test_cpu_per_layer_keeps_xla_on_several_devices(monkeypatch):
   dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
   vg = lambda n: functools.partial(  # noqa: E731
       _value_and_grads, functools.partial(cpu_conv.conv, impl='cpu_per_layer', device_count=n))
-  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda nd: True)
+  monkeypatch.setattr(onednn, 'window_filter_grad', lambda nd: False)
   assert conv_impl_name(cfg, platform='cpu', device_count=1) == 'cpu_per_layer (oneDNN)/gemm'
-  monkeypatch.setattr(onednn, 'fast_filter_grad', lambda nd: nd != 3)
+  monkeypatch.setattr(onednn, 'window_filter_grad', lambda nd: nd == 3)
   assert conv_impl_name(cfg, platform='cpu', device_count=1) == (
-      'cpu_per_layer (oneDNN; 3D filter gradients by XLA GEMM: oneDNN has only a GEMM-based one '
-      'here, without AVX-512)/gemm')
-  assert _custom_calls(vg(1), x, w, dy) == {'fwd', 'bwd_data'}
+      "cpu_per_layer (oneDNN; 3D filter gradients as shifted-window GEMMs: oneDNN's own is "
+      'im2col-based here, without AVX-512)/gemm')
+  assert _custom_calls(vg(1), x, w, dy) == {'fwd', 'bwd_data', 'bwd_weights'}
   assert _custom_calls(vg(2), x, w, dy) == set()
   assert conv_impl_name(cfg, platform='cpu', device_count=2) == 'cpu_per_layer (XLA GEMM: 2 devices)/gemm'
 
@@ -296,9 +291,11 @@ def test_native_source_ships_inside_the_package():
 @needs_onednn
 def test_filter_gradients_without_avx512_match_lax(tmp_path):
   # Capped at AVX2 (what a CPU without AVX-512 runs), oneDNN computes 1D and 2D filter
-  # gradients with its direct kernel on channel-blocked copies of x and dy, and 3D ones with
-  # its GEMM-based kernel, which 'cpu_per_layer' leaves to XLA. Run in a child process: the
-  # cap must be set before oneDNN loads. Channel counts off the 8-channel blocks included.
+  # gradients with its direct kernel on channel-blocked copies of x and dy, and the wrapper
+  # computes 3D ones as shifted-window GEMMs (oneDNN's own is im2col-based there). Run in a
+  # child process: the cap must be set before oneDNN loads. Channel counts off the 8-channel
+  # blocks included; in 3D, strides 1 and 2 (per axis too), odd sizes, uneven pads, 1- and
+  # 2-kernels, anisotropic 1x3x3 kernels, one input channel and a batch of three.
   import os
   import subprocess
   import sys
@@ -308,13 +305,22 @@ import jax, numpy as np
 from jax import lax
 from jaxseg.cpu_conv import onednn
 assert onednn.available(), onednn.unavailable_reason()
-assert [onednn.fast_filter_grad(nd) for nd in (1, 2, 3)] == [True, True, False]
+assert [onednn.window_filter_grad(nd) for nd in (1, 2, 3)] == [False, False, True]
 rng = np.random.default_rng(0)
 for x_shape, k_shape, strides, pads in [((2, 17, 15, 12), (3, 3, 12, 20), (2, 2), ((1, 1), (0, 2))),
                                         ((3, 16, 16, 32), (3, 3, 32, 8), (1, 1), ((1, 1), (1, 1))),
-                                        ((2, 30, 9), (3, 9, 16), (1,), ((1, 1),))]:
+                                        ((2, 30, 9), (3, 9, 16), (1,), ((1, 1),)),
+                                        ((2, 9, 10, 7, 5), (3, 3, 3, 5, 6), (1, 1, 1), ((1, 1),) * 3),
+                                        ((3, 11, 8, 9, 1), (3, 3, 3, 1, 8), (2, 2, 2), ((1, 1),) * 3),
+                                        ((1, 6, 13, 10, 8), (1, 3, 3, 8, 4), (1, 2, 2),
+                                         ((0, 0), (1, 1), (1, 1))),
+                                        ((2, 7, 9, 8, 4), (3, 3, 3, 4, 3), (2, 1, 2),
+                                         ((0, 2), (1, 0), (2, 1))),
+                                        ((2, 6, 5, 7, 16), (1, 1, 1, 16, 4), (1, 1, 1), ((0, 0),) * 3),
+                                        ((1, 8, 6, 6, 3), (2, 2, 2, 3, 5), (2, 2, 2), ((0, 0),) * 3)]:
   nd = len(k_shape) - 2
-  dn = ('N' + 'HW'[2 - nd:] + 'C', 'HW'[2 - nd:] + 'IO', 'N' + 'HW'[2 - nd:] + 'C')
+  sp = 'DHW'[3 - nd:]
+  dn = ('N' + sp + 'C', sp + 'IO', 'N' + sp + 'C')
   x = rng.standard_normal(x_shape, np.float32)
   k = rng.standard_normal(k_shape, np.float32)
   f = lambda w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dn)

@@ -3,13 +3,17 @@
 // (*kernel_spatial, C_in, C_out) kernels, as in jaxseg.models.conv.
 #include <cstdint>
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <mutex>
 #include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -126,7 +130,8 @@ bool IsGemm(const dnnl::primitive_desc_base& pd) {
 // of x and dy included (2D U-Net layers; benchmarks/README_conv.md, 'ISA
 // levels'). So there the filter gradient asks for oneDNN's preferred layout,
 // unless the input has fewer than 8 channels (padded to a whole block) or
-// even that kernel is GEMM-based (3D at AVX2): then channels-last stays. With
+// even that kernel is GEMM-based: then channels-last stays (in 3D at AVX2,
+// where it is, `WindowFilterGrad` runs instead). With
 // AVX-512 the channels-last kernels are the measured default.
 bool TryBlockedFilterGrad(int64_t c_in) { return !HasAvx512() && c_in >= 8; }
 
@@ -310,11 +315,256 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
              dy.dimensions(), strides, pad_lo, pad_hi);
 }
 
+// The filter gradient as GEMMs over shifted windows of the padded input, for
+// where oneDNN's own is GEMM-based (3D without AVX-512): that one builds an
+// im2col copy of x, 27 values per voxel and channel for a 3-kernel; this one
+// reads x in place.
+//
+// At stride 1, for one batch item, with x zero-padded to a (Q0, Q1, Q2) grid
+// and dy written into an (O0, Q1, Q2) grid (zeros where o1 >= O1 or
+// o2 >= O2), both flattened to rows of C_in and C_out values:
+//   dW[k0, k1, k2] = sum_j X[j + k0*Q1*Q2]^T DY[j - k1*Q2 - k2]
+// (DY is zero outside its rows; where o1 or o2 lies outside the output, the X
+// row read belongs to the next row or plane and meets a zero of dy). For one
+// k0, the k1, k2 taps share the X rows, so their DY rows are laid side by
+// side into one (rows x 9*C_out) block per chunk of rows, which fits in
+// cache, and one GEMM (C_in x rows) @ (rows x 9*C_out) computes nine taps.
+// A stride s splits x into its phases (every s-th voxel from offset p per
+// axis), each a stride-1 problem for the taps k = a*s + p. OpenMP threads take
+// (item, chunk) pairs with accumulators of their own, summed at the end.
+struct WindowPlan {
+  int64_t n, cin, cout;
+  int64_t s[3], k[3], lo[3], in[3], out[3], q[3], phases[3];
+  int64_t taps, nphases, grid_rows, dy_rows, slack_rows;
+};
+
+WindowPlan PlanWindows(ffi::Span<const int64_t> x_shape,
+                       ffi::Span<const int64_t> w_shape,
+                       ffi::Span<const int64_t> y_shape,
+                       ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> pad_lo) {
+  WindowPlan p;
+  int nd = static_cast<int>(x_shape.size()) - 2;
+  p.n = x_shape[0];
+  p.cin = x_shape[x_shape.size() - 1];
+  p.cout = y_shape[y_shape.size() - 1];
+  // Missing leading spatial axes (1D, 2D) have size 1.
+  for (int i = 0; i < 3; ++i) {
+    int j = i - (3 - nd);
+    bool real = j >= 0;
+    p.s[i] = real ? strides[j] : 1;
+    p.k[i] = real ? w_shape[j] : 1;
+    p.lo[i] = real ? pad_lo[j] : 0;
+    p.in[i] = real ? x_shape[1 + j] : 1;
+    p.out[i] = real ? y_shape[1 + j] : 1;
+    p.phases[i] = std::min(p.s[i], p.k[i]);
+    p.q[i] = p.out[i] + (p.k[i] + p.s[i] - 1) / p.s[i] - 1;
+  }
+  p.taps = p.k[0] * p.k[1] * p.k[2];
+  p.nphases = p.phases[0] * p.phases[1] * p.phases[2];
+  p.grid_rows = p.q[0] * p.q[1] * p.q[2];
+  p.dy_rows = p.out[0] * p.q[1] * p.q[2];
+  p.slack_rows = p.q[1] * p.q[2];  // covers the last grid's overhang
+  return p;
+}
+
+// One GEMM's worth of taps: phase `ph`, first-axis offset `a0`, and the
+// (a1, a2) offsets of its `count` taps, whose DY rows sit side by side.
+struct TapGroup {
+  int64_t ph, a0, count, acc_offset;
+  std::vector<int64_t> shift, tap;  // shift = a1*Q2 + a2 rows; tap index into dw
+};
+
+// Returns false where a GEMM failed (invalid sizes).
+bool WindowFilterGrad(const float* x, const float* dy, float* dw,
+                      const WindowPlan& p) {
+  const int64_t cin = p.cin, cout = p.cout;
+  const int64_t grid = p.grid_rows * cin, dyg = p.dy_rows * cout;
+  std::vector<TapGroup> groups;
+  int64_t acc_floats = 0, max_count = 0, max_shift = 0;
+  for (int64_t ph = 0; ph < p.nphases; ++ph) {
+    int64_t pp[3] = {ph / (p.phases[1] * p.phases[2]), (ph / p.phases[2]) % p.phases[1],
+                     ph % p.phases[2]};
+    int64_t na[3];
+    for (int i = 0; i < 3; ++i) na[i] = (p.k[i] - pp[i] + p.s[i] - 1) / p.s[i];
+    for (int64_t a0 = 0; a0 < na[0]; ++a0) {
+      TapGroup g{ph, a0, 0, acc_floats, {}, {}};
+      for (int64_t a1 = 0; a1 < na[1]; ++a1)
+        for (int64_t a2 = 0; a2 < na[2]; ++a2) {
+          int64_t k0 = a0 * p.s[0] + pp[0], k1 = a1 * p.s[1] + pp[1], k2 = a2 * p.s[2] + pp[2];
+          g.shift.push_back(a1 * p.q[2] + a2);
+          g.tap.push_back((k0 * p.k[1] + k1) * p.k[2] + k2);
+          max_shift = std::max(max_shift, g.shift.back());
+          ++g.count;
+        }
+      acc_floats += cin * g.count * cout;
+      max_count = std::max(max_count, g.count);
+      groups.push_back(g);
+    }
+  }
+  const int threads = omp_get_max_threads();
+  // The sum runs over rows j in [0, dy_rows + max_shift), cut into chunks
+  // whose side-by-side DY block (rows x count*C_out) stays in L2; at least
+  // two chunks per thread where the layer is large enough.
+  const int64_t total_rows = p.dy_rows + max_shift;
+  int64_t chunk = std::clamp<int64_t>((1 << 19) / (max_count * cout + cin), 64, 4096);
+  int64_t per_item = (total_rows + chunk - 1) / chunk;
+  int64_t want = (2 * threads + p.n - 1) / p.n;
+  if (per_item < want) {
+    per_item = std::min(want, std::max<int64_t>(1, total_rows / 32));
+    chunk = (total_rows + per_item - 1) / per_item;
+  }
+  const int64_t items = p.n * per_item;
+  const int64_t x_floats = p.n * p.nphases * grid + p.slack_rows * cin;
+  const int64_t block_floats = chunk * max_count * cout;
+  auto align = [](int64_t f) { return (f + 15) / 16 * 16; };
+  float* xg = static_cast<float*>(ThreadScratch(
+      4 * (align(x_floats) + align(p.n * dyg) +
+           threads * (align(acc_floats) + align(block_floats)))));
+  float* dyg_buf = xg + align(x_floats);
+  float* acc = dyg_buf + align(p.n * dyg);
+  float* blocks = acc + threads * align(acc_floats);
+  std::atomic<bool> failed{false};
+
+#pragma omp parallel num_threads(threads)
+  {
+    // x -> its phases, zero-padded: xg[n][phase][q0][q1][q2][c].
+    const int64_t planes = p.n * p.nphases * p.q[0];
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < planes; ++t) {
+      int64_t q0 = t % p.q[0], ph = (t / p.q[0]) % p.nphases, n = t / (p.q[0] * p.nphases);
+      int64_t ph0 = ph / (p.phases[1] * p.phases[2]), ph1 = (ph / p.phases[2]) % p.phases[1],
+              ph2 = ph % p.phases[2];
+      float* dst = xg + (n * p.nphases + ph) * grid + q0 * p.q[1] * p.q[2] * cin;
+      int64_t i0 = q0 * p.s[0] + ph0 - p.lo[0];
+      for (int64_t q1 = 0; q1 < p.q[1]; ++q1) {
+        int64_t i1 = q1 * p.s[1] + ph1 - p.lo[1];
+        float* row = dst + q1 * p.q[2] * cin;
+        if (i0 < 0 || i0 >= p.in[0] || i1 < 0 || i1 >= p.in[1]) {
+          std::memset(row, 0, 4 * p.q[2] * cin);
+          continue;
+        }
+        const float* src = x + (((n * p.in[0] + i0) * p.in[1] + i1) * p.in[2]) * cin;
+        for (int64_t q2 = 0; q2 < p.q[2]; ++q2) {
+          int64_t i2 = q2 * p.s[2] + ph2 - p.lo[2];
+          if (i2 < 0 || i2 >= p.in[2])
+            std::memset(row + q2 * cin, 0, 4 * cin);
+          else
+            std::memcpy(row + q2 * cin, src + i2 * cin, 4 * cin);
+        }
+      }
+    }
+    // dy -> its (O0, Q1, Q2) grid, zeros outside the output.
+    const int64_t dy_planes = p.n * p.out[0];
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < dy_planes; ++t) {
+      float* dst = dyg_buf + t * p.q[1] * p.q[2] * cout;
+      const float* src = dy + t * p.out[1] * p.out[2] * cout;
+      for (int64_t q1 = 0; q1 < p.q[1]; ++q1) {
+        float* row = dst + q1 * p.q[2] * cout;
+        if (q1 >= p.out[1]) {
+          std::memset(row, 0, 4 * p.q[2] * cout);
+          continue;
+        }
+        std::memcpy(row, src + q1 * p.out[2] * cout, 4 * p.out[2] * cout);
+        std::memset(row + p.out[2] * cout, 0, 4 * (p.q[2] - p.out[2]) * cout);
+      }
+    }
+#pragma omp single
+    std::memset(xg + p.n * p.nphases * grid, 0, 4 * p.slack_rows * cin);
+    // The barrier at the end of `single` orders the copies before the GEMMs.
+    const int tid = omp_get_thread_num();
+    float* mine = acc + tid * align(acc_floats);
+    float* block = blocks + tid * align(block_floats);
+    std::memset(mine, 0, 4 * acc_floats);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      int64_t n = it / per_item, r0 = (it % per_item) * chunk;
+      int64_t rows = std::min(chunk, total_rows - r0);
+      if (rows <= 0) continue;
+      const float* dyn = dyg_buf + n * dyg;
+      for (const TapGroup& g : groups) {
+        int64_t width = g.count * cout;
+        for (int64_t r = 0; r < rows; ++r) {
+          float* out = block + r * width;
+          for (int64_t t = 0; t < g.count; ++t) {
+            int64_t src = r0 + r - g.shift[t];
+            if (src < 0 || src >= p.dy_rows)
+              std::memset(out + t * cout, 0, 4 * cout);
+            else
+              std::memcpy(out + t * cout, dyn + src * cout, 4 * cout);
+          }
+        }
+        const float* a = xg + (n * p.nphases + g.ph) * grid +
+                         (r0 + g.a0 * p.q[1] * p.q[2]) * cin;
+        // The C API: an exception must not leave an OpenMP region.
+        if (dnnl_sgemm('T', 'N', cin, width, rows, 1.f, a, cin, block, width,
+                       1.f, mine + g.acc_offset, width) != dnnl_success)
+          failed = true;
+      }
+    }
+    // Sum the threads' accumulators into dw (*ks, C_in, C_out).
+    const int64_t pairs = static_cast<int64_t>(groups.size()) * cin;
+#pragma omp for schedule(static)
+    for (int64_t gi = 0; gi < pairs; ++gi) {
+      const TapGroup& g = groups[gi / cin];
+      int64_t ci = gi % cin, width = g.count * cout;
+      for (int64_t t = 0; t < g.count; ++t) {
+        float* d = dw + (g.tap[t] * cin + ci) * cout;
+        int64_t o = g.acc_offset + ci * width + t * cout;
+        for (int64_t co = 0; co < cout; ++co) d[co] = acc[o + co];
+        for (int th = 1; th < threads; ++th)
+          for (int64_t co = 0; co < cout; ++co) d[co] += acc[th * align(acc_floats) + o + co];
+      }
+    }
+  }
+  return !failed;
+}
+
+// Whether the filter gradient of `nd`-dimensional convolutions goes through
+// `WindowFilterGrad`: where oneDNN's is GEMM-based even in its preferred
+// layout (3D without AVX-512), asked once per nd of a 16-channel 3-kernel layer.
+bool UseWindowFilterGrad(int nd) {
+  static std::once_flag once;
+  static bool window[4] = {false, false, false, false};
+  std::call_once(once, [] {
+    for (int d = 1; d <= 3; ++d) {
+      try {
+        if (HasAvx512()) continue;
+        memory::dims x{2, 16}, w{16, 16}, y{2, 16}, s, p;
+        for (int i = 0; i < d; ++i) {
+          x.push_back(16); w.push_back(3); y.push_back(16); s.push_back(1); p.push_back(1);
+        }
+        window[d] = IsGemm(FilterGradPd(x, w, y, s, p, p, TryBlockedFilterGrad(16)));
+      } catch (const dnnl::error&) {
+        window[d] = false;
+      }
+    }
+  });
+  return nd >= 1 && nd <= 3 && window[nd];
+}
+
 ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw,
                       ffi::Span<const int64_t> strides,
                       ffi::Span<const int64_t> pad_lo,
                       ffi::Span<const int64_t> pad_hi) {
+  int nd = static_cast<int>(x.dimensions().size()) - 2;
+  if (UseWindowFilterGrad(nd)) {
+    try {
+      if (!WindowFilterGrad(static_cast<const float*>(x.untyped_data()),
+                            static_cast<const float*>(dy.untyped_data()),
+                            static_cast<float*>(dw->untyped_data()),
+                            PlanWindows(x.dimensions(), dw->dimensions(),
+                                        dy.dimensions(), strides, pad_lo)))
+        return ffi::Error(ffi::ErrorCode::kInternal,
+                          "window filter gradient: oneDNN's sgemm failed");
+    } catch (const std::bad_alloc&) {
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "window filter gradient: out of memory for its buffers");
+    }
+    return ffi::Error::Success();
+  }
   return Run(kBwdWeights, x.untyped_data(), dw->untyped_data(),
              dy.untyped_data(), x.dimensions(), dw->dimensions(),
              dy.dimensions(), strides, pad_lo, pad_hi);
@@ -338,21 +588,10 @@ extern "C" int jaxseg_onednn_cpu_isa() {
   return static_cast<int>(dnnl::get_effective_cpu_isa());
 }
 
-// Whether oneDNN's filter gradient of `nd`-dimensional convolutions runs a
-// direct (not GEMM-based) kernel here: always with AVX-512; without it, in the
-// layout this wrapper asks for (`TryBlockedFilterGrad`). Asked of a
-// 16-channel 3-kernel layer, as U-Nets have.
-extern "C" int jaxseg_onednn_fast_filter_grad(int nd) {
-  try {
-    if (HasAvx512()) return 1;
-    memory::dims x{2, 16}, w{16, 16}, y{2, 16}, s, p;
-    for (int i = 0; i < nd; ++i) {
-      x.push_back(16); w.push_back(3); y.push_back(16); s.push_back(1); p.push_back(1);
-    }
-    return IsGemm(FilterGradPd(x, w, y, s, p, p, TryBlockedFilterGrad(16))) ? 0 : 1;
-  } catch (const dnnl::error&) {
-    return 0;
-  }
+// Whether the filter gradient of `nd`-dimensional convolutions goes through
+// `WindowFilterGrad` here (see `UseWindowFilterGrad`).
+extern "C" int jaxseg_onednn_window_filter_grad(int nd) {
+  return UseWindowFilterGrad(nd) ? 1 : 0;
 }
 
 // Arguments: (x, kernel) -> y; (dy, kernel) -> dx; (x, dy) -> dkernel.
