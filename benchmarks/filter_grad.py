@@ -10,7 +10,7 @@ two ways, jitted, interleaved over `--rounds` rounds, medians reported:
   onednn  `jaxseg.cpu_conv.onednn.conv_filter_grad`, what the default route (`cpu_per_layer`)
           runs: on CPUs without AVX-512 the wrapper hands oneDNN channel-blocked copies of x
           and dy in 1D/2D (copies included in the time) and computes 3D filter gradients as
-          shifted-window GEMMs itself (`onednn.window_filter_grad`),
+          chunked im2col GEMMs itself from 8 input channels (`onednn.chunked_filter_grad`),
   xla     the filter gradient `cpu_products` picks for the layer (XLA's convolution or GEMM
           loops), what `cpu_per_layer` runs without oneDNN.
 Prints a table with the CPU, the ISA oneDNN uses and the versions; writes JSON (--out).
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
   result = {
       'machine': {**cpu_info(), 'python': platform.python_version(), 'jax': jax.__version__,
                   'onednn_available': onednn.available(),
-                  'window_filter_grad': onednn.window_filter_grad(nd)},
+                  'chunked_filter_grad': onednn.chunked_filter_grad(nd)},
       'commit': git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
       'patch': patch, 'batch': a.batch, 'features': features, 'rounds': a.rounds,
       'layers': rows, 'total_ms': {k: v * 1e3 for k, v in totals.items()},
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
   print("total per step: " + ', '.join(f'{k} {v:.0f} ms' for k, v in result['total_ms'].items())
         + f" | {m['cpu']} (AVX-512: {m['avx512f']}), {m['cores']} cores, jax {jax.__version__}; "
         f"the wrapper's {nd}D filter gradient is "
-        f"{'shifted-window GEMMs' if m['window_filter_grad'] else 'oneDNN kernel'} here")
+        f"{'chunked im2col GEMMs' if m['chunked_filter_grad'] else 'oneDNN kernel'} here")
   if a.out:
     pathlib.Path(a.out).write_text(json.dumps(result, indent=1) + '\n')
   return 0

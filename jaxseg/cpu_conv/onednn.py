@@ -112,16 +112,16 @@ def _build() -> pathlib.Path:
   return target
 
 
-# Spatial dims (1-3) whose filter gradient the wrapper computes as shifted-window GEMMs here
-# (where oneDNN's own is GEMM-based: 3D without AVX-512).
-_window_filter_grad_dims: frozenset[int] = frozenset()
+# Spatial dims (1-3) whose filter gradient the wrapper computes itself here, from 8 input
+# channels (where oneDNN's own is GEMM-based: 3D without AVX-512).
+_chunked_filter_grad_dims: frozenset[int] = frozenset()
 
 
 def _register(path: pathlib.Path) -> None:
-  global _window_filter_grad_dims
+  global _chunked_filter_grad_dims
   lib = ctypes.cdll.LoadLibrary(str(path))
-  _window_filter_grad_dims = frozenset(nd for nd in (1, 2, 3)
-                                       if lib.jaxseg_onednn_window_filter_grad(nd))
+  _chunked_filter_grad_dims = frozenset(nd for nd in (1, 2, 3)
+                                       if lib.jaxseg_onednn_chunked_filter_grad(nd))
   for name in _TARGETS:
     symbol = f'jaxseg_onednn_conv_{name}'
     jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
@@ -131,7 +131,7 @@ def _register(path: pathlib.Path) -> None:
 # layer (first layer with one channel, 3-kernels at stride 1 and 2, a 1-kernel
 # head, an anisotropic first stage) in 3D and 2D, at sizes where oneDNN picks
 # the same kernels as in training (and where the wrapper computes 3D filter
-# gradients itself, on AVX2 CPUs, its shifted-window GEMMs).
+# gradients itself, on AVX2 CPUs, its chunked im2col GEMMs).
 _CHECK_CASES = (
     ((2, 16, 16, 16, 1), (3, 3, 3, 1, 8), (1, 1, 1)),
     ((2, 32, 32, 32, 8), (3, 3, 3, 8, 8), (1, 1, 1)),
@@ -280,14 +280,15 @@ def available() -> bool:
   return _load()
 
 
-def window_filter_grad(spatial_dims: int) -> bool:
-  """Whether the wrapper computes filter gradients of `spatial_dims`-D convolutions itself, as
-  GEMMs over shifted windows of the padded input (`WindowFilterGrad` in the C++ source), rather
-  than with oneDNN's kernel. It does where that kernel is GEMM-based: 3D on CPUs without AVX-512
-  (or under ONEDNN_MAX_CPU_ISA=AVX2), where oneDNN copies an im2col matrix of x first and ran
-  slower than XLA's GEMM route (benchmarks/README_conv.md, 'ISA levels'). With AVX-512, and in
-  1D/2D, oneDNN's direct kernels run (without AVX-512 on channel-blocked copies of x and dy)."""
-  return available() and spatial_dims in _window_filter_grad_dims
+def chunked_filter_grad(spatial_dims: int) -> bool:
+  """Whether the wrapper computes filter gradients of `spatial_dims`-D convolutions with at least
+  8 input channels itself, as GEMMs over cache-sized chunks of an im2col matrix
+  (`ChunkedFilterGrad` in the C++ source), rather than with oneDNN's kernel. It does where that
+  kernel is GEMM-based: 3D on CPUs without AVX-512 (or under ONEDNN_MAX_CPU_ISA=AVX2), where it
+  ran slower than XLA's GEMM route (benchmarks/README_conv.md, 'ISA levels'). With AVX-512, and
+  in 1D/2D, oneDNN's direct kernels run (without AVX-512 on channel-blocked copies of x and dy),
+  and so does its own kernel for inputs of fewer than 8 channels."""
+  return available() and spatial_dims in _chunked_filter_grad_dims
 
 
 def unavailable_reason() -> str | None:

@@ -218,12 +218,12 @@ def test_cpu_per_layer_keeps_xla_on_several_devices(monkeypatch):
   dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
   vg = lambda n: functools.partial(  # noqa: E731
       _value_and_grads, functools.partial(cpu_conv.conv, impl='cpu_per_layer', device_count=n))
-  monkeypatch.setattr(onednn, 'window_filter_grad', lambda nd: False)
+  monkeypatch.setattr(onednn, 'chunked_filter_grad', lambda nd: False)
   assert conv_impl_name(cfg, platform='cpu', device_count=1) == 'cpu_per_layer (oneDNN)/gemm'
-  monkeypatch.setattr(onednn, 'window_filter_grad', lambda nd: nd == 3)
+  monkeypatch.setattr(onednn, 'chunked_filter_grad', lambda nd: nd == 3)
   assert conv_impl_name(cfg, platform='cpu', device_count=1) == (
-      "cpu_per_layer (oneDNN; 3D filter gradients as shifted-window GEMMs: oneDNN's own is "
-      'im2col-based here, without AVX-512)/gemm')
+      "cpu_per_layer (oneDNN; 3D filter gradients as chunked im2col GEMMs: oneDNN's own is "
+      'slower here, without AVX-512)/gemm')
   assert _custom_calls(vg(1), x, w, dy) == {'fwd', 'bwd_data', 'bwd_weights'}
   assert _custom_calls(vg(2), x, w, dy) == set()
   assert conv_impl_name(cfg, platform='cpu', device_count=2) == 'cpu_per_layer (XLA GEMM: 2 devices)/gemm'
@@ -292,10 +292,11 @@ def test_native_source_ships_inside_the_package():
 def test_filter_gradients_without_avx512_match_lax(tmp_path):
   # Capped at AVX2 (what a CPU without AVX-512 runs), oneDNN computes 1D and 2D filter
   # gradients with its direct kernel on channel-blocked copies of x and dy, and the wrapper
-  # computes 3D ones as shifted-window GEMMs (oneDNN's own is im2col-based there). Run in a
-  # child process: the cap must be set before oneDNN loads. Channel counts off the 8-channel
-  # blocks included; in 3D, strides 1 and 2 (per axis too), odd sizes, uneven pads, 1- and
-  # 2-kernels, anisotropic 1x3x3 kernels, one input channel and a batch of three.
+  # computes 3D ones from 8 input channels as chunked im2col GEMMs (oneDNN's own is slower
+  # there; it keeps inputs of fewer channels). Run in a child process: the cap must be set
+  # before oneDNN loads. Channel counts off the 8-channel blocks included; in 3D, strides 1 and
+  # 2 (per axis too), odd sizes, uneven pads, 1- and 2-kernels, anisotropic 1x3x3 kernels, a
+  # batch of three, and one input channel (oneDNN's own kernel).
   import os
   import subprocess
   import sys
@@ -305,19 +306,19 @@ import jax, numpy as np
 from jax import lax
 from jaxseg.cpu_conv import onednn
 assert onednn.available(), onednn.unavailable_reason()
-assert [onednn.window_filter_grad(nd) for nd in (1, 2, 3)] == [False, False, True]
+assert [onednn.chunked_filter_grad(nd) for nd in (1, 2, 3)] == [False, False, True]
 rng = np.random.default_rng(0)
 for x_shape, k_shape, strides, pads in [((2, 17, 15, 12), (3, 3, 12, 20), (2, 2), ((1, 1), (0, 2))),
                                         ((3, 16, 16, 32), (3, 3, 32, 8), (1, 1), ((1, 1), (1, 1))),
                                         ((2, 30, 9), (3, 9, 16), (1,), ((1, 1),)),
-                                        ((2, 9, 10, 7, 5), (3, 3, 3, 5, 6), (1, 1, 1), ((1, 1),) * 3),
+                                        ((2, 9, 10, 7, 9), (3, 3, 3, 9, 6), (1, 1, 1), ((1, 1),) * 3),
                                         ((3, 11, 8, 9, 1), (3, 3, 3, 1, 8), (2, 2, 2), ((1, 1),) * 3),
                                         ((1, 6, 13, 10, 8), (1, 3, 3, 8, 4), (1, 2, 2),
                                          ((0, 0), (1, 1), (1, 1))),
-                                        ((2, 7, 9, 8, 4), (3, 3, 3, 4, 3), (2, 1, 2),
+                                        ((2, 7, 9, 8, 12), (3, 3, 3, 12, 3), (2, 1, 2),
                                          ((0, 2), (1, 0), (2, 1))),
                                         ((2, 6, 5, 7, 16), (1, 1, 1, 16, 4), (1, 1, 1), ((0, 0),) * 3),
-                                        ((1, 8, 6, 6, 3), (2, 2, 2, 3, 5), (2, 2, 2), ((0, 0),) * 3)]:
+                                        ((1, 8, 6, 6, 10), (2, 2, 2, 10, 5), (2, 2, 2), ((0, 0),) * 3)]:
   nd = len(k_shape) - 2
   sp = 'DHW'[3 - nd:]
   dn = ('N' + sp + 'C', sp + 'IO', 'N' + sp + 'C')

@@ -131,7 +131,7 @@ bool IsGemm(const dnnl::primitive_desc_base& pd) {
 // levels'). So there the filter gradient asks for oneDNN's preferred layout,
 // unless the input has fewer than 8 channels (padded to a whole block) or
 // even that kernel is GEMM-based: then channels-last stays (in 3D at AVX2,
-// where it is, `WindowFilterGrad` runs instead). With
+// where it is, `ChunkedFilterGrad` runs instead from 8 input channels). With
 // AVX-512 the channels-last kernels are the measured default.
 bool TryBlockedFilterGrad(int64_t c_in) { return !HasAvx512() && c_in >= 8; }
 
@@ -315,35 +315,25 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
              dy.dimensions(), strides, pad_lo, pad_hi);
 }
 
-// The filter gradient as GEMMs over shifted windows of the padded input, for
-// where oneDNN's own is GEMM-based (3D without AVX-512): that one builds an
-// im2col copy of x, 27 values per voxel and channel for a 3-kernel; this one
-// reads x in place.
-//
-// At stride 1, for one batch item, with x zero-padded to a (Q0, Q1, Q2) grid
-// and dy written into an (O0, Q1, Q2) grid (zeros where o1 >= O1 or
-// o2 >= O2), both flattened to rows of C_in and C_out values:
-//   dW[k0, k1, k2] = sum_j X[j + k0*Q1*Q2]^T DY[j - k1*Q2 - k2]
-// (DY is zero outside its rows; where o1 or o2 lies outside the output, the X
-// row read belongs to the next row or plane and meets a zero of dy). For one
-// k0, the k1, k2 taps share the X rows, so their DY rows are laid side by
-// side into one (rows x 9*C_out) block per chunk of rows, which fits in
-// cache, and one GEMM (C_in x rows) @ (rows x 9*C_out) computes nine taps.
-// A stride s splits x into its phases (every s-th voxel from offset p per
-// axis), each a stride-1 problem for the taps k = a*s + p. OpenMP threads take
-// (item, chunk) pairs with accumulators of their own, summed at the end.
-struct WindowPlan {
-  int64_t n, cin, cout;
-  int64_t s[3], k[3], lo[3], in[3], out[3], q[3], phases[3];
-  int64_t taps, nphases, grid_rows, dy_rows, slack_rows;
+// The filter gradient as GEMMs over cache-sized chunks of an im2col matrix,
+// for where oneDNN's own is GEMM-based (3D without AVX-512). oneDNN's kernel
+// there ran slower than XLA's GEMM loops; this one, per chunk of output
+// voxels of one batch item, copies the x values every tap reads into a
+// (rows x taps*C_in) block (zeros in the padding), which stays in L2, and
+// accumulates block^T @ dy rows, a (taps*C_in x C_out) GEMM whose result is
+// the kernel's own (*ks, C_in, C_out) layout. OpenMP threads take chunks with
+// accumulators of their own, summed at the end.
+struct ChunkPlan {
+  int64_t n, cin, cout, taps;
+  int64_t s[3], k[3], lo[3], in[3], out[3];
 };
 
-WindowPlan PlanWindows(ffi::Span<const int64_t> x_shape,
-                       ffi::Span<const int64_t> w_shape,
-                       ffi::Span<const int64_t> y_shape,
-                       ffi::Span<const int64_t> strides,
-                       ffi::Span<const int64_t> pad_lo) {
-  WindowPlan p;
+ChunkPlan PlanChunks(ffi::Span<const int64_t> x_shape,
+                     ffi::Span<const int64_t> w_shape,
+                     ffi::Span<const int64_t> y_shape,
+                     ffi::Span<const int64_t> strides,
+                     ffi::Span<const int64_t> pad_lo) {
+  ChunkPlan p;
   int nd = static_cast<int>(x_shape.size()) - 2;
   p.n = x_shape[0];
   p.cin = x_shape[x_shape.size() - 1];
@@ -357,176 +347,86 @@ WindowPlan PlanWindows(ffi::Span<const int64_t> x_shape,
     p.lo[i] = real ? pad_lo[j] : 0;
     p.in[i] = real ? x_shape[1 + j] : 1;
     p.out[i] = real ? y_shape[1 + j] : 1;
-    p.phases[i] = std::min(p.s[i], p.k[i]);
-    p.q[i] = p.out[i] + (p.k[i] + p.s[i] - 1) / p.s[i] - 1;
   }
   p.taps = p.k[0] * p.k[1] * p.k[2];
-  p.nphases = p.phases[0] * p.phases[1] * p.phases[2];
-  p.grid_rows = p.q[0] * p.q[1] * p.q[2];
-  p.dy_rows = p.out[0] * p.q[1] * p.q[2];
-  p.slack_rows = p.q[1] * p.q[2];  // covers the last grid's overhang
   return p;
 }
 
-// One GEMM's worth of taps: phase `ph`, first-axis offset `a0`, and the
-// (a1, a2) offsets of its `count` taps, whose DY rows sit side by side.
-struct TapGroup {
-  int64_t ph, a0, count, acc_offset;
-  std::vector<int64_t> shift, tap;  // shift = a1*Q2 + a2 rows; tap index into dw
-};
-
 // Returns false where a GEMM failed (invalid sizes).
-bool WindowFilterGrad(const float* x, const float* dy, float* dw,
-                      const WindowPlan& p) {
-  const int64_t cin = p.cin, cout = p.cout;
-  const int64_t grid = p.grid_rows * cin, dyg = p.dy_rows * cout;
-  std::vector<TapGroup> groups;
-  int64_t acc_floats = 0, max_count = 0, max_shift = 0;
-  for (int64_t ph = 0; ph < p.nphases; ++ph) {
-    int64_t pp[3] = {ph / (p.phases[1] * p.phases[2]), (ph / p.phases[2]) % p.phases[1],
-                     ph % p.phases[2]};
-    int64_t na[3];
-    for (int i = 0; i < 3; ++i) na[i] = (p.k[i] - pp[i] + p.s[i] - 1) / p.s[i];
-    for (int64_t a0 = 0; a0 < na[0]; ++a0) {
-      TapGroup g{ph, a0, 0, acc_floats, {}, {}};
-      for (int64_t a1 = 0; a1 < na[1]; ++a1)
-        for (int64_t a2 = 0; a2 < na[2]; ++a2) {
-          int64_t k0 = a0 * p.s[0] + pp[0], k1 = a1 * p.s[1] + pp[1], k2 = a2 * p.s[2] + pp[2];
-          g.shift.push_back(a1 * p.q[2] + a2);
-          g.tap.push_back((k0 * p.k[1] + k1) * p.k[2] + k2);
-          max_shift = std::max(max_shift, g.shift.back());
-          ++g.count;
-        }
-      acc_floats += cin * g.count * cout;
-      max_count = std::max(max_count, g.count);
-      groups.push_back(g);
-    }
-  }
+bool ChunkedFilterGrad(const float* x, const float* dy, float* dw,
+                       const ChunkPlan& p) {
+  const int64_t cin = p.cin, cout = p.cout, width = p.taps * cin;
+  const int64_t out_rows = p.out[0] * p.out[1] * p.out[2];
   const int threads = omp_get_max_threads();
-  // The sum runs over rows j in [0, dy_rows + max_shift), cut into chunks
-  // whose side-by-side DY block (rows x count*C_out) stays in L2; at least
-  // two chunks per thread where the layer is large enough.
-  const int64_t total_rows = p.dy_rows + max_shift;
-  int64_t chunk = std::clamp<int64_t>((1 << 19) / (max_count * cout + cin), 64, 4096);
-  int64_t per_item = (total_rows + chunk - 1) / chunk;
+  // Rows per chunk: the block (and dy's rows) in L2; at least two chunks per
+  // thread where the layer is large enough.
+  int64_t chunk = std::clamp<int64_t>((1 << 19) / (width + cout), 32, 4096);
+  int64_t per_item = (out_rows + chunk - 1) / chunk;
   int64_t want = (2 * threads + p.n - 1) / p.n;
   if (per_item < want) {
-    per_item = std::min(want, std::max<int64_t>(1, total_rows / 32));
-    chunk = (total_rows + per_item - 1) / per_item;
+    per_item = std::min(want, std::max<int64_t>(1, out_rows / 32));
+    chunk = (out_rows + per_item - 1) / per_item;
   }
-  const int64_t items = p.n * per_item;
-  const int64_t x_floats = p.n * p.nphases * grid + p.slack_rows * cin;
-  const int64_t block_floats = chunk * max_count * cout;
+  const int64_t items = p.n * per_item, acc_floats = width * cout;
   auto align = [](int64_t f) { return (f + 15) / 16 * 16; };
-  float* xg = static_cast<float*>(ThreadScratch(
-      4 * (align(x_floats) + align(p.n * dyg) +
-           threads * (align(acc_floats) + align(block_floats)))));
-  float* dyg_buf = xg + align(x_floats);
-  float* acc = dyg_buf + align(p.n * dyg);
+  float* acc = static_cast<float*>(ThreadScratch(
+      4 * threads * (align(acc_floats) + align(chunk * width))));
   float* blocks = acc + threads * align(acc_floats);
   std::atomic<bool> failed{false};
-
 #pragma omp parallel num_threads(threads)
   {
-    // x -> its phases, zero-padded: xg[n][phase][q0][q1][q2][c].
-    const int64_t planes = p.n * p.nphases * p.q[0];
-#pragma omp for schedule(static) nowait
-    for (int64_t t = 0; t < planes; ++t) {
-      int64_t q0 = t % p.q[0], ph = (t / p.q[0]) % p.nphases, n = t / (p.q[0] * p.nphases);
-      int64_t ph0 = ph / (p.phases[1] * p.phases[2]), ph1 = (ph / p.phases[2]) % p.phases[1],
-              ph2 = ph % p.phases[2];
-      float* dst = xg + (n * p.nphases + ph) * grid + q0 * p.q[1] * p.q[2] * cin;
-      int64_t i0 = q0 * p.s[0] + ph0 - p.lo[0];
-      for (int64_t q1 = 0; q1 < p.q[1]; ++q1) {
-        int64_t i1 = q1 * p.s[1] + ph1 - p.lo[1];
-        float* row = dst + q1 * p.q[2] * cin;
-        if (i0 < 0 || i0 >= p.in[0] || i1 < 0 || i1 >= p.in[1]) {
-          std::memset(row, 0, 4 * p.q[2] * cin);
-          continue;
-        }
-        const float* src = x + (((n * p.in[0] + i0) * p.in[1] + i1) * p.in[2]) * cin;
-        for (int64_t q2 = 0; q2 < p.q[2]; ++q2) {
-          int64_t i2 = q2 * p.s[2] + ph2 - p.lo[2];
-          if (i2 < 0 || i2 >= p.in[2])
-            std::memset(row + q2 * cin, 0, 4 * cin);
-          else
-            std::memcpy(row + q2 * cin, src + i2 * cin, 4 * cin);
-        }
-      }
-    }
-    // dy -> its (O0, Q1, Q2) grid, zeros outside the output.
-    const int64_t dy_planes = p.n * p.out[0];
-#pragma omp for schedule(static) nowait
-    for (int64_t t = 0; t < dy_planes; ++t) {
-      float* dst = dyg_buf + t * p.q[1] * p.q[2] * cout;
-      const float* src = dy + t * p.out[1] * p.out[2] * cout;
-      for (int64_t q1 = 0; q1 < p.q[1]; ++q1) {
-        float* row = dst + q1 * p.q[2] * cout;
-        if (q1 >= p.out[1]) {
-          std::memset(row, 0, 4 * p.q[2] * cout);
-          continue;
-        }
-        std::memcpy(row, src + q1 * p.out[2] * cout, 4 * p.out[2] * cout);
-        std::memset(row + p.out[2] * cout, 0, 4 * (p.q[2] - p.out[2]) * cout);
-      }
-    }
-#pragma omp single
-    std::memset(xg + p.n * p.nphases * grid, 0, 4 * p.slack_rows * cin);
-    // The barrier at the end of `single` orders the copies before the GEMMs.
     const int tid = omp_get_thread_num();
     float* mine = acc + tid * align(acc_floats);
-    float* block = blocks + tid * align(block_floats);
+    float* a = blocks + tid * align(chunk * width);
     std::memset(mine, 0, 4 * acc_floats);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       int64_t n = it / per_item, r0 = (it % per_item) * chunk;
-      int64_t rows = std::min(chunk, total_rows - r0);
+      int64_t rows = std::min(chunk, out_rows - r0);
       if (rows <= 0) continue;
-      const float* dyn = dyg_buf + n * dyg;
-      for (const TapGroup& g : groups) {
-        int64_t width = g.count * cout;
-        for (int64_t r = 0; r < rows; ++r) {
-          float* out = block + r * width;
-          for (int64_t t = 0; t < g.count; ++t) {
-            int64_t src = r0 + r - g.shift[t];
-            if (src < 0 || src >= p.dy_rows)
-              std::memset(out + t * cout, 0, 4 * cout);
-            else
-              std::memcpy(out + t * cout, dyn + src * cout, 4 * cout);
+      const float* xn = x + n * p.in[0] * p.in[1] * p.in[2] * cin;
+      for (int64_t r = 0; r < rows; ++r) {
+        int64_t o = r0 + r, o2 = o % p.out[2], o1 = (o / p.out[2]) % p.out[1],
+                o0 = o / (p.out[1] * p.out[2]);
+        float* row = a + r * width;
+        for (int64_t k0 = 0; k0 < p.k[0]; ++k0) {
+          int64_t i0 = o0 * p.s[0] + k0 - p.lo[0];
+          for (int64_t k1 = 0; k1 < p.k[1]; ++k1) {
+            int64_t i1 = o1 * p.s[1] + k1 - p.lo[1];
+            bool plane = i0 >= 0 && i0 < p.in[0] && i1 >= 0 && i1 < p.in[1];
+            const float* line = xn + (i0 * p.in[1] + i1) * p.in[2] * cin;
+            for (int64_t k2 = 0; k2 < p.k[2]; ++k2) {
+              int64_t i2 = o2 * p.s[2] + k2 - p.lo[2];
+              float* dst = row + ((k0 * p.k[1] + k1) * p.k[2] + k2) * cin;
+              if (plane && i2 >= 0 && i2 < p.in[2])
+                std::memcpy(dst, line + i2 * cin, 4 * cin);
+              else
+                std::memset(dst, 0, 4 * cin);
+            }
           }
         }
-        const float* a = xg + (n * p.nphases + g.ph) * grid +
-                         (r0 + g.a0 * p.q[1] * p.q[2]) * cin;
-        // The C API: an exception must not leave an OpenMP region.
-        if (dnnl_sgemm('T', 'N', cin, width, rows, 1.f, a, cin, block, width,
-                       1.f, mine + g.acc_offset, width) != dnnl_success)
-          failed = true;
       }
+      // The C API: an exception must not leave an OpenMP region.
+      if (dnnl_sgemm('T', 'N', width, cout, rows, 1.f, a, width,
+                     dy + (n * out_rows + r0) * cout, cout, 1.f, mine, cout) != dnnl_success)
+        failed = true;
     }
-    // Sum the threads' accumulators into dw (*ks, C_in, C_out).
-    const int64_t pairs = static_cast<int64_t>(groups.size()) * cin;
 #pragma omp for schedule(static)
-    for (int64_t gi = 0; gi < pairs; ++gi) {
-      const TapGroup& g = groups[gi / cin];
-      int64_t ci = gi % cin, width = g.count * cout;
-      for (int64_t t = 0; t < g.count; ++t) {
-        float* d = dw + (g.tap[t] * cin + ci) * cout;
-        int64_t o = g.acc_offset + ci * width + t * cout;
-        for (int64_t co = 0; co < cout; ++co) d[co] = acc[o + co];
-        for (int th = 1; th < threads; ++th)
-          for (int64_t co = 0; co < cout; ++co) d[co] += acc[th * align(acc_floats) + o + co];
-      }
+    for (int64_t i = 0; i < acc_floats; ++i) {
+      float v = 0.f;
+      for (int t = 0; t < threads; ++t) v += acc[t * align(acc_floats) + i];
+      dw[i] = v;
     }
   }
   return !failed;
 }
 
-// Whether the filter gradient of `nd`-dimensional convolutions goes through
-// `WindowFilterGrad`: where oneDNN's is GEMM-based even in its preferred
+// Whether the filter gradient of `nd`-dimensional convolutions may go through
+// `ChunkedFilterGrad`: where oneDNN's is GEMM-based even in its preferred
 // layout (3D without AVX-512), asked once per nd of a 16-channel 3-kernel layer.
-bool UseWindowFilterGrad(int nd) {
+bool UseChunkedFilterGrad(int nd) {
   static std::once_flag once;
-  static bool window[4] = {false, false, false, false};
+  static bool chunked[4] = {false, false, false, false};
   std::call_once(once, [] {
     for (int d = 1; d <= 3; ++d) {
       try {
@@ -535,13 +435,13 @@ bool UseWindowFilterGrad(int nd) {
         for (int i = 0; i < d; ++i) {
           x.push_back(16); w.push_back(3); y.push_back(16); s.push_back(1); p.push_back(1);
         }
-        window[d] = IsGemm(FilterGradPd(x, w, y, s, p, p, TryBlockedFilterGrad(16)));
+        chunked[d] = IsGemm(FilterGradPd(x, w, y, s, p, p, TryBlockedFilterGrad(16)));
       } catch (const dnnl::error&) {
-        window[d] = false;
+        chunked[d] = false;
       }
     }
   });
-  return nd >= 1 && nd <= 3 && window[nd];
+  return nd >= 1 && nd <= 3 && chunked[nd];
 }
 
 ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
@@ -550,18 +450,20 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::Span<const int64_t> pad_lo,
                       ffi::Span<const int64_t> pad_hi) {
   int nd = static_cast<int>(x.dimensions().size()) - 2;
-  if (UseWindowFilterGrad(nd)) {
+  // Below 8 input channels (a first layer) the block's copies of 1-4 values
+  // cost more than oneDNN's own kernel: it stays.
+  if (UseChunkedFilterGrad(nd) && x.dimensions().back() >= 8) {
     try {
-      if (!WindowFilterGrad(static_cast<const float*>(x.untyped_data()),
-                            static_cast<const float*>(dy.untyped_data()),
-                            static_cast<float*>(dw->untyped_data()),
-                            PlanWindows(x.dimensions(), dw->dimensions(),
+      if (!ChunkedFilterGrad(static_cast<const float*>(x.untyped_data()),
+                             static_cast<const float*>(dy.untyped_data()),
+                             static_cast<float*>(dw->untyped_data()),
+                             PlanChunks(x.dimensions(), dw->dimensions(),
                                         dy.dimensions(), strides, pad_lo)))
         return ffi::Error(ffi::ErrorCode::kInternal,
-                          "window filter gradient: oneDNN's sgemm failed");
+                          "chunked filter gradient: oneDNN's sgemm failed");
     } catch (const std::bad_alloc&) {
       return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                        "window filter gradient: out of memory for its buffers");
+                        "chunked filter gradient: out of memory for its buffers");
     }
     return ffi::Error::Success();
   }
@@ -588,10 +490,10 @@ extern "C" int jaxseg_onednn_cpu_isa() {
   return static_cast<int>(dnnl::get_effective_cpu_isa());
 }
 
-// Whether the filter gradient of `nd`-dimensional convolutions goes through
-// `WindowFilterGrad` here (see `UseWindowFilterGrad`).
-extern "C" int jaxseg_onednn_window_filter_grad(int nd) {
-  return UseWindowFilterGrad(nd) ? 1 : 0;
+// Whether the filter gradient of `nd`-dimensional convolutions with at least
+// 8 input channels goes through `ChunkedFilterGrad` here.
+extern "C" int jaxseg_onednn_chunked_filter_grad(int nd) {
+  return UseChunkedFilterGrad(nd) ? 1 : 0;
 }
 
 // Arguments: (x, kernel) -> y; (dy, kernel) -> dx; (x, dy) -> dkernel.
