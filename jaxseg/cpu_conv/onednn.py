@@ -113,7 +113,7 @@ def _build() -> pathlib.Path:
 
 
 # Spatial dims (1-3) whose filter gradient the wrapper computes itself here, from 8 input
-# channels (where oneDNN's own is GEMM-based: 3D without AVX-512).
+# channels (2D and 3D without AVX-512).
 _chunked_filter_grad_dims: frozenset[int] = frozenset()
 
 
@@ -283,11 +283,11 @@ def available() -> bool:
 def chunked_filter_grad(spatial_dims: int) -> bool:
   """Whether the wrapper computes filter gradients of `spatial_dims`-D convolutions with at least
   8 input channels itself, as GEMMs over cache-sized chunks of an im2col matrix
-  (`ChunkedFilterGrad` in the C++ source), rather than with oneDNN's kernel. It does where that
-  kernel is GEMM-based: 3D on CPUs without AVX-512 (or under ONEDNN_MAX_CPU_ISA=AVX2), where it
-  ran slower than XLA's GEMM route (benchmarks/README_conv.md, 'ISA levels'). With AVX-512, and
-  in 1D/2D, oneDNN's direct kernels run (without AVX-512 on channel-blocked copies of x and dy),
-  and so does its own kernel for inputs of fewer than 8 channels."""
+  (`ChunkedFilterGrad` in the C++ source), rather than with oneDNN's kernel. It does in 2D and 3D
+  on CPUs without AVX-512 (or under ONEDNN_MAX_CPU_ISA=AVX2), where oneDNN's kernels ran slower:
+  in 3D its GEMM kernel, slower even than XLA's GEMM route, in 2D its direct kernel on
+  channel-blocked copies of x and dy (benchmarks/README_conv.md, 'The 3D filter gradient at
+  AVX2'). With AVX-512, in 1D, and for inputs of fewer than 8 channels oneDNN's kernels run."""
   return available() and spatial_dims in _chunked_filter_grad_dims
 
 

@@ -130,8 +130,9 @@ bool IsGemm(const dnnl::primitive_desc_base& pd) {
 // of x and dy included (2D U-Net layers; benchmarks/README_conv.md, 'ISA
 // levels'). So there the filter gradient asks for oneDNN's preferred layout,
 // unless the input has fewer than 8 channels (padded to a whole block) or
-// even that kernel is GEMM-based: then channels-last stays (in 3D at AVX2,
-// where it is, `ChunkedFilterGrad` runs instead from 8 input channels). With
+// even that kernel is GEMM-based: then channels-last stays. (From 8 input
+// channels, 2D and 3D filter gradients without AVX-512 run `ChunkedFilterGrad`
+// instead; this is for 1D.) With
 // AVX-512 the channels-last kernels are the measured default.
 bool TryBlockedFilterGrad(int64_t c_in) { return !HasAvx512() && c_in >= 8; }
 
@@ -316,8 +317,8 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 }
 
 // The filter gradient as GEMMs over cache-sized chunks of an im2col matrix,
-// for where oneDNN's own is GEMM-based (3D without AVX-512). oneDNN's kernel
-// there ran slower than XLA's GEMM loops; this one, per chunk of output
+// for 2D and 3D convolutions without AVX-512, where oneDNN's own kernels ran
+// slower (in 3D its GEMM kernel, slower even than XLA's GEMM loops). Per chunk of output
 // voxels of one batch item, copies the x values every tap reads into a
 // (rows x taps*C_in) block (zeros in the padding), which stays in L2, and
 // accumulates block^T @ dy rows, a (taps*C_in x C_out) GEMM whose result is
@@ -358,9 +359,11 @@ bool ChunkedFilterGrad(const float* x, const float* dy, float* dw,
   const int64_t cin = p.cin, cout = p.cout, width = p.taps * cin;
   const int64_t out_rows = p.out[0] * p.out[1] * p.out[2];
   const int threads = omp_get_max_threads();
-  // Rows per chunk: the block (and dy's rows) in L2; at least two chunks per
-  // thread where the layer is large enough.
-  int64_t chunk = std::clamp<int64_t>((1 << 19) / (width + cout), 32, 4096);
+  // Rows per chunk: the block (and dy's rows) in L2, but at least 256 (a
+  // shorter GEMM re-reads its taps*C_in x C_out result for too little work:
+  // 1.1x slower in sum on the EM plan's 512-channel layers); at least two
+  // chunks per thread where the layer is large enough.
+  int64_t chunk = std::clamp<int64_t>((1 << 19) / (width + cout), 256, 4096);
   int64_t per_item = (out_rows + chunk - 1) / chunk;
   int64_t want = (2 * threads + p.n - 1) / p.n;
   if (per_item < want) {
@@ -394,7 +397,7 @@ bool ChunkedFilterGrad(const float* x, const float* dy, float* dw,
           for (int64_t k1 = 0; k1 < p.k[1]; ++k1) {
             int64_t i1 = o1 * p.s[1] + k1 - p.lo[1];
             bool plane = i0 >= 0 && i0 < p.in[0] && i1 >= 0 && i1 < p.in[1];
-            const float* line = xn + (i0 * p.in[1] + i1) * p.in[2] * cin;
+            const float* line = plane ? xn + (i0 * p.in[1] + i1) * p.in[2] * cin : nullptr;
             for (int64_t k2 = 0; k2 < p.k[2]; ++k2) {
               int64_t i2 = o2 * p.s[2] + k2 - p.lo[2];
               float* dst = row + ((k0 * p.k[1] + k1) * p.k[2] + k2) * cin;
@@ -422,27 +425,11 @@ bool ChunkedFilterGrad(const float* x, const float* dy, float* dw,
 }
 
 // Whether the filter gradient of `nd`-dimensional convolutions may go through
-// `ChunkedFilterGrad`: where oneDNN's is GEMM-based even in its preferred
-// layout (3D without AVX-512), asked once per nd of a 16-channel 3-kernel layer.
-bool UseChunkedFilterGrad(int nd) {
-  static std::once_flag once;
-  static bool chunked[4] = {false, false, false, false};
-  std::call_once(once, [] {
-    for (int d = 1; d <= 3; ++d) {
-      try {
-        if (HasAvx512()) continue;
-        memory::dims x{2, 16}, w{16, 16}, y{2, 16}, s, p;
-        for (int i = 0; i < d; ++i) {
-          x.push_back(16); w.push_back(3); y.push_back(16); s.push_back(1); p.push_back(1);
-        }
-        chunked[d] = IsGemm(FilterGradPd(x, w, y, s, p, p, TryBlockedFilterGrad(16)));
-      } catch (const dnnl::error&) {
-        chunked[d] = false;
-      }
-    }
-  });
-  return nd >= 1 && nd <= 3 && chunked[nd];
-}
+// `ChunkedFilterGrad`: 2D and 3D without AVX-512. There oneDNN's 3D kernel is
+// its GEMM one in any layout, and its direct 2D kernel on channel-blocked
+// copies (`TryBlockedFilterGrad`) ran 1.2x slower in sum over the EM plan's
+// layers (benchmarks/README_conv.md, 'The 3D filter gradient at AVX2').
+bool UseChunkedFilterGrad(int nd) { return !HasAvx512() && (nd == 2 || nd == 3); }
 
 ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw,
