@@ -87,9 +87,12 @@ def _build() -> pathlib.Path:
     raise RuntimeError('no C++ compiler (g++ or c++ on PATH, or $CXX) to build the oneDNN custom calls')
   ffi_inc = jax.ffi.include_dir()
   import jaxlib
+  flags = ['-O2', '-std=c++17', '-fopenmp', '-shared', '-fPIC', '-w']
+  # The flags are part of the stamp: a library built with other ones is another library.
   stamp = hashlib.sha256(
       _SOURCE.read_bytes() + jaxlib.__version__.encode()
-      + str((lib / 'libdnnl.so').resolve()).encode() + cxx.encode()).hexdigest()[:16]
+      + str((lib / 'libdnnl.so').resolve()).encode() + cxx.encode()
+      + ' '.join(flags).encode()).hexdigest()[:16]
   out_dir = cache.cache_root() / f'onednn-{stamp}'
   target = out_dir / _LIB_NAME
   if target.exists():
@@ -99,8 +102,8 @@ def _build() -> pathlib.Path:
   # build never leaves a half-written library where the next run looks.
   fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.build-', suffix='.so')
   os.close(fd)
-  cmd = [cxx, '-O2', '-std=c++17', '-fopenmp', '-shared', '-fPIC', '-w', f'-I{ffi_inc}', f'-I{inc}',
-         str(_SOURCE), f'-L{lib}', '-ldnnl', f'-Wl,-rpath,{lib}', '-o', tmp]
+  cmd = [cxx, *flags, f'-I{ffi_inc}', f'-I{inc}', str(_SOURCE), f'-L{lib}', '-ldnnl',
+         f'-Wl,-rpath,{lib}', '-o', tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -130,8 +133,8 @@ def _register(path: pathlib.Path) -> None:
 # (input shape, kernel shape, strides) of the self-check: the U-Nets' kinds of
 # layer (first layer with one channel, 3-kernels at stride 1 and 2, a 1-kernel
 # head, an anisotropic first stage) in 3D and 2D, at sizes where oneDNN picks
-# the same kernels as in training (and where the wrapper computes 3D filter
-# gradients itself, on AVX2 CPUs, its chunked im2col GEMMs).
+# the same kernels as in training (and, on AVX2 CPUs, where the wrapper computes
+# 2D and 3D filter gradients itself, its chunked im2col GEMMs).
 _CHECK_CASES = (
     ((2, 16, 16, 16, 1), (3, 3, 3, 1, 8), (1, 1, 1)),
     ((2, 32, 32, 32, 8), (3, 3, 3, 8, 8), (1, 1, 1)),

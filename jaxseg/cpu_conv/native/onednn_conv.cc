@@ -318,8 +318,9 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 
 // The filter gradient as GEMMs over cache-sized chunks of an im2col matrix,
 // for 2D and 3D convolutions without AVX-512, where oneDNN's own kernels ran
-// slower (in 3D its GEMM kernel, slower even than XLA's GEMM loops). Per chunk of output
-// voxels of one batch item, copies the x values every tap reads into a
+// slower (in 3D its GEMM kernel, slower even than XLA's GEMM loops). Per
+// chunk of output voxels of one batch item, copies the x values every tap
+// reads into a
 // (rows x taps*C_in) block (zeros in the padding), which stays in L2, and
 // accumulates block^T @ dy rows, a (taps*C_in x C_out) GEMM whose result is
 // the kernel's own (*ks, C_in, C_out) layout. OpenMP threads take chunks with
