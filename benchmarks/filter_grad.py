@@ -123,7 +123,7 @@ def main(argv=None) -> int:
   result = {
       'machine': {**cpu_info(), 'python': platform.python_version(), 'jax': jax.__version__,
                   'onednn_available': onednn.available(),
-                  'chunked_filter_grad': onednn.chunked_filter_grad(nd)},
+                  'chunked_filter_grad': onednn.chunked_filter_grad()},
       'commit': git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
       'patch': patch, 'batch': a.batch, 'features': features, 'rounds': a.rounds,
       'layers': rows, 'total_ms': {k: v * 1e3 for k, v in totals.items()},

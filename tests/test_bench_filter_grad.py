@@ -34,7 +34,7 @@ def test_a_small_run_writes_both_routes(filter_grad, tmp_path):
   routes = {"xla", "onednn"} if onednn.available() else {"xla"}
   assert set(r["total_ms"]) == routes
   assert all(row[f"{k}_ms"] > 0 for row in r["layers"] for k in routes)
-  assert r["machine"]["chunked_filter_grad"] == onednn.chunked_filter_grad(2)
+  assert r["machine"]["chunked_filter_grad"] == onednn.chunked_filter_grad()
 
 
 def test_a_bad_size_is_named(filter_grad, capsys):

@@ -37,12 +37,12 @@ def _run(args, isa, tmp_path):
 def _conv_field(isa) -> str:
   """What the run log's conv= field must say: oneDNN wherever it is installed (a wrapper that
   fails its self-check under these kernels fails this test rather than hiding behind XLA),
-  with the wrapper's own 2D/3D filter gradients where oneDNN has AVX2 kernels only."""
+  with the wrapper's own filter gradients where oneDNN has AVX2 kernels only."""
   if not onednn.available():
     return f"conv=cpu_per_layer (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})/gemm"
-  if not onednn.chunked_filter_grad(3) and isa != "AVX2":
+  if not onednn.chunked_filter_grad() and isa != "AVX2":
     return "conv=cpu_per_layer (oneDNN)/gemm"
-  return ("conv=cpu_per_layer (oneDNN; 2D/3D filter gradients as chunked im2col GEMMs: "
+  return ("conv=cpu_per_layer (oneDNN; filter gradients as chunked im2col GEMMs: "
           "oneDNN's own is slower here, without AVX-512)/gemm")
 
 

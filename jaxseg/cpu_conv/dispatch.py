@@ -192,11 +192,10 @@ def describe_per_layer(device_count: int) -> str:
   if device_count > 1:
     return f'{name} (XLA GEMM: {device_count} devices)'
   if onednn.available():
-    chunked = [f'{nd}D' for nd in (1, 2, 3) if onednn.chunked_filter_grad(nd)]
-    if not chunked:
+    if not onednn.chunked_filter_grad():
       return f'{name} (oneDNN)'
-    return (f'{name} (oneDNN; {"/".join(chunked)} filter gradients as chunked im2col GEMMs: '
-            "oneDNN's own is slower here, without AVX-512)")
+    return (f"{name} (oneDNN; filter gradients as chunked im2col GEMMs: oneDNN's own is slower "
+            'here, without AVX-512)')
   return f'{name} (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})'
 
 

@@ -115,16 +115,15 @@ def _build() -> pathlib.Path:
   return target
 
 
-# Spatial dims (1-3) whose filter gradient the wrapper computes itself here, from 8 input
-# channels (2D and 3D without AVX-512).
-_chunked_filter_grad_dims: frozenset[int] = frozenset()
+# Whether the wrapper computes filter gradients itself here, from 8 input channels (without
+# AVX-512).
+_chunked_filter_grad = False
 
 
 def _register(path: pathlib.Path) -> None:
-  global _chunked_filter_grad_dims
+  global _chunked_filter_grad
   lib = ctypes.cdll.LoadLibrary(str(path))
-  _chunked_filter_grad_dims = frozenset(nd for nd in (1, 2, 3)
-                                       if lib.jaxseg_onednn_chunked_filter_grad(nd))
+  _chunked_filter_grad = bool(lib.jaxseg_onednn_chunked_filter_grad())
   for name in _TARGETS:
     symbol = f'jaxseg_onednn_conv_{name}'
     jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
@@ -143,6 +142,7 @@ _CHECK_CASES = (
     ((1, 5, 9, 7, 4), (1, 3, 3, 4, 8), (1, 2, 2)),
     ((4, 24, 24, 16), (3, 3, 16, 16), (1, 1)),
     ((4, 24, 24, 16), (3, 3, 16, 32), (2, 2)),
+    ((2, 40, 16), (3, 16, 8), (1,)),
 )
 
 
@@ -283,15 +283,15 @@ def available() -> bool:
   return _load()
 
 
-def chunked_filter_grad(spatial_dims: int) -> bool:
-  """Whether the wrapper computes filter gradients of `spatial_dims`-D convolutions with at least
-  8 input channels itself, as GEMMs over cache-sized chunks of an im2col matrix
-  (`ChunkedFilterGrad` in the C++ source), rather than with oneDNN's kernel. It does in 2D and 3D
-  on CPUs without AVX-512 (or under ONEDNN_MAX_CPU_ISA=AVX2), where oneDNN's kernels ran slower:
-  in 3D its GEMM kernel, slower even than XLA's GEMM route, in 2D its direct kernel on
-  channel-blocked copies of x and dy (benchmarks/README_conv.md, 'The 3D filter gradient at
-  AVX2'). With AVX-512, in 1D, and for inputs of fewer than 8 channels oneDNN's kernels run."""
-  return available() and spatial_dims in _chunked_filter_grad_dims
+def chunked_filter_grad() -> bool:
+  """Whether the wrapper computes filter gradients of convolutions with at least 8 input
+  channels itself, as GEMMs over cache-sized chunks of an im2col matrix (`ChunkedFilterGrad` in
+  the C++ source), rather than with oneDNN's kernel. It does on CPUs without AVX-512 (or under
+  ONEDNN_MAX_CPU_ISA=AVX2), where oneDNN's kernels ran slower: in 3D its GEMM kernel, slower
+  even than XLA's GEMM route, in 2D its direct kernel on channel-blocked copies of x and dy
+  (benchmarks/README_conv.md, 'The 3D filter gradient at AVX2'). With AVX-512, and for inputs
+  of fewer than 8 channels, oneDNN's kernels run."""
+  return available() and _chunked_filter_grad
 
 
 def unavailable_reason() -> str | None:

@@ -36,8 +36,7 @@ CASES = [
     ((2, 4, 6, 4, 16), (1, 1, 1, 16, 2), 1, 'SAME', None),
     ((4, 9, 8, 16), (3, 3, 16, 16), 1, 'SAME', 38_400),
     ((3, 11, 9, 3), (3, 3, 3, 4), (2, 1), ((1, 2), (0, 1)), 500),
-    # Channels that are not whole 8-channel blocks, where oneDNN's AVX2 filter gradient reads
-    # blocked copies of x and dy.
+    # Channels that are not whole 8-channel blocks.
     ((2, 13, 11, 12), (3, 3, 12, 20), 2, ((1, 1), (0, 2)), None),
 ]
 
@@ -218,11 +217,11 @@ def test_cpu_per_layer_keeps_xla_on_several_devices(monkeypatch):
   dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
   vg = lambda n: functools.partial(  # noqa: E731
       _value_and_grads, functools.partial(cpu_conv.conv, impl='cpu_per_layer', device_count=n))
-  monkeypatch.setattr(onednn, 'chunked_filter_grad', lambda nd: False)
+  monkeypatch.setattr(onednn, 'chunked_filter_grad', lambda: False)
   assert conv_impl_name(cfg, platform='cpu', device_count=1) == 'cpu_per_layer (oneDNN)/gemm'
-  monkeypatch.setattr(onednn, 'chunked_filter_grad', lambda nd: nd == 3)
+  monkeypatch.setattr(onednn, 'chunked_filter_grad', lambda: True)
   assert conv_impl_name(cfg, platform='cpu', device_count=1) == (
-      "cpu_per_layer (oneDNN; 3D filter gradients as chunked im2col GEMMs: oneDNN's own is "
+      "cpu_per_layer (oneDNN; filter gradients as chunked im2col GEMMs: oneDNN's own is "
       'slower here, without AVX-512)/gemm')
   assert _custom_calls(vg(1), x, w, dy) == {'fwd', 'bwd_data', 'bwd_weights'}
   assert _custom_calls(vg(2), x, w, dy) == set()
@@ -290,13 +289,12 @@ def test_native_source_ships_inside_the_package():
 
 @needs_onednn
 def test_filter_gradients_without_avx512_match_lax(tmp_path):
-  # Capped at AVX2 (what a CPU without AVX-512 runs), the wrapper computes 2D and 3D filter
+  # Capped at AVX2 (what a CPU without AVX-512 runs), the wrapper computes 1D, 2D and 3D filter
   # gradients from 8 input channels as chunked im2col GEMMs (oneDNN's own are slower there; it
-  # keeps inputs of fewer channels), and oneDNN 1D ones with its direct kernel on channel-blocked
-  # copies of x and dy. Run in a child process: the cap must be set before oneDNN loads. Channel
-  # counts off the 8-channel blocks included; in 3D, strides 1 and 2 (per axis too), odd sizes,
-  # uneven pads, 1- and 2-kernels, anisotropic 1x3x3 kernels, a batch of three, and one input
-  # channel (oneDNN's own kernel).
+  # keeps inputs of fewer channels). Run in a child process: the cap must be set before oneDNN
+  # loads. Channel counts off 8-channel blocks included; in 3D, strides 1 and 2 (per axis too),
+  # odd sizes, uneven pads, 1- and 2-kernels, anisotropic 1x3x3 kernels, a batch of three, and
+  # one input channel (oneDNN's own kernel).
   import os
   import subprocess
   import sys
@@ -306,11 +304,12 @@ import jax, numpy as np
 from jax import lax
 from jaxseg.cpu_conv import onednn
 assert onednn.available(), onednn.unavailable_reason()
-assert [onednn.chunked_filter_grad(nd) for nd in (1, 2, 3)] == [False, True, True]
+assert onednn.chunked_filter_grad()
 rng = np.random.default_rng(0)
 for x_shape, k_shape, strides, pads in [((2, 17, 15, 12), (3, 3, 12, 20), (2, 2), ((1, 1), (0, 2))),
                                         ((3, 16, 16, 32), (3, 3, 32, 8), (1, 1), ((1, 1), (1, 1))),
                                         ((2, 30, 9), (3, 9, 16), (1,), ((1, 1),)),
+                                        ((1, 33, 12), (3, 12, 8), (2,), ((0, 2),)),
                                         ((2, 9, 10, 7, 9), (3, 3, 3, 9, 6), (1, 1, 1), ((1, 1),) * 3),
                                         ((3, 11, 8, 9, 1), (3, 3, 3, 1, 8), (2, 2, 2), ((1, 1),) * 3),
                                         ((1, 6, 13, 10, 8), (1, 3, 3, 8, 4), (1, 2, 2),

@@ -111,49 +111,11 @@ struct Entry {
   memory::desc kernel_user;  // the caller's (*ks, I, O) layout
   memory::desc kernel_prim;  // the primitive's kernel layout
   Reorder kernel;  // caller's kernel -> primitive's (forward, input gradient), or back (filter gradient)
-  // The filter gradient where it reads x and dy in oneDNN's channel-blocked
-  // layout (`TryBlockedFilterGrad`): copies them there.
-  Reorder x, dy;
 };
 
 bool HasAvx512() {
   // dnnl_cpu_isa_t sets this bit from avx512_core up.
   return (static_cast<int>(dnnl::get_effective_cpu_isa()) & 0x20) != 0;
-}
-
-bool IsGemm(const dnnl::primitive_desc_base& pd) {
-  return std::string(pd.impl_info_str()).find("gemm") != std::string::npos;
-}
-
-// Without AVX-512, oneDNN's filter gradient on channels-last data is 1.2-3x
-// slower than its direct AVX2 kernel on 8-channel blocks (nChw8c), the copies
-// of x and dy included (2D U-Net layers; benchmarks/README_conv.md, 'ISA
-// levels'). So there the filter gradient asks for oneDNN's preferred layout,
-// unless the input has fewer than 8 channels (padded to a whole block) or
-// even that kernel is GEMM-based: then channels-last stays. (From 8 input
-// channels, 2D and 3D filter gradients without AVX-512 run `ChunkedFilterGrad`
-// instead; this is for 1D.) With
-// AVX-512 the channels-last kernels are the measured default.
-bool TryBlockedFilterGrad(int64_t c_in) { return !HasAvx512() && c_in >= 8; }
-
-// The filter gradient's primitive descriptor, for channels-last data or, where
-// `blocked`, for the data layout oneDNN prefers.
-dnnl::convolution_backward_weights::primitive_desc FilterGradPd(
-    const memory::dims& xd, const memory::dims& wd, const memory::dims& yd,
-    const memory::dims& s, const memory::dims& lo, const memory::dims& hi,
-    bool blocked) {
-  int nd = static_cast<int>(xd.size()) - 2;
-  auto f32 = memory::data_type::f32;
-  tag data = blocked ? tag::any : DataTag(nd);
-  memory::desc x_md(xd, f32, data), y_md(yd, f32, data), w_any(wd, f32, tag::any);
-  memory::dims dil(nd, 0);
-  auto fwd_pd = dnnl::convolution_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training,
-      dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil, lo, hi,
-      UserScratchpad());
-  return dnnl::convolution_backward_weights::primitive_desc(
-      Engine(), dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil,
-      lo, hi, fwd_pd, UserScratchpad());
 }
 
 std::string Key(Kind k, const memory::dims& x, const memory::dims& w,
@@ -185,26 +147,22 @@ Entry& Get(Kind kind, const memory::dims& xd, const memory::dims& wd,
   memory::dims dil(nd, 0);
   auto& eng = Engine();
   auto attr = UserScratchpad();
-  if (kind == kBwdWeights) {
-    bool blocked = TryBlockedFilterGrad(xd[1]);
-    auto pd = FilterGradPd(xd, wd, yd, s, lo, hi, blocked);
-    if (blocked && IsGemm(pd)) pd = FilterGradPd(xd, wd, yd, s, lo, hi, false);
-    auto e = std::make_unique<Entry>();
-    e->kernel_user = w_user;
-    e->prim = dnnl::convolution_backward_weights(pd);
-    e->scratch = pd.scratchpad_desc();
-    e->kernel_prim = pd.diff_weights_desc();
-    e->kernel = MakeReorder(e->kernel_prim, w_user);
-    e->x = MakeReorder(x_md, pd.src_desc());
-    e->dy = MakeReorder(y_md, pd.diff_dst_desc());
-    return *cache.emplace(key, std::move(e)).first->second;
-  }
   auto fwd_pd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training,
       dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil, lo, hi,
       attr);
   auto e = std::make_unique<Entry>();
   e->kernel_user = w_user;
+  if (kind == kBwdWeights) {
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        eng, dnnl::algorithm::convolution_direct, x_md, w_any, y_md, s, dil,
+        lo, hi, fwd_pd, attr);
+    e->prim = dnnl::convolution_backward_weights(pd);
+    e->scratch = pd.scratchpad_desc();
+    e->kernel_prim = pd.diff_weights_desc();
+    e->kernel = MakeReorder(e->kernel_prim, w_user);
+    return *cache.emplace(key, std::move(e)).first->second;
+  }
   if (kind == kFwd) {
     e->prim = dnnl::convolution_forward(fwd_pd);
     e->kernel_prim = fwd_pd.weights_desc();
@@ -242,20 +200,13 @@ ffi::Error Run(Kind kind, void* x, void* w, void* y,
                             DataTag(static_cast<int>(yd.size()) - 2)),
                eng, y);
     // One thread-local buffer holds, 64-byte aligned one after the other: the
-    // scratchpad (shared by the convolution and the reorders, which run in
-    // turn), the kernel in the primitive's layout and, for a blocked filter
-    // gradient, the blocked copies of x and dy.
+    // scratchpad (shared by the convolution and the kernel's reorder, which
+    // run in turn) and the kernel in the primitive's layout.
     auto align = [](size_t n) { return (n + 63) / 64 * 64; };
-    size_t scratch_bytes = align(std::max({e.scratch.get_size(), e.kernel.scratch.get_size(),
-                                           e.x.scratch.get_size(), e.dy.scratch.get_size()}));
+    size_t scratch_bytes = align(std::max(e.scratch.get_size(), e.kernel.scratch.get_size()));
     size_t kernel_bytes = e.kernel.prim ? align(e.kernel_prim.get_size()) : 0;
-    size_t x_bytes = e.x.prim ? align(e.x.to.get_size()) : 0;
-    size_t dy_bytes = e.dy.prim ? align(e.dy.to.get_size()) : 0;
-    char* scratch = static_cast<char*>(
-        ThreadScratch(scratch_bytes + kernel_bytes + x_bytes + dy_bytes));
+    char* scratch = static_cast<char*>(ThreadScratch(scratch_bytes + kernel_bytes));
     char* kernel_buf = scratch + scratch_bytes;
-    char* x_buf = kernel_buf + kernel_bytes;
-    char* dy_buf = x_buf + x_bytes;
     memory conv_scratch(e.scratch, eng, scratch);
     auto reorder = [&](const Reorder& r, memory& from, memory& to) {
       memory rs(r.scratch, eng, scratch);
@@ -276,13 +227,9 @@ ffi::Error Run(Kind kind, void* x, void* w, void* y,
                             {DNNL_ARG_DIFF_DST, y_m},
                             {DNNL_ARG_SCRATCHPAD, conv_scratch}});
     } else {
-      memory x_prim = e.x.prim ? memory(e.x.to, eng, x_buf) : x_m;
-      memory dy_prim = e.dy.prim ? memory(e.dy.to, eng, dy_buf) : y_m;
-      if (e.x.prim) reorder(e.x, x_m, x_prim);
-      if (e.dy.prim) reorder(e.dy, y_m, dy_prim);
-      e.prim.execute(strm, {{DNNL_ARG_SRC, x_prim},
+      e.prim.execute(strm, {{DNNL_ARG_SRC, x_m},
                             {DNNL_ARG_DIFF_WEIGHTS, w_prim},
-                            {DNNL_ARG_DIFF_DST, dy_prim},
+                            {DNNL_ARG_DIFF_DST, y_m},
                             {DNNL_ARG_SCRATCHPAD, conv_scratch}});
       if (e.kernel.prim) reorder(e.kernel, w_prim, w_user);
     }
@@ -317,14 +264,13 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 }
 
 // The filter gradient as GEMMs over cache-sized chunks of an im2col matrix,
-// for 2D and 3D convolutions without AVX-512, where oneDNN's own kernels ran
-// slower (in 3D its GEMM kernel, slower even than XLA's GEMM loops). Per
-// chunk of output voxels of one batch item, copies the x values every tap
-// reads into a
-// (rows x taps*C_in) block (zeros in the padding), which stays in L2, and
-// accumulates block^T @ dy rows, a (taps*C_in x C_out) GEMM whose result is
-// the kernel's own (*ks, C_in, C_out) layout. OpenMP threads take chunks with
-// accumulators of their own, summed at the end.
+// for convolutions without AVX-512, where oneDNN's own kernels ran slower
+// (`UseChunkedFilterGrad`). Per chunk of output voxels of one batch item,
+// copies the x values every tap reads into a (rows x taps*C_in) block (zeros
+// in the padding), which stays in L2, and accumulates block^T @ dy rows, a
+// (taps*C_in x C_out) GEMM whose result is the kernel's own (*ks, C_in, C_out)
+// layout. OpenMP threads take chunks with accumulators of their own, summed
+// at the end.
 struct ChunkPlan {
   int64_t n, cin, cout, taps;
   int64_t s[3], k[3], lo[3], in[3], out[3];
@@ -425,22 +371,23 @@ bool ChunkedFilterGrad(const float* x, const float* dy, float* dw,
   return !failed;
 }
 
-// Whether the filter gradient of `nd`-dimensional convolutions may go through
-// `ChunkedFilterGrad`: 2D and 3D without AVX-512. There oneDNN's 3D kernel is
-// its GEMM one in any layout, and its direct 2D kernel on channel-blocked
-// copies (`TryBlockedFilterGrad`) ran 1.2x slower in sum over the EM plan's
-// layers (benchmarks/README_conv.md, 'The 3D filter gradient at AVX2').
-bool UseChunkedFilterGrad(int nd) { return !HasAvx512() && (nd == 2 || nd == 3); }
+// Whether the filter gradient goes through `ChunkedFilterGrad`: without
+// AVX-512. There oneDNN's 3D kernel is its GEMM one in any layout (slower
+// even than XLA's GEMM loops), its 2D and 1D kernels on channels-last data
+// are 1.2-3x slower than its direct kernel on channel-blocked copies of x and
+// dy, and that in turn ran 1.2x slower in sum over the EM plan's layers than
+// the chunks (benchmarks/README_conv.md, 'The 3D filter gradient at AVX2').
+// With AVX-512 oneDNN's channels-last kernels are the measured default.
+bool UseChunkedFilterGrad() { return !HasAvx512(); }
 
 ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw,
                       ffi::Span<const int64_t> strides,
                       ffi::Span<const int64_t> pad_lo,
                       ffi::Span<const int64_t> pad_hi) {
-  int nd = static_cast<int>(x.dimensions().size()) - 2;
   // Below 8 input channels (a first layer) the block's copies of 1-4 values
   // cost more than oneDNN's own kernel: it stays.
-  if (UseChunkedFilterGrad(nd) && x.dimensions().back() >= 8) {
+  if (UseChunkedFilterGrad() && x.dimensions().back() >= 8) {
     try {
       if (!ChunkedFilterGrad(static_cast<const float*>(x.untyped_data()),
                              static_cast<const float*>(dy.untyped_data()),
@@ -478,10 +425,10 @@ extern "C" int jaxseg_onednn_cpu_isa() {
   return static_cast<int>(dnnl::get_effective_cpu_isa());
 }
 
-// Whether the filter gradient of `nd`-dimensional convolutions with at least
-// 8 input channels goes through `ChunkedFilterGrad` here.
-extern "C" int jaxseg_onednn_chunked_filter_grad(int nd) {
-  return UseChunkedFilterGrad(nd) ? 1 : 0;
+// Whether the filter gradient of convolutions with at least 8 input channels
+// goes through `ChunkedFilterGrad` here.
+extern "C" int jaxseg_onednn_chunked_filter_grad() {
+  return UseChunkedFilterGrad() ? 1 : 0;
 }
 
 // Arguments: (x, kernel) -> y; (dy, kernel) -> dx; (x, dy) -> dkernel.
