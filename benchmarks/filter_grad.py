@@ -8,9 +8,8 @@ Every 3-kernel convolution of a U-Net with the given patch, batch and features p
 (stride 1 in the first stage, 2 after; decoder convolutions on the concatenated skip) is timed
 two ways, jitted, interleaved over `--rounds` rounds, medians reported:
   onednn  `jaxseg.cpu_conv.onednn.conv_filter_grad`, what the default route (`cpu_per_layer`)
-          runs: on CPUs without AVX-512 the wrapper computes 2D and 3D filter gradients itself
-          from 8 input channels, as chunked im2col GEMMs (`onednn.chunked_filter_grad`), and
-          hands oneDNN channel-blocked copies of x and dy in 1D (copies included in the time),
+          runs: on CPUs without AVX-512 the wrapper computes filter gradients itself from 8
+          input channels, as chunked im2col GEMMs (`onednn.chunked_filter_grad`),
   xla     the filter gradient `cpu_products` picks for the layer (XLA's convolution or GEMM
           loops), what `cpu_per_layer` runs without oneDNN.
 Prints a table with the CPU, the ISA oneDNN uses and the versions; writes JSON (--out).
