@@ -373,11 +373,12 @@ bool ChunkedFilterGrad(const float* x, const float* dy, float* dw,
 
 // Whether the filter gradient goes through `ChunkedFilterGrad`: without
 // AVX-512. There oneDNN's 3D kernel is its GEMM one in any layout (slower
-// even than XLA's GEMM loops), its 2D and 1D kernels on channels-last data
-// are 1.2-3x slower than its direct kernel on channel-blocked copies of x and
-// dy, and that in turn ran 1.2x slower in sum over the EM plan's layers than
-// the chunks (benchmarks/README_conv.md, 'The 3D filter gradient at AVX2').
-// With AVX-512 oneDNN's channels-last kernels are the measured default.
+// even than XLA's GEMM loops), its 2D kernel on channels-last data is 1.2-3x
+// slower than its direct kernel on channel-blocked copies of x and dy, and
+// that direct kernel in turn ran slower than the chunks in sum over a U-Net's
+// layers: 1.2x in 2D (the EM plan), 1.3x in 1D (benchmarks/README_conv.md,
+// 'The 3D filter gradient at AVX2'). With AVX-512 oneDNN's channels-last
+// kernels are the measured default.
 bool UseChunkedFilterGrad() { return !HasAvx512(); }
 
 ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
