@@ -133,7 +133,7 @@ def _register(path: pathlib.Path) -> None:
 # layer (first layer with one channel, 3-kernels at stride 1 and 2, a 1-kernel
 # head, an anisotropic first stage) in 3D and 2D, at sizes where oneDNN picks
 # the same kernels as in training (and, on AVX2 CPUs, where the wrapper computes
-# 2D and 3D filter gradients itself, its chunked im2col GEMMs).
+# filter gradients itself, its chunked im2col GEMMs, in 1D too).
 _CHECK_CASES = (
     ((2, 16, 16, 16, 1), (3, 3, 3, 1, 8), (1, 1, 1)),
     ((2, 32, 32, 32, 8), (3, 3, 3, 8, 8), (1, 1, 1)),
@@ -288,8 +288,8 @@ def chunked_filter_grad() -> bool:
   channels itself, as GEMMs over cache-sized chunks of an im2col matrix (`ChunkedFilterGrad` in
   the C++ source), rather than with oneDNN's kernel. It does on CPUs without AVX-512 (or under
   ONEDNN_MAX_CPU_ISA=AVX2), where oneDNN's kernels ran slower: in 3D its GEMM kernel, slower
-  even than XLA's GEMM route, in 2D its direct kernel on channel-blocked copies of x and dy
-  (benchmarks/README_conv.md, 'The 3D filter gradient at AVX2'). With AVX-512, and for inputs
+  even than XLA's GEMM route, in 1D and 2D its direct kernel on channel-blocked copies of x and
+  dy (benchmarks/README_conv.md, 'The 3D filter gradient at AVX2'). With AVX-512, and for inputs
   of fewer than 8 channels, oneDNN's kernels run."""
   return available() and _chunked_filter_grad
 
