@@ -21,8 +21,15 @@ Time. Each fold of each system trains for `--minutes` of steps: after a warm-up,
 measures the seconds per step (jaxseg: 40 steps of the same config, `_probe_rate`; nnU-Net: 15 iterations
 of its trainer after 3 warm-up ones) and the schedule is set to fill the budget (jaxseg
 `train.num_steps`; nnU-Net `num_epochs` of 50 iterations plus 5 validation iterations
-(`--nnunet-epoch-iterations`), its poly schedule over them). Compilation, start-up and prediction are not counted; the CPU
-seconds each system used while training are reported next to the wall time.
+(`--nnunet-epoch-iterations`), its poly schedule over them). A probe misjudges a loop that
+shares two cores by 10-20% either way, so the budget is also a deadline: jaxseg runs with
+`train.time_limit_min` (it stops at the budget, its schedule unfinished, where its steps ran
+slower than probed, and ends early where they ran faster); nnU-Net's last epoch trains until
+the budget less one validation is spent, however many iterations that is
+(`last_epoch_goes_on`; its poly rate is constant within an epoch). So nnU-Net fills the budget
+and jaxseg at most fills it. Compilation,
+start-up and prediction are not counted; the CPU seconds each system used while training are
+reported next to the wall time.
 
 nnU-Net runs its default trainer (`nnUNetTrainer`: SGD 0.01, Nesterov 0.99, poly decay, Dice +
 CE with deep supervision, its CPU augmentation in `nnUNet_n_proc_DA` background processes,
@@ -102,7 +109,8 @@ def _jaxseg_args(a, workdir, fold, steps) -> list:
           f"--config.data.root={a.dataset}", f"--config.plan.memory_gb={a.memory_gb}",
           f"--config.data.fold={fold}", f"--config.train.num_steps={steps}",
           f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}",
-          f"--config.train.log_every={max(1, min(25, steps // 8))}", f"--config.seed={a.seed}"]
+          f"--config.train.log_every={max(1, min(25, steps // 8))}", f"--config.seed={a.seed}",
+          f"--config.train.time_limit_min={a.minutes}"]
 
 
 def _done(path: pathlib.Path) -> dict | None:
@@ -162,7 +170,7 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
   for k, split in enumerate(splits):
     wd = out / f"fold_{k}"
     stats = _done(out / f"fold_{k}.json")
-    if stats is not None and stats["steps"] == steps:
+    if stats is not None and stats.get("num_steps", stats["steps"]) == steps:
       if (wd / "metrics.jsonl").exists():  # written by an earlier version of this script
         stats["train_loop_s"] = _steps_seconds(wd / "metrics.jsonl")
       folds.append(stats)
@@ -177,7 +185,9 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
           (scans / f.name).symlink_to(f.resolve())
     _run([sys.executable, "-m", "jaxseg.predict", "--workdir", wd, "--input", scans, "--output",
           pred, "--no-tta", "--checkpoint", "latest"], out / f"predict_{k}.log")
-    folds.append({"fold": k, "val": split["val"], "steps": steps, "wall_s": time.time() - t0,
+    ran = json.loads((wd / "report.json").read_text())["steps"]  # < steps if the budget ran out
+    folds.append({"fold": k, "val": split["val"], "steps": ran, "num_steps": steps,
+                  "wall_s": time.time() - t0,
                   "train_loop_s": _steps_seconds(wd / "metrics.jsonl"), "cpu_s": cpu,
                   "commit": git_commit()})
     (out / f"fold_{k}.json").write_text(json.dumps(folds[-1]))
@@ -312,6 +322,13 @@ def nnunet_schedule(per_step_s: float, left_s: float, epoch_iterations: int,
   return epochs, max(1, round(total / epochs))
 
 
+def last_epoch_goes_on(spent_s: float, step_s: float, val_s: float, budget_s: float) -> bool:
+  """Whether nnU-Net's last epoch takes another training step: only if that step (at
+  `step_s`, the epoch's mean so far) and the epoch's validation (`val_s`) still end within
+  `budget_s`, `spent_s` being spent."""
+  return spent_s + step_s + val_s <= budget_s
+
+
 def nnunet_fold(a) -> None:
   """One fold of nnU-Net's trainer with the time budget (runs in its own process: nnU-Net
   reads its folders from the environment at import)."""
@@ -349,24 +366,31 @@ def nnunet_fold(a) -> None:
           per_step, budget_s - (time.perf_counter() - t_start), self.num_iterations_per_epoch,
           self.num_val_iterations_per_epoch)
       self.lr_scheduler.max_steps = self.num_epochs
-      for _ in range(self.num_epochs):
+      val_s = 0.4 * per_step * self.num_val_iterations_per_epoch  # until one is measured
+      steps = NNUNET_WARMUP_STEPS + NNUNET_PROBE_STEPS
+      for epoch in range(self.num_epochs):
         self.on_epoch_start()
         self.on_train_epoch_start()
-        outs = [self.train_step(next(self.dataloader_train))
-                for _ in range(self.num_iterations_per_epoch)]
+        last, outs, t_epoch = epoch == self.num_epochs - 1, [], time.perf_counter()
+        while (not outs or last_epoch_goes_on(
+            time.perf_counter() - t_start, (time.perf_counter() - t_epoch) / len(outs), val_s,
+            budget_s)) if last else len(outs) < self.num_iterations_per_epoch:
+          outs.append(self.train_step(next(self.dataloader_train)))
+        steps += len(outs)
         self.on_train_epoch_end(outs)
+        t_val = time.perf_counter()
         with torch.no_grad():
           self.on_validation_epoch_start()
           outs = [self.validation_step(next(self.dataloader_val))
                   for _ in range(self.num_val_iterations_per_epoch)]
           self.on_validation_epoch_end(outs)
+        val_s = time.perf_counter() - t_val
         self.on_epoch_end()
       train_s = time.perf_counter() - t_start
       self.on_train_end()
       (pathlib.Path(self.output_folder) / "budget.json").write_text(json.dumps({
-          "seconds_per_step_probe": per_step, "epochs": self.num_epochs,
-          "steps": NNUNET_WARMUP_STEPS + NNUNET_PROBE_STEPS
-                   + self.num_epochs * self.num_iterations_per_epoch, "train_loop_s": train_s}))
+          "seconds_per_step_probe": per_step, "epochs": self.num_epochs, "steps": steps,
+          "train_loop_s": train_s}))
 
   torch.set_num_threads(os.cpu_count() or 1)
   plans = load_json(str(pre / "nnUNetPlans.json"))
@@ -408,6 +432,14 @@ def _kept(decision: dict) -> str:
   return ", ".join(parts) or "nothing (no filter raised the mean Dice)"
 
 
+def _steps_text(fold: dict) -> str:
+  """A fold's steps, and the planned ones where the budget stopped it before them."""
+  planned = fold.get("num_steps", fold.get("steps"))
+  if planned is not None and fold.get("steps") is not None and fold["steps"] < planned:
+    return f"{fold['steps']} of {planned} steps (stopped at the budget)"
+  return f"{fold.get('steps', '?')} steps"
+
+
 def _table(result: dict) -> str:
   """The held-out scores of each system (jaxseg's networks first), each fold's budget, and,
   where the post-processing step ran, the same table after it with what each system kept."""
@@ -416,7 +448,7 @@ def _table(result: dict) -> str:
   for s in systems:
     folds = result[s]["folds"]
     lines.append(f"\n{s}: " + "; ".join(
-        f"fold {f['fold']} ({', '.join(f['val'])}): {f.get('steps', '?')} steps, train loop "
+        f"fold {f['fold']} ({', '.join(f['val'])}): {_steps_text(f)}, train loop "
         f"{(f.get('train_loop_s') or 0) / 60:.1f} min, {f['cpu_s'] / 60:.1f} CPU-min in all"
         + (f", commit {f['commit']}" if f.get("commit") else "") for f in folds))
   if all("postprocessed" in result[s] for s in systems):

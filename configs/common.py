@@ -141,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 50
   c.train.checkpoint_every = 50
   c.train.keep_checkpoints = 2
+  # Stop (evaluate, checkpoint) after this many minutes of training steps, compilation and
+  # evaluation not counted; the same command resumes. 0 = run to num_steps. Supervised only.
+  c.train.time_limit_min = 0.0
   c.train.best_metric = "mean_dice"  # validation score that picks best/ (any key of the eval summary)
   c.train.best_mode = "max"  # 'max' or 'min' (e.g. best_metric='mean_hd95', best_mode='min')
 

@@ -228,10 +228,19 @@ def progress_line(done: int, num_steps: int, loss: float, extra: str, rate, voxe
   return head + f"{rate:.2f} steps/s | {rate * voxels_per_step / 1e6:.2f} Mvox/s | ETA {eta}"
 
 
+def step_seconds(elapsed_s: float, steps: int) -> float:
+  """Seconds of `steps` training steps whose last `steps - 1` took `elapsed_s`: the first step
+  (it compiles) is counted at the others' mean; one step alone counts `elapsed_s`."""
+  return elapsed_s * steps / max(steps - 1, 1)
+
+
 def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: float | None = None,
         best_metric: str | None = None, best_mode: str | None = None) -> tuple[TrainState, dict]:
   """The training loop of one phase in `workdir`: resume from its latest checkpoint, step to
-  `config.train.num_steps`, log progress, evaluate every `eval_every` steps, checkpoint.
+  `config.train.num_steps`, log progress, evaluate every `eval_every` steps, checkpoint. With
+  `config.train.time_limit_min` > 0 it stops earlier, once that many minutes of training steps
+  have run (compilation and evaluation not counted), evaluating and checkpointing the step it
+  stopped at: the same call again resumes there, on the same learning-rate schedule.
 
   `evaluate_fn(params) -> summary` (default: `evaluate` on `t.data`'s validation cases)
   returns a dict of scores; the best state by `summary[best_metric]` (default
@@ -241,7 +250,7 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   on resume, first drops its records past the restored step (logged before a kill, logged
   again now). Checkpoints carry the wall time since `wall_start` (a `time.time()`, default:
   this call) plus the time of the runs before a resume.
-  Returns (final state, stats: steps, steps_this_run, first_step_s, steps_per_s, last_eval,
+  Returns (final state, stats: steps (the step it stopped at), steps_this_run, first_step_s, steps_per_s, last_eval,
   wall_time_before_s: the wall time of the runs before the restored checkpoint, 0 if none).
   """
   config = t.config
@@ -271,11 +280,14 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   if jax.process_index() == 0:
     report.drop_records_after(metrics_path, start_step)
   last_eval = None
+  limit_s = 60 * config.train.get("time_limit_min", 0.0)
 
   t_loop = time.time()
   t_window, steps_window = time.time(), 0
   first_step_s = None
   wait_s, fetched = 0.0, 0
+  t_first_done, eval_s = None, 0.0
+  done = start_step
   for step in range(start_step, num_steps):
     t_fetch = time.perf_counter()
     batch = t.batch(step)
@@ -288,7 +300,16 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
       first_step_s = time.time() - t_start
       log(f"{prefix}first step finished {first_step_s:.1f} s after start (compilation included)")
       t_window, steps_window = time.time(), 0
-    if done % config.train.log_every == 0 or done == num_steps:
+      t_first_done = t_window
+    if limit_s > 0:  # time the finished steps, not the dispatched ones
+      jax.block_until_ready(m["loss"])
+    timed_out = limit_s > 0 and step_seconds(time.time() - t_first_done - eval_s,
+                                            done - start_step) >= limit_s
+    last = done == num_steps or timed_out
+    if timed_out and done < num_steps:
+      log(f"{prefix}train.time_limit_min={config.train.time_limit_min:g} reached at step {done} of "
+          f"{num_steps}: evaluating and checkpointing it; the same command resumes from there")
+    if done % config.train.log_every == 0 or last:
       loss = float(m["loss"])
       if not np.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss} at step {done}; lower "
@@ -303,7 +324,8 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
         report.append_jsonl(metrics_path, {"split": "train", "step": done, "steps_per_s": rate,
                                            **{k: float(v) for k, v in m.items()}})
       t_window, steps_window = time.time(), 0
-    if done % config.train.eval_every == 0 or done == num_steps:
+    if done % config.train.eval_every == 0 or last:
+      t_eval = time.time()
       summary = evaluate_fn(state.params)
       last_eval = (done, summary)
       per_class = summary.get("dice_per_class", {})
@@ -317,11 +339,14 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
         report.append_jsonl(metrics_path, {"split": "val", "step": done, **summary})
       ckpt.save_best(done, state, summary)
       t_window, steps_window = time.time(), 0  # evaluation time is not step time
-    if done % config.train.checkpoint_every == 0 or done == num_steps:
+      eval_s += t_window - t_eval
+    if done % config.train.checkpoint_every == 0 or last:
       ckpt.save(done, state, wall_time_s=wall_before + time.time() - wall_start)
+    if last:
+      break
   loop_s = time.time() - t_loop
   ckpt.close()
-  steps_run = num_steps - start_step
-  return state, {"steps": num_steps, "steps_this_run": steps_run, "first_step_s": first_step_s,
+  steps_run = done - start_step
+  return state, {"steps": done, "steps_this_run": steps_run, "first_step_s": first_step_s,
                  "steps_per_s": steps_run / loop_s if steps_run else None, "last_eval": last_eval,
                  "wall_time_before_s": wall_before}

@@ -152,6 +152,9 @@ def test_folds_record_their_commit_and_a_reuse_across_commits_is_announced(bench
   result = {"jaxseg": {"scores": _scores(0.5, 0.4, 4.0), "folds": [fold]}}
   assert ("jaxseg: fold 0 (c1): 9 steps, train loop 1.0 min, 2.0 CPU-min in all, commit abc1234"
           in bench._table(result).splitlines())
+  fold.update(steps=7, num_steps=9)  # train.time_limit_min stopped it
+  assert ("jaxseg: fold 0 (c1): 7 of 9 steps (stopped at the budget), train loop 1.0 min, "
+          "2.0 CPU-min in all, commit abc1234" in bench._table(result).splitlines())
 
 
 def test_probe_rate_is_steps_over_seconds_after_the_first_window(bench, tmp_path):
@@ -178,3 +181,17 @@ def test_nnunet_schedule_fills_the_budget_with_whole_epochs(bench):
   assert bench.nnunet_schedule(10.0, 540.0, 50, 5) == (1, 52)
   # A budget spent by the probe still trains one step.
   assert bench.nnunet_schedule(10.0, -5.0, 50, 5) == (1, 1)
+
+
+def test_nnunet_last_epoch_goes_on_while_a_step_and_the_validation_fit_the_budget(bench):
+  # 590 s spent, 4 s per step, 5 s of validation: 599 s <= 600 goes on; 592 s spent does not.
+  assert bench.last_epoch_goes_on(590.0, 4.0, 5.0, 600.0)
+  assert not bench.last_epoch_goes_on(592.0, 4.0, 5.0, 600.0)
+
+
+def test_jaxseg_folds_run_under_the_budget_as_a_time_limit(bench, tmp_path):
+  import argparse
+  a = argparse.Namespace(configuration="3d_fullres", network="plain", dataset=tmp_path,
+                         memory_gb=0.5, seed=3, minutes=10.0)
+  args = bench._jaxseg_args(a, tmp_path / "fold_0", 0, 211)
+  assert "--config.train.num_steps=211" in args and "--config.train.time_limit_min=10.0" in args

@@ -87,3 +87,38 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, capsys):
   assert step_a == step_b == 6
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(a, b)
+
+
+def test_step_seconds_counts_the_compiling_first_step_at_the_mean():
+  assert train.step_seconds(30.0, 4) == pytest.approx(40.0)  # 3 steps in 30 s: 4 steps are 40 s
+  assert train.step_seconds(0.0, 1) == 0.0
+
+
+def test_time_limit_stops_with_a_checkpoint_and_the_same_command_resumes(tmp_path, monkeypatch):
+  """A run under train.time_limit_min stops at the step where the limit is reached, evaluated
+  once there and checkpointed; the same config again ends where an unlimited run ends, bit for
+  bit. Each step counts as a minute here (the clock is replaced, not waited for)."""
+  cache = tmp_path / "cache"
+  monkeypatch.setattr(train, "step_seconds", lambda elapsed_s, steps: 60.0 * steps)
+  evaluated = []
+  evaluate = train.evaluate
+  monkeypatch.setattr(train, "evaluate", lambda *a, **k: evaluated.append(1) or evaluate(*a, **k))
+  config = _config(cache)
+  with config.unlocked():
+    config.train.time_limit_min = 2.5
+  limited = tmp_path / "limited"
+  stopped = supervised.run(config, limited)
+  assert stopped["steps"] == 3 and stopped["steps_this_run"] == 3
+  assert _steps(limited, "train") == [1, 2, 3] and _steps(limited, "val") == [3]
+  assert len(evaluated) == 1  # the report reuses the evaluation of the step it stopped at
+  assert _latest(limited, cache)[0] == 3
+
+  resumed = supervised.run(config, limited)  # 3 more minutes: steps 4..6 reach num_steps
+  assert resumed["steps"] == 6 and resumed["steps_this_run"] == 3
+  assert _steps(limited, "train") == [1, 2, 3, 4, 5, 6] and _steps(limited, "val") == [3, 6]
+  full = tmp_path / "full"
+  supervised.run(_config(cache), full)
+  for a, b in zip(_final_params(limited, cache)[1], _final_params(full, cache)[1]):
+    np.testing.assert_array_equal(a, b)
+  resumed_done = supervised.run(_config(cache), full)  # finished: evaluated once more, not retrained
+  assert resumed_done["steps"] == 6 and resumed_done["steps_this_run"] == 0

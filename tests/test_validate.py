@@ -21,6 +21,7 @@ def _cfg():
     ("paradigm", "magic", r"paradigm='magic' is not valid; choose one of"),
     ("train.num_steps", 0, r"train.num_steps must be a positive integer, got 0"),
     ("train.batch_size", -2, r"train.batch_size must be a positive integer, got -2"),
+    ("train.time_limit_min", -1.0, r"train.time_limit_min must be >= 0 \(0: no limit\), got -1.0"),
     ("data.patch_size", (48, 48, 44), r"data.patch_size=\(48, 48, 44\) must be divisible per axis by the "
                                       r"network's total downsampling \(8, 8, 8\) \(= 2\*\*\(model.num_stages - 1\)"),
     ("data.patch_size", (48, 48), r"data.patch_size=\(48, 48\) has 2 axes but model.spatial_dims=3"),
@@ -46,6 +47,15 @@ def test_onednn_impl_without_onednn_is_named(monkeypatch):
     check_train_config(c, device_count=1)
   c.model.conv_impl = "auto"
   check_train_config(c, device_count=1)
+
+
+def test_time_limit_of_a_phased_paradigm_is_refused():
+  c = _cfg()
+  c.train.time_limit_min = 10.0
+  c.paradigm = "incremental"
+  with pytest.raises(ConfigError, match=r"train.time_limit_min is for supervised runs; "
+                                        r"paradigm='incremental' trains in phases"):
+    check_train_config(c, device_count=1)
 
 
 def test_batch_not_divisible_by_devices():

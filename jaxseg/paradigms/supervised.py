@@ -23,7 +23,6 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   t = train.setup(config)
   pipeline.write_plan(frame.workdir, config, t.data)  # what jaxseg.predict needs to rebuild the run
   data = t.data
-  num_steps = config.train.num_steps
   conv = conv_impl_name(config.model, platform=t.mesh.devices.flat[0].platform,
                               device_count=t.mesh.size)
   runs.log(f"jaxseg: {config.get('name', 'run')} | model={config.model.name} "
@@ -31,11 +30,20 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
             f"{jax.process_count()} process(es) | dtype={config.model.get('dtype', 'float32')} "
             f"| loss={config.loss.get('name', 'dice_ce')} | conv={conv} "
             f"| train={len(data.train_ids)} val={len(data.val_ids)} cases | workdir={frame.workdir}")
-  state, stats = train.fit(t, frame.workdir, wall_start=frame.t_start)
+  latest = {}
+
+  def evaluate_fn(params):  # keeps what the report needs of the latest evaluation
+    latest["summary"], latest["per_case"], latest["preds"] = train.evaluate(
+        t.predict_fn, params, data, config, keep_predictions=True)
+    return latest["summary"]
+
+  state, stats = train.fit(t, frame.workdir, evaluate_fn=evaluate_fn, wall_start=frame.t_start)
   frame.earlier_runs_s.append(stats["wall_time_before_s"])
+  num_steps = stats["steps"]  # fewer than config.train.num_steps where train.time_limit_min stopped it
   metrics_path = frame.workdir / "metrics.jsonl"
-  summary, per_case, preds = train.evaluate(t.predict_fn, state.params, data, config,
-                                            keep_predictions=True)
+  if stats["last_eval"] is None or stats["last_eval"][0] != num_steps:  # e.g. resumed when finished
+    evaluate_fn(state.params)
+  summary, per_case, preds = latest["summary"], latest["per_case"], latest["preds"]
   if not any(rec.get("split") == "val" and rec.get("step") == num_steps
              for rec in report.read_jsonl(metrics_path)):
     report.append_jsonl(metrics_path, {"split": "val", "step": num_steps, **summary})
