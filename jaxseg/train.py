@@ -217,14 +217,19 @@ def eval_costs(summary: dict) -> str:
 
 
 def progress_line(done: int, num_steps: int, loss: float, extra: str, rate, voxels_per_step: int,
-                  first_step_s: float) -> str:
+                  first_step_s: float, time_left_s: float | None = None) -> str:
   """The progress line of step `done`. `rate` (steps/s since the last line) is None when no
   step was timed since the first one, whose time includes compilation: the line then shows
-  that time instead of a rate and an ETA."""
+  that time instead of a rate and an ETA. `time_left_s`: what a time limit leaves, if sooner
+  than the steps' ETA (the line then says so)."""
   head = f"step {done:>6}/{num_steps} | loss {loss:.4f}{extra} | "
   if rate is None:
     return head + f"first step {first_step_s:.1f} s (compilation included)"
-  eta = f"{(num_steps - done) / rate / 60:.1f} min" if rate > 0 else "-"
+  eta_s = (num_steps - done) / rate if rate > 0 else None
+  if time_left_s is not None and (eta_s is None or time_left_s < eta_s):
+    eta = f"{max(time_left_s, 0) / 60:.1f} min (time limit)"
+  else:
+    eta = f"{eta_s / 60:.1f} min" if eta_s is not None else "-"
   return head + f"{rate:.2f} steps/s | {rate * voxels_per_step / 1e6:.2f} Mvox/s | ETA {eta}"
 
 
@@ -319,7 +324,10 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
       extra = "".join(f" | {k} {float(v):.4f}" for k, v in m.items() if k not in ("loss", "grad_norm"))
       extra += f" | data wait {wait_s / max(fetched, 1) * 1e3:.1f} ms/step"
       wait_s, fetched = 0.0, 0
-      log(prefix + progress_line(done, num_steps, loss, extra, rate, voxels_per_step, first_step_s))
+      left_s = (limit_s - step_seconds(time.time() - t_first_done - eval_s, done - start_step)
+                if limit_s > 0 and t_first_done is not None else None)
+      log(prefix + progress_line(done, num_steps, loss, extra, rate, voxels_per_step, first_step_s,
+                                 left_s))
       if jax.process_index() == 0:
         report.append_jsonl(metrics_path, {"split": "train", "step": done, "steps_per_s": rate,
                                            **{k: float(v) for k, v in m.items()}})

@@ -122,3 +122,11 @@ def test_time_limit_stops_with_a_checkpoint_and_the_same_command_resumes(tmp_pat
     np.testing.assert_array_equal(a, b)
   resumed_done = supervised.run(_config(cache), full)  # finished: evaluated once more, not retrained
   assert resumed_done["steps"] == 6 and resumed_done["steps_this_run"] == 0
+
+
+def test_progress_line_eta_is_the_time_limit_where_it_comes_first():
+  # 100 steps left at 0.5 steps/s: 200 s = 3.3 min, unless a time limit leaves less.
+  line = train.progress_line(100, 200, 1.0, "", 0.5, 1000, 10.0)
+  assert line.endswith("0.50 steps/s | 0.00 Mvox/s | ETA 3.3 min")
+  assert train.progress_line(100, 200, 1.0, "", 0.5, 1000, 10.0, 60.0).endswith("ETA 1.0 min (time limit)")
+  assert train.progress_line(100, 200, 1.0, "", 0.5, 1000, 10.0, 600.0).endswith("ETA 3.3 min")
