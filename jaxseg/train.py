@@ -255,8 +255,9 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   on resume, first drops its records past the restored step (logged before a kill, logged
   again now). Checkpoints carry the wall time since `wall_start` (a `time.time()`, default:
   this call) plus the time of the runs before a resume.
-  Returns (final state, stats: steps (the step it stopped at), steps_this_run, first_step_s, steps_per_s, last_eval,
-  wall_time_before_s: the wall time of the runs before the restored checkpoint, 0 if none).
+  Returns (final state, stats: steps (the step it stopped at), steps_this_run, first_step_s,
+  steps_per_s, last_eval, wall_time_before_s: the wall time of the runs before the restored
+  checkpoint, 0 if none).
   """
   config = t.config
   workdir = pathlib.Path(workdir)
@@ -306,10 +307,11 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
       log(f"{prefix}first step finished {first_step_s:.1f} s after start (compilation included)")
       t_window, steps_window = time.time(), 0
       t_first_done = t_window
+    spent_s = 0.0
     if limit_s > 0:  # time the finished steps, not the dispatched ones
       jax.block_until_ready(m["loss"])
-    timed_out = limit_s > 0 and step_seconds(time.time() - t_first_done - eval_s,
-                                            done - start_step) >= limit_s
+      spent_s = step_seconds(time.time() - t_first_done - eval_s, done - start_step)
+    timed_out = limit_s > 0 and spent_s >= limit_s
     last = done == num_steps or timed_out
     if timed_out and done < num_steps:
       log(f"{prefix}train.time_limit_min={config.train.time_limit_min:g} reached at step {done} of "
@@ -324,10 +326,8 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
       extra = "".join(f" | {k} {float(v):.4f}" for k, v in m.items() if k not in ("loss", "grad_norm"))
       extra += f" | data wait {wait_s / max(fetched, 1) * 1e3:.1f} ms/step"
       wait_s, fetched = 0.0, 0
-      left_s = (limit_s - step_seconds(time.time() - t_first_done - eval_s, done - start_step)
-                if limit_s > 0 and t_first_done is not None else None)
       log(prefix + progress_line(done, num_steps, loss, extra, rate, voxels_per_step, first_step_s,
-                                 left_s))
+                                 limit_s - spent_s if limit_s > 0 else None))
       if jax.process_index() == 0:
         report.append_jsonl(metrics_path, {"split": "train", "step": done, "steps_per_s": rate,
                                            **{k: float(v) for k, v in m.items()}})
