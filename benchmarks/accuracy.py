@@ -27,9 +27,8 @@ shares two cores by 10-20% either way, so the budget is also a deadline: jaxseg 
 slower than probed, and ends early where they ran faster); nnU-Net's last epoch trains until
 the budget less one validation is spent, however many iterations that is
 (`last_epoch_goes_on`; its poly rate is constant within an epoch). So nnU-Net fills the budget
-and jaxseg at most fills it. Compilation,
-start-up and prediction are not counted; the CPU seconds each system used while training are
-reported next to the wall time.
+and jaxseg at most fills it. Compilation, start-up and prediction are not counted; the CPU
+seconds each system used while training are reported next to the wall time.
 
 nnU-Net runs its default trainer (`nnUNetTrainer`: SGD 0.01, Nesterov 0.99, poly decay, Dice +
 CE with deep supervision, its CPU augmentation in `nnUNet_n_proc_DA` background processes,
