@@ -371,9 +371,14 @@ def nnunet_fold(a) -> None:
         self.on_epoch_start()
         self.on_train_epoch_start()
         last, outs, t_epoch = epoch == self.num_epochs - 1, [], time.perf_counter()
-        while (not outs or last_epoch_goes_on(
-            time.perf_counter() - t_start, (time.perf_counter() - t_epoch) / len(outs), val_s,
-            budget_s)) if last else len(outs) < self.num_iterations_per_epoch:
+        while True:  # the last epoch runs to the deadline, the others as scheduled
+          if last:
+            now = time.perf_counter()
+            if outs and not last_epoch_goes_on(now - t_start, (now - t_epoch) / len(outs),
+                                               val_s, budget_s):
+              break
+          elif len(outs) >= self.num_iterations_per_epoch:
+            break
           outs.append(self.train_step(next(self.dataloader_train)))
         steps += len(outs)
         self.on_train_epoch_end(outs)

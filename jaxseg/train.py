@@ -311,7 +311,7 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
     if limit_s > 0:  # time the finished steps, not the dispatched ones
       jax.block_until_ready(m["loss"])
       spent_s = step_seconds(time.time() - t_first_done - eval_s, done - start_step)
-    timed_out = limit_s > 0 and spent_s >= limit_s
+    timed_out = spent_s >= limit_s > 0
     last = done == num_steps or timed_out
     if timed_out and done < num_steps:
       log(f"{prefix}train.time_limit_min={config.train.time_limit_min:g} reached at step {done} of "
