@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SMOOTH = 1e-5
 
@@ -63,8 +64,12 @@ def dice_ce(logits, labels, *, num_classes: int, batch_dice: bool = False):
 
 
 def deep_supervision_weights(n: int):
-  """Weights 1/2^i for outputs at decreasing resolution, normalised to sum to 1."""
-  w = jnp.array([1.0 / 2**i for i in range(n)])
+  """nnU-Net's weights of `n` outputs at decreasing resolution: 1/2^i, the lowest-resolution
+  output's set to 0 (nnU-Net trains its head on nothing; with one output it gets 1),
+  normalised to sum to 1. E.g. 4 outputs: (8, 4, 2, 0) / 14."""
+  w = np.array([1.0 / 2**i for i in range(n)])
+  if n > 1:
+    w[-1] = 0.0
   return w / w.sum()
 
 
@@ -96,7 +101,8 @@ def segmentation_loss(outputs, labels, *, num_classes: int, batch_dice: bool = F
   """The loss `name` ('dice_ce' or 'ce', `single_loss`) of one output, or the deep-supervision
   weighted sum over a list of outputs.
 
-  `outputs` is logits (N,*S,C) or a list of logits from full resolution down; labels are
+  `outputs` is logits (N,*S,C) or a list of logits from full resolution down, weighted as
+  `deep_supervision_weights` (the lowest-resolution output not at all); labels are
   downsampled to each output's size, per axis (a per-axis strided U-Net halves some axes only).
   """
   kw = dict(name=name, num_classes=num_classes, batch_dice=batch_dice)
@@ -105,6 +111,8 @@ def segmentation_loss(outputs, labels, *, num_classes: int, batch_dice: bool = F
   weights = deep_supervision_weights(len(outputs))
   total = 0.0
   for w, out in zip(weights, outputs):
+    if w == 0:
+      continue  # as nnU-Net: the term is not computed (its head gets a zero gradient)
     factor = tuple(l // o for l, o in zip(labels.shape[1:], out.shape[1:-1]))
     total = total + w * single_loss(out, downsample_labels(labels, factor), **kw)
   return total

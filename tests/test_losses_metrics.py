@@ -48,16 +48,28 @@ def test_perfect_prediction_gives_near_zero_dice_term():
   assert abs(float(d2) - 1.0) < 1e-6
 
 
-def test_deep_supervision_weights_and_loss():
-  w = np.asarray(losses.deep_supervision_weights(3))
-  np.testing.assert_allclose(w, np.array([1, 0.5, 0.25]) / 1.75)
+def test_deep_supervision_weights_are_nnunets():
+  # nnU-Net's _build_loss: 1/2^i, the lowest resolution set to 0, normalised.
+  np.testing.assert_allclose(losses.deep_supervision_weights(3), [2 / 3, 1 / 3, 0])
+  np.testing.assert_allclose(losses.deep_supervision_weights(4), [8 / 14, 4 / 14, 2 / 14, 0])
+  np.testing.assert_allclose(losses.deep_supervision_weights(1), [1.0])
+
+
+def test_deep_supervision_loss():
   rng = np.random.default_rng(1)
   labels = rng.integers(0, 3, (2, 8, 8))
   outs = [rng.normal(size=(2, 8 // 2**i, 8 // 2**i, 3)).astype(np.float32) for i in range(3)]
   got = losses.segmentation_loss([jnp.asarray(o) for o in outs], jnp.asarray(labels), num_classes=3)
   ref = sum(wi * np_dice_ce(o, labels[:, f // 2::f, f // 2::f], 3, False)
-            for wi, o, f in zip(w, outs, (1, 2, 4)))
+            for wi, o, f in zip((2 / 3, 1 / 3), outs, (1, 2)))
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+  # The lowest-resolution output takes no part: a NaN there changes nothing, its gradient is 0.
+  outs_nan = outs[:2] + [np.full_like(outs[2], np.nan)]
+  np.testing.assert_allclose(float(losses.segmentation_loss(
+      [jnp.asarray(o) for o in outs_nan], jnp.asarray(labels), num_classes=3)), ref, rtol=1e-5)
+  grads = jax.grad(lambda o: losses.segmentation_loss(o, jnp.asarray(labels), num_classes=3))(
+      [jnp.asarray(o) for o in outs])
+  assert not np.any(np.asarray(grads[2])) and np.any(np.asarray(grads[1]))
 
 
 def test_dice_iou_hand_computed_with_empty_masks():
