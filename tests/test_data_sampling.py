@@ -45,12 +45,26 @@ def test_sampler_foreground_rate_and_determinism():
   for step in range(200):
     b = s.batch(step, 6)
     hits += (b["label"].reshape(6, -1).max(1) > 0)
-  # ceil(0.33 * 6) = 2 examples per batch (the last two) are centred on foreground.
+  # nnU-Net's count: from index round(6 * 0.67) = 4 on, the last two are centred on foreground.
   assert hits[4] == hits[5] == 200
   assert hits[:4].mean() < 20
   np.testing.assert_array_equal(s.batch(7, 6)["image"], s.batch(7, 6)["image"])
   # Each process can draw its own share: examples are independent of the others drawn.
   np.testing.assert_array_equal(s.batch(7, 6, range(3, 6))["image"], s.batch(7, 6)["image"][3:])
+
+
+def test_forced_foreground_count_is_nnunets():
+  # nnU-Net forces example i when not i < round(batch * (1 - 0.33)).
+  assert [sampling.forced_foreground(b, 0.33) for b in (1, 2, 3, 4, 6, 7, 10, 12)] == \
+      [0, 1, 1, 1, 2, 2, 3, 4]
+  assert sampling.forced_foreground(4, 1.0) == 4 and sampling.forced_foreground(4, 0.0) == 0
+  # A batch of 4: only the last example is forced (ceil(0.33 * 4) would force two).
+  labels = [np.zeros((40, 40, 40), np.uint8)]
+  labels[0][5:8, 30:33, 10:12] = 1
+  s = sampling.PatchSampler([np.zeros((1, 40, 40, 40), np.float32)], labels, patch_size=(8, 8, 8),
+                            foreground_fraction=0.33, seed=0)
+  hits = sum((s.batch(step, 4)["label"].reshape(4, -1).max(1) > 0) for step in range(100))
+  assert hits[3] == 100 and hits[2] < 20
 
 
 def test_sampler_pads_small_cases_and_cuts_2d_slices():

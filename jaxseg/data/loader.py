@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import mmap
 import os
 import threading
@@ -191,7 +190,7 @@ class PatchSource:
     patch = np.array(self.full_patch)
     lo = np.maximum(patch - shape, 0) // 2
     padded = np.maximum(shape, patch)
-    n_fg = math.ceil(self.fg_fraction * batch_size)
+    n_fg = sampling.forced_foreground(batch_size, self.fg_fraction)
     pts = self.fg_points[case]
     if index >= batch_size - n_fg and len(pts):
       centre = sampling.pick_foreground(rng, pts, self.fg_groups[case]) + lo

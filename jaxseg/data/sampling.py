@@ -7,7 +7,6 @@ have seen, and each process of a multi-host run can draw just its own share of t
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -66,6 +65,13 @@ def pick_foreground(rng, points: np.ndarray, groups) -> np.ndarray:
   return points[int(starts[k]) + int(rng.integers(counts[k]))]
 
 
+def forced_foreground(batch_size: int, fraction: float) -> int:
+  """How many examples of a batch are centred on foreground: nnU-Net's
+  `_oversample_last_XX_percent`, the examples from index round(batch * (1 - fraction)) on
+  (Python's rounding, as nnU-Net's). At nnU-Net's 0.33: 1 of 2, 1 of 4, 2 of 6, 4 of 12."""
+  return batch_size - round(batch_size * (1.0 - fraction))
+
+
 def context_margin(patch, context) -> tuple[int, ...]:
   """Per axis, the voxels of context on each side of `patch` in a cut of `context` (None: no
   context). Raises ValueError unless `context` is at least `patch` and longer by an even count
@@ -88,9 +94,10 @@ class PatchSampler:
     labels: list of integer arrays (*spatial).
     patch_size: patch shape; with one axis fewer than the data, 2D patches are cut from
       slices along the data's last axis.
-    foreground_fraction: the last ceil(fraction * batch) examples of each batch are centred
-      on a foreground voxel picked as nnU-Net does (a class drawn uniformly among the case's
-      foreground classes, then one of its voxels: `pick_foreground`); the others anywhere.
+    foreground_fraction: the last `forced_foreground(batch, fraction)` examples of each batch
+      (nnU-Net's count) are centred on a foreground voxel picked as nnU-Net does (a class
+      drawn uniformly among the case's foreground classes, then one of its voxels:
+      `pick_foreground`); the others anywhere.
     seed: base seed.
     context: the size cut (default `patch_size`): the patch where it was drawn plus
       (context - patch) / 2 voxels of its surroundings on each side (`augment.context_size`;
@@ -133,7 +140,7 @@ class PatchSampler:
     margin = np.array(self.margin)
     shape = np.array(label.shape) - 2 * margin  # the case padded to the patch
     patch = np.array(self.full_patch)
-    n_fg = math.ceil(self.fg_fraction * batch_size)
+    n_fg = forced_foreground(batch_size, self.fg_fraction)
     pts = self.fg_points[case]
     if index >= batch_size - n_fg and len(pts):
       centre = pick_foreground(rng, pts, self.fg_groups[case]) - margin

@@ -3,11 +3,12 @@ outputs, loss and gradients as dynamic_network_architectures' `PlainConvUNet` un
 deep-supervised `DC_and_CE_loss` (`nnUNetTrainer._build_loss`). Needs torch, nnunetv2 and
 dynamic-network-architectures (`pip install nnunetv2`); skips without them.
 
-Two parameterisation differences, neither a difference in what is learnt: nnU-Net's strided
-convolutions pad symmetrically ((k - 1) // 2 each side) where jaxseg pads as XLA's 'SAME' (the
-extra pad at the high end), so the test builds jaxseg's U-Net with symmetric pads; and a
-transposed-convolution kernel of jaxseg is torch's flipped along each spatial axis (both are
-drawn i.i.d., so the initial distribution is the same).
+Two conventions differ, and the test maps them: nnU-Net's strided convolutions pad
+symmetrically ((k - 1) // 2 each side; on an even size the high pad is unused) where jaxseg pads
+as XLA's 'SAME' (the pad at the high end): the mirror image of nnU-Net's sampling grid, so the
+test builds jaxseg's U-Net with symmetric pads; and a jaxseg transposed-convolution kernel is
+torch's flipped along each spatial axis (drawn i.i.d. at initialisation, so the initial
+distribution is the same).
 """
 
 import functools
