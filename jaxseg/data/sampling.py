@@ -7,7 +7,6 @@ have seen, and each process of a multi-host run can draw just its own share of t
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from jaxseg import seeds
