@@ -92,8 +92,8 @@ def _log_softmax(x):
 
 
 def test_cross_entropy_loss_by_hand():
-  """loss.name='ce': mean -log softmax at the label; deep supervision weights 1/2^i
-  normalised, labels downsampled by striding from factor//2."""
+  """loss.name='ce': mean -log softmax at the label; deep supervision weighted as nnU-Net
+  (1/2^i, the lowest resolution 0, normalised), labels downsampled by striding from factor//2."""
   import functools
   import jax.numpy as jnp
   from jaxseg import losses
@@ -107,7 +107,9 @@ def test_cross_entropy_loss_by_hand():
   low = rng.normal(size=(2, 2, 2, 3)).astype(np.float32)
   low_labels = labels[:, 1::2, 1::2]
   expected_low = -np.take_along_axis(_log_softmax(low.astype(np.float64)), low_labels[..., None], -1).mean()
-  got = float(ce_loss([jnp.asarray(logits), jnp.asarray(low)], jnp.asarray(labels)))
+  lowest = rng.normal(size=(2, 1, 1, 3)).astype(np.float32)  # weight 0: takes no part
+  got = float(ce_loss([jnp.asarray(logits), jnp.asarray(low), jnp.asarray(lowest)],
+                      jnp.asarray(labels)))
   assert got == pytest.approx((2 / 3) * expected + (1 / 3) * expected_low, rel=1e-5)
 
 
