@@ -6,6 +6,10 @@ accumulated on the device. With TTA, every flip combination of every tile is fol
 batch, so the 8 mirror passes of a 3D tile are one batched forward, not a Python loop over flips,
 and the tile is cut and accumulated once for its 8 passes.
 A 2D model on a 3D image runs over the slices along the last axis.
+
+What is averaged is what the network function returns: jaxseg's (`steps.make_predict_fn`) return
+logits, so tiles and flips are averaged in logit space and the softmax comes once at the end, as
+nnU-Net's `predict_sliding_window_return_logits`.
 """
 
 from __future__ import annotations
@@ -57,16 +61,16 @@ def _cut(image, starts, patch):
 
 
 def _weighted_forward(apply_fn, params, tiles, scale, weight, flips):
-  """Mean softmax over the flips times the importance map, all flips of all tiles in one batch.
+  """Mean output over the flips times the importance map, all flips of all tiles in one batch.
 
   tiles (B, *P, C); weight (*P); scale (B,) is 1 for real tiles and 0 for batch padding.
   """
   batch = jnp.concatenate([jnp.flip(tiles, [a + 1 for a in f]) if f else tiles for f in flips])
-  probs = apply_fn(params, batch).astype(jnp.float32)
-  parts = jnp.split(probs, len(flips))
-  probs = sum(jnp.flip(p, [a + 1 for a in f]) if f else p for p, f in zip(parts, flips))
+  out = apply_fn(params, batch).astype(jnp.float32)
+  parts = jnp.split(out, len(flips))
+  out = sum(jnp.flip(p, [a + 1 for a in f]) if f else p for p, f in zip(parts, flips))
   w = (scale / len(flips))[:, None] * weight.reshape(1, -1)
-  return probs * w.reshape(probs.shape[:-1] + (1,))
+  return out * w.reshape(out.shape[:-1] + (1,))
 
 
 @functools.cache
@@ -77,12 +81,12 @@ def _forward_program(platform: str):
 
 
 @functools.partial(jax.jit, donate_argnames=("acc",))
-def _add(acc, probs, starts):
-  """Adds tile predictions `probs` (B, *P, K) into `acc` (*S, K) at `starts` (B, D), in place."""
+def _add(acc, out, starts):
+  """Adds tile outputs `out` (B, *P, K) into `acc` (*S, K) at `starts` (B, D), in place."""
   def add(i, acc):
     at = tuple(starts[i]) + (0,)
-    cur = lax.dynamic_slice(acc, at, probs.shape[1:])
-    return lax.dynamic_update_slice(acc, cur + probs[i], at)
+    cur = lax.dynamic_slice(acc, at, out.shape[1:])
+    return lax.dynamic_update_slice(acc, cur + out[i], at)
   return lax.fori_loop(0, starts.shape[0], add, acc)
 
 
@@ -103,11 +107,11 @@ def _weight_sum(size, starts, p, sigma_scale):
 
 def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batch_size: int = 4,
                    mirror_axes=(), sigma_scale: float = 1 / 8, devices=None):
-  """Class probabilities of a whole image by Gaussian-weighted sliding window (nnU-Net's scheme).
+  """Per-class outputs of a whole image by Gaussian-weighted sliding window (nnU-Net's scheme).
 
   The image goes to the device once. Per call, three compiled functions
   cut the tiles there, run them (every mirror flip of every tile in the same batch when
-  `mirror_axes` is set) and add their Gaussian-weighted probabilities into an accumulator that
+  `mirror_axes` is set) and add their Gaussian-weighted outputs into an accumulator that
   stays on the device, donated from call to call: only tile offsets travel, the accumulator comes
   back once at the end, and memory is the image, the accumulator and one tile batch (a 512^3
   volume streams). The network's program depends on the tile batch alone, so volumes of new
@@ -115,7 +119,9 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
   (the weight is separable and the tiles a grid), so it costs nothing per tile.
 
   Args:
-    apply_fn: hashable `(params, x (N, *P, C)) -> probabilities (N, *P, K)`.
+    apply_fn: hashable `(params, x (N, *P, C)) -> per-class outputs (N, *P, K)`, averaged as
+      they come: logits for jaxseg's predict functions (nnU-Net's choice), so the result's
+      argmax is the prediction and its softmax the probabilities.
     image: float32 (*S, C) channels-last, len(S) == len(patch).
     patch: tile size (the training patch).
     batch_size: network inputs per call, with or without TTA, so TTA needs no more memory: each
@@ -126,7 +132,7 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
       parameters and the accumulator replicated; tiles per call rounded up to a multiple of
       the device count). Default: the default device alone.
   Returns:
-    float32 numpy probabilities (*S, K).
+    float32 numpy (*S, K): the Gaussian-weighted mean of `apply_fn`'s outputs per voxel.
   """
   patch = tuple(int(p) for p in patch)
   shape = image.shape[:-1]
@@ -164,9 +170,9 @@ def sliding_window(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
   for i in range(0, calls * tiles_per_call, tiles_per_call):
     group = split(starts[i:i + tiles_per_call])
     last = scale[i:i + tiles_per_call]
-    probs = forward(apply_fn, params, _cut(image_d, group, patch), full if last.all() else split(last),
-                    weight, flips)
-    acc = _add(acc, probs, group)
+    out = forward(apply_fn, params, _cut(image_d, group, patch), full if last.all() else split(last),
+                  weight, flips)
+    acc = _add(acc, out, group)
   sums = [_weight_sum(s, st, p, sigma_scale).astype(np.float32)
           for s, st, p in zip(padded, starts_1d, patch)]
   return np.asarray(_normalise(acc, sums, shape))
@@ -182,7 +188,8 @@ def _slicewise(apply_fn):
 
 def predict_volume(apply_fn, params, image, *, patch, overlap: float = 0.5, batch_size: int = 4,
                    mirror_axes=(), sigma_scale: float = 1 / 8, devices=None):
-  """Probabilities (*S, K) for one case given as (C, *S).
+  """`sliding_window`'s averaged outputs (*S, K) (logits for jaxseg's predict functions) for one
+  case given as (C, *S).
 
   A 2D model on a 3D image (len(patch) == len(S) - 1) predicts the slices along the last axis,
   tiles of several slices sharing a batch. `sigma_scale` and `devices` as for `sliding_window`.
@@ -194,8 +201,8 @@ def predict_volume(apply_fn, params, image, *, patch, overlap: float = 0.5, batc
                           mirror_axes=mirror_axes, sigma_scale=sigma_scale, devices=devices)
   if len(patch) == x.ndim - 2:
     stack = np.moveaxis(x, -2, 0)  # (Z, X, Y, C)
-    probs = sliding_window(_slicewise(apply_fn), params, stack, patch=(1,) + patch, overlap=overlap,
-                           batch_size=batch_size, mirror_axes=tuple(a + 1 for a in mirror_axes),
-                           sigma_scale=sigma_scale, devices=devices)
-    return np.moveaxis(probs, 0, -2)
+    out = sliding_window(_slicewise(apply_fn), params, stack, patch=(1,) + patch, overlap=overlap,
+                         batch_size=batch_size, mirror_axes=tuple(a + 1 for a in mirror_axes),
+                         sigma_scale=sigma_scale, devices=devices)
+    return np.moveaxis(out, 0, -2)
   raise ValueError(f"a {len(patch)}D patch cannot tile a {x.ndim - 1}D image")

@@ -34,8 +34,8 @@ def postprocess_label(label, values, *, keep_largest: bool = False, min_size: in
   component sizes), close to nnU-Net's per-class "remove all but the largest component" (which
   keeps every component tied for the largest size). Returns a NumPy array like `label`.
 
-  The label map is on the host here: `inference.predict_volume` returns host probabilities and
-  `preprocess.invert_prediction` resamples on the host, and the components are those of the
+  The label map is on the host here: `inference.predict_volume` returns host logits and
+  `preprocess.invert_logits` resamples on the host, and the components are those of the
   input grid (as nnU-Net's post-processing), so it travels to the device once and back once.
   """
   from jaxseg import classical  # noqa: PLC0415

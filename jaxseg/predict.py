@@ -7,8 +7,9 @@
 
 `--folds 0,1,2` (or `all`) ensembles the folds of a cross-validation directory
 (`tools/cross_validate.py`: CV_DIR/fold_k, one run each), as nnU-Net does: each case is
-preprocessed once and its class probabilities are the mean of the folds' (each fold with its
-own sliding window and TTA); the folds must share the preprocessing plan, channels and labels.
+preprocessed once, its class logits are the mean of the folds' (each fold with its own sliding
+window and TTA, which average logits too) and the softmax comes last; the folds must share the
+preprocessing plan, channels and labels.
 The cross-validation's post-processing choice (CV_DIR/postprocessing.json, written by
 `tools/cross_validate.py`: nnU-Net's keep-largest-component where it raised the held-out Dice)
 is applied unless `--no-postprocessing`.
@@ -18,7 +19,8 @@ takes plain `<case><ending>`); a file argument picks up its sibling channel file
 preprocessed with the run's saved plan (`RUN/plan.json`: reorient, crop, normalise, resample),
 predicted by Gaussian-weighted sliding window with the mirror flips batched and the tiles split
 over all local devices (`jaxseg.inference.predict_volume`), put back on the input grid
-(`jaxseg.data.preprocess.invert_prediction`) and written as `<case><ending>` with the input's
+(`jaxseg.data.preprocess.invert_logits`: the logits resampled, then the argmax, as nnU-Net
+exports) and written as `<case><ending>` with the input's
 shape, affine and header (atomically). `--min-size N` and `--keep-largest` filter each
 foreground class's face-connected components on the input grid with `jaxseg.classical` (all
 classes in one jitted call on the default device, see `postprocessing.postprocess_label`).
@@ -294,7 +296,9 @@ def load_postprocessing(workdir) -> dict | None:
 def predict_case(run, paths, *, tta: bool = True, keep_largest: bool = False,
                  probabilities: bool = False, min_size: int = 0, postprocess: dict | None = None):
   """Segments one case given its channel files, with a `Run` or an ensemble (a list of Runs
-  sharing their preprocessing, `load_runs`): the mean of the runs' class probabilities.
+  sharing their preprocessing, `load_runs`): the argmax of the mean of the runs' class logits
+  (each the Gaussian-weighted mean over tiles and mirror flips), as nnU-Net ensembles; the
+  probabilities are their softmax.
 
   `postprocess` (a `postprocessing.determine` decision, e.g. a cross-validation's
   postprocessing.json) is applied first; then `keep_largest` and `min_size` filter the
@@ -314,28 +318,33 @@ def predict_case(run, paths, *, tta: bool = True, keep_largest: bool = False,
   image, geometry = ds.load_images(list(paths), ndim=int(run.plan["dataset"]["ndim"]))
   pre, _, record = pp.preprocess_case(image, None, geometry, run.settings)
   mirror = tuple(range(run.spatial_dims)) if tta else ()
-  probs = None
+  logits = None
   for r in runs:
     cfg = r.config
-    p = inference.predict_volume(r.predict_fn, r.params, pre,
+    z = inference.predict_volume(r.predict_fn, r.params, pre,
                                  patch=tuple(cfg.data.patch_size), overlap=cfg.eval.overlap,
                                  batch_size=cfg.eval.batch_size, mirror_axes=mirror,
                                  sigma_scale=cfg.eval.get("sigma_scale", 1 / 8),
                                  devices=jax.local_devices())
-    probs = p if probs is None else probs + p
+    logits = z if logits is None else logits + z
   if len(runs) > 1:
-    probs = probs / len(runs)
-  classes = np.argmax(probs, axis=-1).astype(np.int16)
+    logits = logits / len(runs)
   values = np.asarray(run.plan["label_values"], np.int32)
-  label = values[pp.invert_prediction(classes, record)]
+  label = values[pp.invert_logits(np.moveaxis(logits, -1, 0), record)]
   if postprocess:
     label = postprocessing.apply(label, postprocess)
   if keep_largest or min_size > 1:
     label = postprocessing.postprocess_label(label, values[1:], keep_largest=keep_largest,
                                              min_size=min_size)
-  prob_out = (pp.invert_probabilities(np.moveaxis(probs, -1, 0), record) if probabilities
-              else None)
+  prob_out = (pp.invert_probabilities(np.moveaxis(_softmax(logits), -1, 0), record)
+              if probabilities else None)
   return label, geometry, prob_out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+  """Softmax over the last axis, float32."""
+  z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def save_npz_atomic(path, **arrays) -> None:

@@ -54,9 +54,11 @@ def make_train_step(loss_fn, tx, mesh, aug_config, *, patch_size=None, loss_cons
 
 
 def make_predict_fn(model):
-  """Jitted (params, images (N,*S,C)) -> class probabilities (N,*S,K) of the full-resolution output.
+  """Jitted (params, images (N,*S,C)) -> float32 class logits (N,*S,K) of the full-resolution output.
 
-  No compiler options here: `inference` calls it inside its own jit, which sets them.
+  Logits, not probabilities: as nnU-Net, prediction averages logits over tiles, mirror flips and
+  folds and applies the softmax once at the end (`jaxseg.predict`). No compiler options here:
+  `inference` calls it inside its own jit, which sets them.
   """
 
   @jax.jit
@@ -64,6 +66,6 @@ def make_predict_fn(model):
     out = model.apply({"params": params}, images)
     if isinstance(out, (list, tuple)):
       out = out[0]
-    return jax.nn.softmax(out.astype(jnp.float32), axis=-1)
+    return out.astype(jnp.float32)
 
   return predict

@@ -86,8 +86,8 @@ def predict_labels(predict_fn, params, image, config, **overrides):
   kw = dict(patch=tuple(config.data.patch_size), overlap=config.eval.overlap,
             batch_size=config.eval.batch_size, mirror_axes=tuple(config.eval.mirror_axes),
             sigma_scale=config.eval.get("sigma_scale", 1 / 8))
-  probs = inference.predict_volume(predict_fn, params, image, **{**kw, **overrides})
-  return np.argmax(probs, axis=-1).astype(np.uint8)
+  logits = inference.predict_volume(predict_fn, params, image, **{**kw, **overrides})
+  return np.argmax(logits, axis=-1).astype(np.uint8)
 
 
 def evaluate(predict_fn, params, data: pipeline.SegData, config, *, keep_predictions=False):

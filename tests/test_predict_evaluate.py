@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
@@ -152,6 +153,31 @@ def test_predict_keep_largest_equals_the_host_implementation(trained, monkeypatc
     comps, _ = ndimage.label(raw == v)
     sizes = np.bincount(comps.ravel())
     np.testing.assert_array_equal(small == v, (comps > 0) & (sizes[comps] >= 4))
+
+
+def _constant_logits(params, x):
+  """A 'network' predicting the logits `params` (K,) at every voxel."""
+  return jnp.broadcast_to(params, x.shape[:-1] + params.shape)
+
+
+def test_ensemble_takes_the_argmax_of_the_mean_logits(trained):
+  """Two runs' outputs are averaged as logits, as nnU-Net ensembles folds, and the softmax comes
+  last: for these two, the mean logits pick background while the mean of the two runs'
+  probabilities would pick class 1."""
+  import dataclasses
+
+  root, workdir, _ = trained
+  run = predict.load_run(workdir)
+  a, b = np.array([0.0, 2.0, -3.0], np.float32), np.array([0.0, -3.0, 1.8], np.float32)
+  softmax = lambda z: np.exp(z) / np.exp(z).sum()  # noqa: E731
+  assert np.argmax((softmax(a) + softmax(b)) / 2) == 1 and np.argmax((a + b) / 2) == 0
+  runs = [dataclasses.replace(run, predict_fn=_constant_logits, params=jnp.asarray(z)) for z in (a, b)]
+  paths = [root / "imagesTr" / f"case0_{c:04d}.nii.gz" for c in (0, 1)]
+  label, _, probs = predict.predict_case(runs, paths, tta=True, probabilities=True)
+  assert label.shape == (18, 16, 8) and (label == 0).all()
+  np.testing.assert_allclose(probs[:, 9, 8, 4], softmax((a + b) / 2), rtol=1e-5)
+  one, _, _ = predict.predict_case(runs[:1], paths, tta=False)
+  assert (one[9:11, 7:9, 3:5] == 1).all()  # alone, run a predicts class 1
 
 
 def _write_like(path, array, like):

@@ -3,7 +3,8 @@
 Order of operations (as ``nnunetv2.preprocessing.preprocessors.DefaultPreprocessor``):
 reorient to RAS -> crop to the non-zero region -> normalise -> resample to the
 target spacing. :func:`invert_prediction` undoes the geometric steps for a label
-map so that predictions line up with the input scan.
+map and :func:`invert_logits` for class scores (resampled before the argmax, as
+nnU-Net exports a prediction), so that predictions line up with the input scan.
 
 Spacings and shapes in settings and records are in the canonical (RAS) axis
 order, as the fingerprint reports them.
@@ -443,9 +444,45 @@ def invert_prediction(label: np.ndarray, record: PreprocessRecord) -> np.ndarray
   if tuple(label.shape) != tuple(record.resampled_shape):
     raise ValueError(f"label shape {label.shape} is not the preprocessed shape "
                      f"{record.resampled_shape}")
-  label = _zoom(label.astype(np.int16), record.cropped_shape, 0)
+  return _uncrop(_zoom(label.astype(np.int16), record.cropped_shape, 0), record)
+
+
+def invert_logits(logits: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+  """Class indices on the original grid from class logits ``(K, *preprocessed)``.
+
+  As nnU-Net's export (``convert_predicted_logits_to_segmentation_with_correct_shape``):
+  each class's logits are resampled to the cropped shape first (linear, the
+  low-resolution axis by nearest where preprocessing resampled it separately, as
+  nnU-Net resamples probabilities), then the argmax is taken, so boundaries follow
+  the interpolated scores rather than the coarse voxels; class 0 outside the crop;
+  the original orientation restored. Without resampling this is
+  ``invert_prediction(argmax(logits, 0))``. Holds one class's scores at a time on
+  the cropped grid. Returns int16 ``original_shape``.
+  """
+  logits = np.asarray(logits)
+  if tuple(logits.shape[1:]) != tuple(record.resampled_shape):
+    raise ValueError(f"logits of shape {logits.shape[1:]} are not on the preprocessed "
+                     f"grid {record.resampled_shape}")
+  if tuple(record.resampled_shape) == tuple(record.cropped_shape):
+    return _uncrop(np.argmax(logits, axis=0).astype(np.int16), record)
+  classes = np.zeros(record.cropped_shape, np.int16)
+  best = None
+  for k, z in enumerate(logits):
+    z = _resample(np.asarray(z, np.float32), record.cropped_shape, 1, 0, record.lowres_axis)
+    if best is None:
+      best = z
+      continue
+    better = z > best
+    classes[better] = k
+    best = np.where(better, z, best)
+  return _uncrop(classes, record)
+
+
+def _uncrop(classes: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+  """int16 class map of the cropped shape pasted into the canonical volume (0 outside the
+  crop), in the original orientation."""
   full = np.zeros(record.canonical_shape, np.int16)
-  full[tuple(slice(a, b) for a, b in record.bbox)] = label
+  full[tuple(slice(a, b) for a, b in record.bbox)] = classes
   return np.ascontiguousarray(io.from_canonical(full, record.original_geometry()))
 
 
@@ -453,12 +490,14 @@ def invert_probabilities(probabilities: np.ndarray,
                          record: PreprocessRecord) -> np.ndarray:
   """Class probabilities ``(K, *preprocessed)`` back on the original grid.
 
-  Linear resampling (nnU-Net resamples logits/probabilities before argmax),
-  background (channel 0) = 1 outside the crop. Returns float32 ``(K, *original)``.
+  Resampled as :func:`invert_logits` resamples logits (linear, the separately
+  resampled low-resolution axis by nearest), background (channel 0) = 1 outside
+  the crop. Returns float32 ``(K, *original)``.
   """
   probabilities = np.asarray(probabilities, np.float32)
   k = probabilities.shape[0]
-  resampled = np.stack([_zoom(p, record.cropped_shape, 1) for p in probabilities])
+  resampled = np.stack([_resample(p, record.cropped_shape, 1, 0, record.lowres_axis)
+                        for p in probabilities])
   full = np.zeros((k,) + tuple(record.canonical_shape), np.float32)
   full[0] = 1.0
   full[(slice(None),) + tuple(slice(a, b) for a, b in record.bbox)] = resampled

@@ -143,7 +143,7 @@ def make_loss_fn(model, *, fusion: str, dropout_prob: float, num_classes: int, b
 
 @functools.lru_cache(maxsize=None)
 def subset_predict_fn(model, fusion: str):
-  """Hashable apply_fn((params, mask (M,)), tiles (B, *P, M)) -> probabilities, for
+  """Hashable apply_fn((params, mask (M,)), tiles (B, *P, M)) -> float32 logits, for
   `inference.predict_volume`: the mask rides along with the parameters, so one compiled
   function serves every subset."""
 
@@ -153,7 +153,7 @@ def subset_predict_fn(model, fusion: str):
     out = apply_model(model, fusion, params, tiles, available)
     if isinstance(out, (list, tuple)):
       out = out[0]
-    return jax.nn.softmax(out.astype(jnp.float32), axis=-1)
+    return out.astype(jnp.float32)
 
   return apply
 

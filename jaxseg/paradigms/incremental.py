@@ -265,12 +265,13 @@ def stage_fisher(model, params, stage: Stage, batch: dict):
 
 
 def make_predict_fn(model, active):
-  """Jitted (params, images) -> probabilities over the active classes (compact order)."""
+  """Jitted (params, images) -> float32 logits of the active classes (compact order), averaged
+  by `inference` as `steps.make_predict_fn`'s."""
   idx = jnp.asarray(active)
 
   @jax.jit
   def predict(params, images):
-    return jax.nn.softmax(model.apply({"params": params}, images)[..., idx].astype(jnp.float32), axis=-1)
+    return model.apply({"params": params}, images)[..., idx].astype(jnp.float32)
 
   return predict
 

@@ -215,6 +215,44 @@ def test_round_trip_exact_with_reorientation_and_crop(tiny_dataset):
   assert record.canonical_spacing == (0.5, 0.5, 2.0)
 
 
+def test_invert_logits_resamples_the_scores_before_the_argmax():
+  """nnU-Net's export order on a hand case: 0.5 mm along x preprocessed to 2 mm (8 -> 2 voxels),
+  class 0's logit 4 -> -4 and class 2's -4 -> 4 along x, class 1 at 1.5 everywhere. Linear
+  resampling (`zoom(grid_mode=True)` samples the coarse axis at -0.375, -0.125, 0.125, ...,
+  1.375) gives class 0's logits 4, 4, 3, 1, -1, -3, -4, -4, so class 1 wins the middle two
+  voxels, which the argmax of the coarse voxels (0 | 2) resampled by nearest never shows."""
+  shape = (8, 2, 2)
+  geometry = io.Geometry(affine=np.diag([0.5, 1.0, 1.0, 1.0]), spacing=(0.5, 1.0, 1.0),
+                         shape=shape, axcodes=("R", "A", "S"))
+  settings = pp.PreprocessSettings(normalization=("zscore",), target_spacing=(2.0, 1.0, 1.0))
+  image = 1.0 + np.arange(np.prod(shape), dtype=np.float32).reshape((1,) + shape)
+  _, _, record = pp.preprocess_case(image, None, geometry, settings)
+  assert record.resampled_shape == (2, 2, 2) and record.lowres_axis is None
+  ramp = np.array([4.0, -4.0])[:, None, None] * np.ones((2, 2, 2))
+  logits = np.stack([ramp, np.full((2, 2, 2), 1.5), -ramp]).astype(np.float32)
+  got = pp.invert_logits(logits, record)
+  np.testing.assert_array_equal(got[:, 0, 0], [0, 0, 0, 1, 1, 2, 2, 2])
+  assert (got == got[:, :1, :1]).all()
+  np.testing.assert_array_equal(pp.invert_prediction(np.argmax(logits, 0), record)[:, 0, 0],
+                                [0, 0, 0, 0, 2, 2, 2, 2])
+  with pytest.raises(ValueError, match="not on the preprocessed grid"):
+    pp.invert_logits(logits[:, :1], record)
+
+
+def test_invert_logits_without_resampling_is_the_argmax():
+  shape = (5, 4, 3)
+  geometry = io.Geometry(affine=np.diag([-1.0, 1.0, 2.0, 1.0]), spacing=(1.0, 1.0, 2.0),
+                         shape=shape, axcodes=("L", "A", "S"))
+  settings = pp.PreprocessSettings(normalization=("zscore",))
+  image = 1.0 + np.random.default_rng(1).random((1,) + shape).astype(np.float32)
+  image[0, 0] = 0  # cropped away
+  _, _, record = pp.preprocess_case(image, None, geometry, settings)
+  logits = np.random.default_rng(0).normal(size=(3,) + record.resampled_shape).astype(np.float32)
+  got = pp.invert_logits(logits, record)
+  np.testing.assert_array_equal(got, pp.invert_prediction(np.argmax(logits, 0), record))
+  assert (got[0] == 0).all() and got.shape == shape
+
+
 def test_round_trip_with_resampling_within_nearest_neighbour():
   shape = (40, 36, 12)
   grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))

@@ -143,7 +143,8 @@ def test_folds_run_through_the_front_door(tmp_path, capsys):
 
 
 def _check_fold_ensemble(root, workdir, tmp_path):
-  """predict --folds: the ensemble's probabilities are the mean of the folds' own."""
+  """predict --folds: the ensemble's logits are the mean of the folds' own (nnU-Net's rule), so
+  its probabilities are the folds' normalised geometric mean (no resampling on this grid)."""
   from jaxseg import predict
   scan = root / "imagesTr" / "case_0_0000.nii.gz"
   probs = []
@@ -156,7 +157,8 @@ def _check_fold_ensemble(root, workdir, tmp_path):
                        "--output", str(tmp_path / "ens"), "--save-probabilities",
                        "--no-tta", "--no-postprocessing"]) == 0
   ens = np.load(tmp_path / "ens" / "case_0.npz")["probabilities"]
-  np.testing.assert_allclose(ens, (probs[0] + probs[1]) / 2, atol=1e-6)
+  geometric = np.sqrt(probs[0] * probs[1])
+  np.testing.assert_allclose(ens, geometric / geometric.sum(0), atol=1e-6)
   label = np.asarray(nib.load(str(tmp_path / "ens" / "case_0.nii.gz")).dataobj)
   np.testing.assert_array_equal(label, np.argmax(ens, axis=0))
   # By default the cross-validation's post-processing choice is applied to that label map.
