@@ -40,6 +40,7 @@ import time
 from typing import Any
 
 import numpy as np
+from scipy import special
 
 from jaxseg import atomic, postprocessing
 from jaxseg.data import io
@@ -336,15 +337,9 @@ def predict_case(run, paths, *, tta: bool = True, keep_largest: bool = False,
   if keep_largest or min_size > 1:
     label = postprocessing.postprocess_label(label, values[1:], keep_largest=keep_largest,
                                              min_size=min_size)
-  prob_out = (pp.invert_probabilities(np.moveaxis(_softmax(logits), -1, 0), record)
+  prob_out = (pp.invert_probabilities(np.moveaxis(special.softmax(logits, axis=-1), -1, 0), record)
               if probabilities else None)
   return label, geometry, prob_out
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  """Softmax over the last axis, float32."""
-  z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def save_npz_atomic(path, **arrays) -> None:
