@@ -275,14 +275,24 @@ def resample_label(label: np.ndarray, new_shape: Sequence[int], *,
 
 
 def _onehot_resample(label, new_shape, *, order, axis=None):
-  best = np.full(new_shape, -np.inf, np.float32)
-  out = np.zeros(new_shape, np.int16)
-  for value in np.unique(label):
-    weight = _resample((label == value).astype(np.float32), new_shape, order,
-                       order, axis)
-    better = weight > best
+  values = np.unique(label)
+  return _argmax_resampled(
+      ((label == v).astype(np.float32) for v in values), values,
+      lambda m: _resample(m, new_shape, order, order, axis))
+
+
+def _argmax_resampled(maps, values, resample) -> np.ndarray:
+  """int16 ``values[k]`` of the map ``k`` that is largest after ``resample``, voxel by voxel
+  (the first on ties); resamples and holds one map at a time."""
+  best = out = None
+  for value, m in zip(values, maps):
+    r = resample(m)
+    if best is None:
+      best, out = r, np.full(r.shape, value, np.int16)
+      continue
+    better = r > best
     out[better] = value
-    best = np.where(better, weight, best)
+    best = np.where(better, r, best)
   return out
 
 
@@ -465,16 +475,10 @@ def invert_logits(logits: np.ndarray, record: PreprocessRecord) -> np.ndarray:
                      f"grid {record.resampled_shape}")
   if tuple(record.resampled_shape) == tuple(record.cropped_shape):
     return _uncrop(np.argmax(logits, axis=0).astype(np.int16), record)
-  classes = np.zeros(record.cropped_shape, np.int16)
-  best = None
-  for k, z in enumerate(logits):
-    z = _resample(np.asarray(z, np.float32), record.cropped_shape, 1, 0, record.lowres_axis)
-    if best is None:
-      best = z
-      continue
-    better = z > best
-    classes[better] = k
-    best = np.where(better, z, best)
+  classes = _argmax_resampled(
+      logits, range(len(logits)),
+      lambda z: _resample(np.asarray(z, np.float32), record.cropped_shape, 1, 0,
+                          record.lowres_axis))
   return _uncrop(classes, record)
 
 
