@@ -4,11 +4,11 @@
 their order, probabilities and ranges follow `nnUNetTrainer.get_training_transforms`
 (batchgeneratorsv2): spatial (rotation, scaling, optional elastic deformation) -> Gaussian
 noise -> Gaussian blur -> multiplicative brightness -> contrast -> low-resolution simulation
--> inverted gamma -> gamma -> mirroring. Images are interpolated linearly and labels by
-nearest neighbour (`jax.scipy.ndimage.map_coordinates`, edge values outside the patch), on the
-same coordinates, so they stay aligned. Not reproduced: nnU-Net's "dummy 2D" spatial
-augmentation for anisotropic 3D patches (in-plane rotation only) and its smaller rotation range
-for elongated 2D patches; the label is resampled by nearest neighbour, not one-hot linear.
+-> inverted gamma -> gamma -> mirroring. Images are interpolated linearly
+(`jax.scipy.ndimage.map_coordinates`) and labels one-hot linearly as nnU-Net's
+(`sample_label`), on the same coordinates with edge values outside the patch, so they stay
+aligned. Not reproduced: nnU-Net's "dummy 2D" spatial augmentation for anisotropic 3D patches
+(in-plane rotation only) and its smaller rotation range for elongated 2D patches.
 
 Cost: under `vmap` a per-example `cond` would evaluate both branches, so each transform is a
 batch-level `lax.cond` that runs it (vmapped) only on steps where at least one example of the
@@ -21,7 +21,10 @@ Every public per-example function takes an image `(*spatial, C)` and/or label `(
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -143,9 +146,9 @@ def spatial_transform(image, label, *, angles, scale, displacement=None, out_sha
   Output voxel `x` samples the input at `R(angles) * scale * (x - c_out) + c_in
   (+ displacement[x])`, c the centres (scale > 1 zooms out, as batchgeneratorsv2's
   SpatialTransform); with no rotation and scale 1 that is the centre crop. Image channels are
-  interpolated linearly, the label by nearest neighbour, both with
-  `jax.scipy.ndimage.map_coordinates(mode='nearest')` (edge values outside the input: a
-  sampler that cuts `context_size` patches keeps that rare).
+  interpolated linearly with `jax.scipy.ndimage.map_coordinates(mode='nearest')`, the label by
+  `sample_label`, both with edge values outside the input (a sampler that cuts
+  `context_size` patches keeps that rare).
 
   Args:
     image: float (*S, C); label: integer (*S).
@@ -169,8 +172,44 @@ def spatial_transform(image, label, *, angles, scale, displacement=None, out_sha
   coords = list(coords)
   warp = jax.vmap(lambda ch: jndi.map_coordinates(ch, coords, order=1, mode="nearest"),
                   in_axes=-1, out_axes=-1)
-  new_label = jndi.map_coordinates(label, coords, order=0, mode="nearest")
-  return warp(image).astype(image.dtype), new_label.astype(label.dtype)
+  return warp(image).astype(image.dtype), sample_label(label, coords)
+
+
+def sample_label(label, coords):
+  """The label at `coords` as batchgeneratorsv2's SpatialTransform samples nnU-Net's
+  segmentations (`mode_seg='bilinear'`, `seg_tiebreak='nearest'`): every label's indicator
+  interpolated linearly, scored as float16 of 1000x that weight (as there, so near ties are
+  ties), the top score wins; a tie goes to the nearest neighbour's label where it is among the
+  tied, else to the smallest tied label.
+
+  Computed from the 2^nd grid corners around each point, a label scoring the summed weights of
+  the corners that hold it, so the cost does not grow with the number of classes. Indices past
+  the edge are clamped (edge values), as `map_coordinates(mode='nearest')`.
+
+  Args:
+    label: integer (*S).
+    coords: nd float arrays of one output shape, input voxel coordinates per axis.
+  Returns:
+    label's dtype, the coords' shape.
+  """
+  lo = [jnp.floor(c) for c in coords]
+  frac = [c - f for c, f in zip(coords, lo)]
+  lo = [f.astype(jnp.int32) for f in lo]
+  labels, weights = [], []
+  for corner in itertools.product((0, 1), repeat=label.ndim):
+    index = tuple(jnp.clip(f + o, 0, n - 1) for f, o, n in zip(lo, corner, label.shape))
+    labels.append(label[index])
+    weights.append(functools.reduce(operator.mul,
+                                    [t if o else 1 - t for t, o in zip(frac, corner)]))
+  labels, weights = jnp.stack(labels), jnp.stack(weights)
+  scores = jnp.stack([jnp.where(labels == lab, weights, 0).sum(0) for lab in labels])
+  scores = (scores * 1000).astype(jnp.float16)
+  top = scores.max(0)
+  tied = scores == top
+  nearest = jndi.map_coordinates(label, coords, order=0, mode="nearest").astype(label.dtype)
+  nearest_tied = jnp.any(tied & (labels == nearest), axis=0)
+  smallest = jnp.where(tied, labels, jnp.iinfo(label.dtype).max).min(0)
+  return jnp.where(nearest_tied, nearest, smallest).astype(label.dtype)
 
 
 def smooth_displacement(noise, *, sigma, magnitude):

@@ -130,6 +130,62 @@ def test_rotation_by_90_degrees_is_rot90_and_scaling_matches_scipy():
   np.testing.assert_allclose(np.asarray(im)[..., 0], ref, atol=1e-5)
 
 
+def test_sample_label_takes_the_label_with_the_most_linear_weight():
+  lab = jnp.asarray([[1, 2], [3, 3]], jnp.int32)
+
+  def at(*point, label=lab):
+    return int(A.sample_label(label, [jnp.asarray([c], jnp.float32) for c in point])[0])
+
+  # At (0.4, 0.4) the corners weigh 0.36 (label 1), 0.24 (2), 0.24 + 0.16 = 0.40 (3): the
+  # two corners of label 3 outweigh the nearest corner, which holds 1.
+  assert at(0.4, 0.4) == 3
+  assert at(0.2, 0.2) == 1  # 0.64 for label 1 against 0.16 + 0.04 for label 3
+  assert at(0.0, 0.9) == 2 and at(0.9, 0.5) == 3  # grid-aligned rows: plain linear weights
+  # Ties: 0.5 each at (0.5, 0.5) of [[1, 2], [1, 2]]; the nearest neighbour (rounded half
+  # away from zero: (1, 1)) holds 2, a tied label, so 2.
+  assert at(0.5, 0.5, label=jnp.asarray([[1, 2], [1, 2]], jnp.int32)) == 2
+  # Four labels at 0.25 each: the nearest (1, 1) holds 4.
+  assert at(0.5, 0.5, label=jnp.asarray([[1, 2], [3, 4]], jnp.int32)) == 4
+  # At (0.5, 0.25) of [[1, 2], [3, 1]] label 1 holds corners (0, 0) and (1, 1): 0.375 + 0.125
+  # = 0.5, against 0.125 for 2 and 0.375 for 3, so 1, though the nearest, (1, 0), holds 3.
+  assert at(0.5, 0.25, label=jnp.asarray([[1, 2], [3, 1]], jnp.int32)) == 1
+  # Near ties are ties (float16 of 1000x the weight): 0.50001 against 0.49999 goes to the
+  # nearest neighbour, (1, 1) here, which holds 1.
+  assert at(0.50001, 0.5, label=jnp.asarray([[2, 2], [1, 1]], jnp.int32)) == 1
+  # Past the edge the indices are clamped: far outside is the edge voxel's label.
+  assert at(-3.0, 5.0) == 2
+
+
+def test_sample_label_matches_batchgeneratorsv2():
+  torch = pytest.importorskip("torch")
+  spatial = pytest.importorskip("batchgeneratorsv2.transforms.spatial.spatial")
+  rng = np.random.default_rng(4)
+  # Four labels in smooth blobs (so boundaries meet at junctions), a rotated and zoomed grid
+  # inside the volume (nnU-Net's sampler cuts context so that its grid stays inside too).
+  shape, out = (20, 18, 16), (12, 12, 10)
+  noise = ndimage.gaussian_filter(rng.normal(size=(4,) + shape), (0, 2, 2, 2))
+  label = np.argmax(noise, 0).astype(np.int16)
+  angles = np.array([0.3, -0.2, 0.25])
+  c_in = (np.array(shape) - 1) / 2
+  c_out = (np.array(out) - 1) / 2
+  grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in out], indexing="ij"))
+  matrix = np.asarray(A.rotation_matrix(jnp.asarray(angles, jnp.float32))) * 0.9
+  coords = np.einsum("ij,j...->i...", matrix, grid - c_out[:, None, None, None]) \
+      + c_in[:, None, None, None]
+  assert coords.min() > 0 and (coords.max(axis=(1, 2, 3)) < np.array(shape) - 1).all()
+  ours = np.asarray(A.sample_label(jnp.asarray(label), list(jnp.asarray(coords, jnp.float32))))
+  # grid_sample's grid: (x, y, z) = the last axis first, normalised for align_corners=False.
+  norm = [(2 * coords[a] + 1) / shape[a] - 1 for a in range(3)]
+  theirs_grid = torch.from_numpy(np.stack(norm[::-1], -1).astype(np.float32))
+  t = spatial.SpatialTransform(out, 0, False, p_elastic_deform=0, p_rotation=0, p_scaling=0,
+                               bg_style_seg_sampling=False, border_mode_seg="constant",
+                               padding_value_seg=-1)
+  theirs = t._apply_to_segmentation(torch.from_numpy(label)[None], grid=theirs_grid)[0].numpy()
+  nearest = ndimage.map_coordinates(label, coords, order=0, mode="nearest")
+  assert (theirs != nearest).sum() > 20  # the one-hot rule is not the nearest neighbour here
+  np.testing.assert_array_equal(ours, theirs)
+
+
 @pytest.mark.parametrize("sigmas", [(0.5, 0.7, 1.0), (1.0, 1.0, 1.0), (0.6, 0.9, 0.55)])
 def test_gaussian_blur_matches_scipy(sigmas):
   x = np.random.default_rng(2).normal(size=(12, 10, 9)).astype(np.float32)
