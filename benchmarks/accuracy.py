@@ -7,6 +7,8 @@ the same folds and the same training time per fold, both scored by `jaxseg.evalu
         --configuration 2d --minutes 10 --workdir runs/accuracy/em
     python benchmarks/accuracy.py ... --network resenc_m --systems jaxseg
                              # jaxseg's ResEnc preset (jaxseg_resenc_m/), added to the same table
+    python benchmarks/accuracy.py ... --dtype bfloat16 --systems jaxseg
+                             # jaxseg in mixed precision (jaxseg_bfloat16/), the same table
 
 Plans. Both plan the dataset with nnU-Net's rules for the same memory budget (`--memory-gb`,
 default 0.5 GB, jaxseg's CPU default): jaxseg through `configs/auto.py` (`plan.memory_gb`),
@@ -109,7 +111,7 @@ def _jaxseg_args(a, workdir, fold, steps) -> list:
           f"--config.data.fold={fold}", f"--config.train.num_steps={steps}",
           f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}",
           f"--config.train.log_every={max(1, min(25, steps // 8))}", f"--config.seed={a.seed}",
-          f"--config.train.time_limit_min={a.minutes}"]
+          f"--config.train.time_limit_min={a.minutes}", f"--config.model.dtype={a.dtype}"]
 
 
 def _done(path: pathlib.Path) -> dict | None:
@@ -470,6 +472,8 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", type=pathlib.Path, required=True)
   p.add_argument("--configuration", default="3d_fullres", choices=("3d_fullres", "2d"))
   p.add_argument("--network", default="plain", help="jaxseg's plan.network (plain, resenc_m, ...)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="jaxseg's model.dtype (compute dtype of convolutions and activations)")
   p.add_argument("--minutes", type=float, default=10.0, help="training minutes per fold and system")
   p.add_argument("--memory-gb", type=float, default=0.5, help="the plans' memory budget")
   p.add_argument("--systems", default="jaxseg,nnunet")
@@ -496,8 +500,9 @@ def main(argv=None) -> int:
   for system in a.systems.split(","):
     t0 = time.time()
     side = jaxseg_side if system == "jaxseg" else nnunet_side
-    if system == "jaxseg" and a.network != "plain":  # beside the plain U-Net's results
-      system = f"jaxseg_{a.network}"
+    if system == "jaxseg":  # other networks and dtypes beside the plain float32 U-Net's results
+      system = "_".join(["jaxseg"] + [a.network] * (a.network != "plain")
+                        + [a.dtype] * (a.dtype != "float32"))
     result[system] = _with_postprocessing(a, side(a, splits, a.workdir / system), a.workdir / system)
     result[system]["wall_s"] = time.time() - t0
     path.write_text(json.dumps(result, indent=1))

@@ -33,7 +33,7 @@ def _make_custom_vjp(fwd: str, dx: str, dw: str):
   emit), 'im2col' (loop of full im2col @ kernel), 'split' (loop of
   im2col over all but the last axis, last-axis taps summed after the GEMM)
   or 'onednn' (oneDNN's convolution as a custom call, `jaxseg.cpu_conv.onednn`;
-  fp32 on CPU only).
+  on CPU only, fp32, or bf16 where oneDNN has native bf16 kernels).
   """
 
   def looped(a, w, s, p, precision, kind):
@@ -114,8 +114,8 @@ def cpu_products(x_shape, kernel_shape, strides) -> tuple[str, str, str]:
 @functools.cache
 def per_layer(use_onednn: bool) -> Callable[..., Array]:
   """The 'cpu_per_layer' route, resolved: oneDNN's three products where `use_onednn` and the
-  layer is one oneDNN computes (fp32, no cropping); otherwise, per layer, the XLA products
-  `cpu_products` picks."""
+  layer is one oneDNN computes (`onednn.supports`: fp32 or native bf16, no cropping); otherwise,
+  per layer, the XLA products `cpu_products` picks."""
 
   def conv_cpu_per_layer(x, kernel, strides, pads, precision):
     if use_onednn and onednn.supports(x.dtype, pads, kernel.ndim - 2):
@@ -130,19 +130,24 @@ def per_layer(use_onednn: bool) -> Callable[..., Array]:
 def uses_onednn(device_count: int, dtype=jnp.float32) -> bool:
   """Whether 'cpu_per_layer' takes oneDNN for a model on `device_count` CPU devices computing in
   `dtype`: only on one device (with several the batch may be sharded, and XLA would gather it
-  onto every device before a custom call, which it cannot partition), only in float32, and only
-  where the custom calls are built (`onednn.available()`, which builds them on first call)."""
-  return device_count == 1 and np.dtype(dtype) == np.float32 and onednn.available()
+  onto every device before a custom call, which it cannot partition), only where the custom
+  calls are built (`onednn.available()`, which builds them on first call), and in float32, or in
+  bfloat16 where oneDNN has native bfloat16 kernels (`onednn.native_bf16`: AVX-512 bf16 or AMX;
+  elsewhere XLA's bfloat16 convolutions run, 5x slower than float32 on a 2-core Xeon)."""
+  if device_count != 1 or np.dtype(dtype) not in (np.float32, jnp.bfloat16):
+    return False
+  return onednn.available() and onednn.supports_dtype(dtype)
 
 
 def conv_onednn(x, kernel, strides, pads, precision):
   """oneDNN's forward, input gradient and filter gradient (custom calls)."""
-  del precision  # oneDNN computes fp32 convolutions in fp32.
+  del precision  # oneDNN accumulates in fp32 whatever the data type.
   if not onednn.available():
     raise RuntimeError("conv impl 'onednn' is unavailable: "
                        f'{onednn.unavailable_reason()}')
   if not onednn.supports(x.dtype, pads, kernel.ndim - 2):
-    raise ValueError(f"conv impl 'onednn' computes float32 convolutions with 1-3 spatial dims "
+    raise ValueError(f"conv impl 'onednn' computes float32 convolutions (bfloat16 ones on CPUs "
+                     f'with native bfloat16: {onednn.native_bf16()}) with 1-3 spatial dims '
                      f'and non-negative padding, not dtype {x.dtype}, {kernel.ndim - 2} dims, '
                      f'padding {pads}')
   return custom_vjp_conv('onednn', 'onednn', 'onednn')(x, kernel, strides, pads, None)
@@ -168,7 +173,8 @@ CONV_IMPLS: dict[str, Callable[..., Array]] = {
     # 'cpu_per_layer': oneDNN where available, else each layer's three
     # products chosen by shape (`cpu_products`).
     'cpu_per_layer': conv_cpu_per_layer,
-    # 'onednn': oneDNN custom calls for all three products (fp32, CPU only).
+    # 'onednn': oneDNN custom calls for all three products (CPU only; fp32, or bf16 where
+    # oneDNN has native bf16 kernels).
     'onednn': conv_onednn,
 }
 
@@ -186,17 +192,22 @@ def convolution(impl: str, *, device_count: int = 1, dtype=jnp.float32) -> Calla
   return CONV_IMPLS[impl]
 
 
-def describe_per_layer(device_count: int) -> str:
-  """What 'cpu_per_layer' runs on `device_count` devices, for the run log."""
+def describe_per_layer(device_count: int, dtype=jnp.float32) -> str:
+  """What 'cpu_per_layer' runs on `device_count` devices in `dtype`, for the run log."""
   name = 'cpu_per_layer'
   if device_count > 1:
     return f'{name} (XLA GEMM: {device_count} devices)'
-  if onednn.available():
-    if not onednn.chunked_filter_grad():
-      return f'{name} (oneDNN)'
-    return (f"{name} (oneDNN; filter gradients as chunked im2col GEMMs: oneDNN's own is slower "
-            'here, without AVX-512)')
-  return f'{name} (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})'
+  if not onednn.available():
+    return f'{name} (XLA GEMM; no oneDNN: {onednn.unavailable_reason()})'
+  if np.dtype(dtype) == jnp.bfloat16:
+    if onednn.native_bf16():
+      return f'{name} (oneDNN, bfloat16)'
+    return (f'{name} (XLA, bfloat16: oneDNN has no native bfloat16 kernels on this CPU; '
+            'float32 runs faster here)')
+  if not onednn.chunked_filter_grad():
+    return f'{name} (oneDNN)'
+  return (f"{name} (oneDNN; filter gradients as chunked im2col GEMMs: oneDNN's own is slower "
+          'here, without AVX-512)')
 
 
 def conv(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1, padding: Padding = 'SAME',

@@ -48,6 +48,9 @@ from jaxseg import atomic, cache
 
 _SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'onednn_conv.cc'
 _TARGETS = ('fwd', 'bwd_data', 'bwd_weights')
+# The custom calls' name suffix per data type: float32 ones everywhere, bfloat16 ones used only
+# where oneDNN runs them natively (`native_bf16`).
+_SUFFIX = {np.dtype(np.float32): '', np.dtype(jax.numpy.bfloat16): '_bf16'}
 _LIB_NAME = 'libjaxseg_onednn.so'
 # The child process of `self_check` (python -m ...).
 SELF_CHECK_MODULE = 'jaxseg.cpu_conv.onednn_selfcheck'
@@ -116,17 +119,20 @@ def _build() -> pathlib.Path:
 
 
 # Whether the wrapper computes filter gradients itself here, from 8 input channels (without
-# AVX-512).
+# AVX-512), and whether oneDNN has native bfloat16 kernels here.
 _chunked_filter_grad = False
+_native_bf16 = False
 
 
 def _register(path: pathlib.Path) -> None:
-  global _chunked_filter_grad
+  global _chunked_filter_grad, _native_bf16
   lib = ctypes.cdll.LoadLibrary(str(path))
   _chunked_filter_grad = bool(lib.jaxseg_onednn_chunked_filter_grad())
+  _native_bf16 = bool(lib.jaxseg_onednn_native_bf16())
   for name in _TARGETS:
-    symbol = f'jaxseg_onednn_conv_{name}'
-    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+    for suffix in _SUFFIX.values():
+      symbol = f'jaxseg_onednn_conv_{name}{suffix}'
+      jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
 
 
 # (input shape, kernel shape, strides) of the self-check: the U-Nets' kinds of
@@ -154,7 +160,15 @@ def _call_into(fn, results: dict, name: str) -> None:
 def _check_in_process() -> None:
   """Raises AssertionError unless the registered custom calls match lax on `_CHECK_CASES`
   (forward, input and filter gradient, jitted), on the main thread and on three worker threads
-  at once."""
+  at once; in float32, and where oneDNN has native bfloat16 kernels (`native_bf16`) in
+  bfloat16 too, against lax in float32 on the same bfloat16 values."""
+  for dtype in (np.float32,) + ((jax.numpy.bfloat16,) if _native_bf16 else ()):
+    for case in _CHECK_CASES:
+      _check_case(*case, dtype=np.dtype(dtype))
+
+
+def _check_case(x_shape, k_shape, strides, *, dtype) -> None:
+  """One case of `_check_in_process` in `dtype`."""
   import threading
   from jax import lax
 
@@ -171,34 +185,37 @@ def _check_in_process() -> None:
             conv_filter_grad(x, dy, k.shape, strides, pads))
 
   rng = np.random.default_rng(0)
-  for x_shape, k_shape, strides in _CHECK_CASES:
-    pads = tuple((k // 2, k // 2) if s == 1 else ((k - 1) // 2, k // 2)
-                 for k, s in zip(k_shape[:-2], strides))
-    out = tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi)
-                in zip(x_shape[1:-1], k_shape[:-2], strides, pads))
-    x = rng.standard_normal(x_shape, np.float32)
-    k = rng.standard_normal(k_shape, np.float32)
-    dy = rng.standard_normal((x_shape[0],) + out + (k_shape[-1],), np.float32)
-    want = jax.jit(products, static_argnums=(2, 3, 5))(x, k, strides, pads, dy, True)
-    mine = functools.partial(jax.jit(products, static_argnums=(2, 3, 5)), x, k, strides, pads, dy,
-                             False)
-    got = {'main thread': jax.block_until_ready(mine())}
-    threads = [threading.Thread(target=_call_into, args=(mine, got, f'worker thread {i}'))
-               for i in range(3)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-    if len(got) != 1 + len(threads):
-      raise AssertionError(f'no result from a worker thread for input {x_shape}, kernel {k_shape}')
-    for where, values in got.items():
-      for name, a, b in zip(('forward', 'input gradient', 'filter gradient'), values, want):
-        a, b = np.asarray(a), np.asarray(b)
-        scale = float(np.abs(b).max()) or 1.0
-        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4 * scale):
-          raise AssertionError(
-              f'{name} of input {x_shape} * kernel {k_shape}, strides {strides}, on the {where} '
-              f'differs from lax by up to {float(np.abs(a - b).max()):.3g} (scale {scale:.3g})')
+  pads = tuple((k // 2, k // 2) if s == 1 else ((k - 1) // 2, k // 2)
+               for k, s in zip(k_shape[:-2], strides))
+  out = tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi)
+              in zip(x_shape[1:-1], k_shape[:-2], strides, pads))
+  # The same values in `dtype` for the custom calls and in float32 for lax.
+  x, k, dy = (rng.standard_normal(shape, np.float32).astype(dtype)
+              for shape in (x_shape, k_shape, (x_shape[0],) + out + (k_shape[-1],)))
+  as32 = lambda *a: [v.astype(np.float32) for v in a]  # noqa: E731
+  want = jax.jit(products, static_argnums=(2, 3, 5))(*as32(x, k), strides, pads, *as32(dy), True)
+  mine = functools.partial(jax.jit(products, static_argnums=(2, 3, 5)), x, k, strides, pads, dy,
+                           False)
+  got = {'main thread': jax.block_until_ready(mine())}
+  threads = [threading.Thread(target=_call_into, args=(mine, got, f'worker thread {i}'))
+             for i in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if len(got) != 1 + len(threads):
+    raise AssertionError(f'no result from a worker thread for input {x_shape}, kernel {k_shape}')
+  # bfloat16 results are float32 sums rounded to 8 significant bits (relative error 2^-9).
+  rtol, atol = (1e-3, 1e-4) if dtype == np.float32 else (1e-2, 1e-2)
+  for where, values in got.items():
+    for name, a, b in zip(('forward', 'input gradient', 'filter gradient'), values, want):
+      a, b = np.asarray(a).astype(np.float32), np.asarray(b)
+      scale = float(np.abs(b).max()) or 1.0
+      if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol * scale):
+        raise AssertionError(
+            f'{dtype} {name} of input {x_shape} * kernel {k_shape}, strides {strides}, on the '
+            f'{where} differs from lax by up to {float(np.abs(a - b).max()):.3g} '
+            f'(scale {scale:.3g})')
 
 
 def _flags_line() -> str:
@@ -294,6 +311,13 @@ def chunked_filter_grad() -> bool:
   return available() and _chunked_filter_grad
 
 
+def native_bf16() -> bool:
+  """Whether the bfloat16 custom calls run here: oneDNN has native bfloat16 kernels on CPUs with
+  AVX-512's bfloat16 instructions or AMX (not capped below them by ONEDNN_MAX_CPU_ISA); elsewhere
+  it would emulate them or have none."""
+  return available() and _native_bf16
+
+
 def unavailable_reason() -> str | None:
   """Why `available()` is False (None when it is True or was not asked yet)."""
   return _reason
@@ -305,28 +329,39 @@ def _attrs(strides: Sequence[int], pads: Sequence[tuple[int, int]]) -> dict:
               pad_hi=np.asarray([hi for _, hi in pads], np.int64))
 
 
+def supports_dtype(dtype) -> bool:
+  """Whether the custom calls compute in `dtype`: float32, or bfloat16 where `native_bf16`."""
+  dtype = np.dtype(dtype)
+  return dtype == np.float32 or (dtype == jax.numpy.bfloat16 and native_bf16())
+
+
 def supports(x_dtype, pads: Sequence[tuple[int, int]], spatial_dims: int) -> bool:
-  """Whether the custom calls compute this convolution: fp32, 1-3 spatial dims, no cropping."""
-  return (np.dtype(x_dtype) == np.float32 and 1 <= spatial_dims <= 3
+  """Whether the custom calls compute this convolution: float32 (or bfloat16, `supports_dtype`),
+  1-3 spatial dims, no cropping."""
+  return (supports_dtype(x_dtype) and 1 <= spatial_dims <= 3
           and all(lo >= 0 and hi >= 0 for lo, hi in pads))
+
+
+def _target(name: str, dtype) -> str:
+  return f'jaxseg_onednn_conv_{name}{_SUFFIX[np.dtype(dtype)]}'
 
 
 def conv_fwd(x, kernel, strides, pads, out_spatial):
   """(N, *sp, C_in) * (*ks, C_in, C_out) -> (N, *out_spatial, C_out), as lax.conv_general_dilated."""
   shape = (x.shape[0],) + tuple(out_spatial) + (kernel.shape[-1],)
-  return jax.ffi.ffi_call('jaxseg_onednn_conv_fwd', jax.ShapeDtypeStruct(shape, x.dtype),
+  return jax.ffi.ffi_call(_target('fwd', x.dtype), jax.ShapeDtypeStruct(shape, x.dtype),
                           vmap_method='sequential')(x, kernel, **_attrs(strides, pads))
 
 
 def conv_input_grad(dy, kernel, x_shape, strides, pads):
   """Gradient of `conv_fwd` with respect to its input, for output cotangent dy."""
-  return jax.ffi.ffi_call('jaxseg_onednn_conv_bwd_data', jax.ShapeDtypeStruct(tuple(x_shape), dy.dtype),
+  return jax.ffi.ffi_call(_target('bwd_data', dy.dtype), jax.ShapeDtypeStruct(tuple(x_shape), dy.dtype),
                           vmap_method='sequential')(dy, kernel, **_attrs(strides, pads))
 
 
 def conv_filter_grad(x, dy, kernel_shape, strides, pads):
   """Gradient of `conv_fwd` with respect to its kernel, for output cotangent dy."""
-  return jax.ffi.ffi_call('jaxseg_onednn_conv_bwd_weights',
+  return jax.ffi.ffi_call(_target('bwd_weights', x.dtype),
                           jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
                           vmap_method='sequential')(x, dy, **_attrs(strides, pads))
 

@@ -148,5 +148,5 @@ def conv_impl_name(model_config, *, platform: str | None = None,
   name = default_conv_impl(platform, model_config.spatial_dims)
   if name == "cpu_per_layer":
     from jaxseg import cpu_conv  # noqa: PLC0415
-    name = cpu_conv.describe_per_layer(device_count)
+    name = cpu_conv.describe_per_layer(device_count, model_config.get("dtype", "float32"))
   return f"{name}/{default_conv_transpose_impl(platform)}"

@@ -118,10 +118,18 @@ bool HasAvx512() {
   return (static_cast<int>(dnnl::get_effective_cpu_isa()) & 0x20) != 0;
 }
 
-std::string Key(Kind k, const memory::dims& x, const memory::dims& w,
+// Whether oneDNN runs bfloat16 convolutions natively here: AVX-512 with its
+// bfloat16 instructions (avx512_core_bf16) or AMX. Elsewhere it would emulate
+// them, or have no kernel at all (AVX2).
+bool HasNativeBf16() {
+  constexpr int kBf16 = static_cast<int>(dnnl::cpu_isa::avx512_core_bf16);
+  return (static_cast<int>(dnnl::get_effective_cpu_isa()) & kBf16) == kBf16;
+}
+
+std::string Key(Kind k, memory::data_type dt, const memory::dims& x, const memory::dims& w,
                 const memory::dims& y, const memory::dims& s,
                 const memory::dims& lo, const memory::dims& hi) {
-  std::string key = std::to_string(k);
+  std::string key = std::to_string(k) + ':' + std::to_string(static_cast<int>(dt));
   for (const auto* v : {&x, &w, &y, &s, &lo, &hi}) {
     key += '|';
     for (auto i : *v) key += std::to_string(i) + ',';
@@ -130,20 +138,21 @@ std::string Key(Kind k, const memory::dims& x, const memory::dims& w,
 }
 
 // One primitive per (kind, shapes, strides, pads), made on first use.
-Entry& Get(Kind kind, const memory::dims& xd, const memory::dims& wd,
+Entry& Get(Kind kind, memory::data_type dt, const memory::dims& xd, const memory::dims& wd,
            const memory::dims& yd, const memory::dims& s,
            const memory::dims& lo, const memory::dims& hi) {
   static std::mutex mu;
   static std::unordered_map<std::string, std::unique_ptr<Entry>> cache;
-  std::string key = Key(kind, xd, wd, yd, s, lo, hi);
+  std::string key = Key(kind, dt, xd, wd, yd, s, lo, hi);
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it != cache.end()) return *it->second;
 
   int nd = static_cast<int>(xd.size()) - 2;
-  auto f32 = memory::data_type::f32;
-  memory::desc x_md(xd, f32, DataTag(nd)), y_md(yd, f32, DataTag(nd));
-  memory::desc w_any(wd, f32, tag::any), w_user(wd, f32, KernelTag(nd));
+  // Data, kernel and gradients all in `dt` (f32 or bf16); oneDNN accumulates
+  // in f32 either way.
+  memory::desc x_md(xd, dt, DataTag(nd)), y_md(yd, dt, DataTag(nd));
+  memory::desc w_any(wd, dt, tag::any), w_user(wd, dt, KernelTag(nd));
   memory::dims dil(nd, 0);
   auto& eng = Engine();
   auto attr = UserScratchpad();
@@ -179,7 +188,7 @@ Entry& Get(Kind kind, const memory::dims& xd, const memory::dims& wd,
   return *cache.emplace(key, std::move(e)).first->second;
 }
 
-ffi::Error Run(Kind kind, void* x, void* w, void* y,
+ffi::Error Run(Kind kind, memory::data_type dt, void* x, void* w, void* y,
                ffi::Span<const int64_t> x_shape,
                ffi::Span<const int64_t> w_shape,
                ffi::Span<const int64_t> y_shape,
@@ -189,15 +198,13 @@ ffi::Error Run(Kind kind, void* x, void* w, void* y,
   try {
     memory::dims xd = DataDims(x_shape), wd = KernelDims(w_shape),
                  yd = DataDims(y_shape);
-    Entry& e = Get(kind, xd, wd, yd, ToDims(strides), ToDims(pad_lo),
+    Entry& e = Get(kind, dt, xd, wd, yd, ToDims(strides), ToDims(pad_lo),
                    ToDims(pad_hi));
     auto& eng = Engine();
     dnnl::stream strm(eng);
-    memory x_m(memory::desc(xd, memory::data_type::f32,
-                            DataTag(static_cast<int>(xd.size()) - 2)),
+    memory x_m(memory::desc(xd, dt, DataTag(static_cast<int>(xd.size()) - 2)),
                eng, x);
-    memory y_m(memory::desc(yd, memory::data_type::f32,
-                            DataTag(static_cast<int>(yd.size()) - 2)),
+    memory y_m(memory::desc(yd, dt, DataTag(static_cast<int>(yd.size()) - 2)),
                eng, y);
     // One thread-local buffer holds, 64-byte aligned one after the other: the
     // scratchpad (shared by the convolution and the kernel's reorder, which
@@ -244,21 +251,28 @@ ffi::Error Run(Kind kind, void* x, void* w, void* y,
   return ffi::Error::Success();
 }
 
-ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-               ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
-               ffi::Span<const int64_t> pad_lo,
-               ffi::Span<const int64_t> pad_hi) {
-  return Run(kFwd, x.untyped_data(), w.untyped_data(), y->untyped_data(),
-             x.dimensions(), w.dimensions(), y->dimensions(), strides, pad_lo,
-             pad_hi);
+template <ffi::DataType T>
+constexpr memory::data_type DnnlType() {
+  return T == ffi::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
 }
 
-ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> dx,
+template <ffi::DataType T>
+ffi::Error Fwd(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> y,
+               ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> pad_lo,
+               ffi::Span<const int64_t> pad_hi) {
+  return Run(kFwd, DnnlType<T>(), x.untyped_data(), w.untyped_data(),
+             y->untyped_data(), x.dimensions(), w.dimensions(),
+             y->dimensions(), strides, pad_lo, pad_hi);
+}
+
+template <ffi::DataType T>
+ffi::Error BwdData(ffi::Buffer<T> dy, ffi::Buffer<T> w,
+                   ffi::ResultBuffer<T> dx,
                    ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> pad_lo,
                    ffi::Span<const int64_t> pad_hi) {
-  return Run(kBwdData, dx->untyped_data(), w.untyped_data(),
+  return Run(kBwdData, DnnlType<T>(), dx->untyped_data(), w.untyped_data(),
              dy.untyped_data(), dx->dimensions(), w.dimensions(),
              dy.dimensions(), strides, pad_lo, pad_hi);
 }
@@ -381,14 +395,16 @@ bool ChunkedFilterGrad(const float* x, const float* dy, float* dw,
 // kernels are the measured default.
 bool UseChunkedFilterGrad() { return !HasAvx512(); }
 
-ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                      ffi::ResultBuffer<ffi::F32> dw,
+template <ffi::DataType T>
+ffi::Error BwdWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy,
+                      ffi::ResultBuffer<T> dw,
                       ffi::Span<const int64_t> strides,
                       ffi::Span<const int64_t> pad_lo,
                       ffi::Span<const int64_t> pad_hi) {
   // Below 8 input channels (a first layer) the block's copies of 1-4 values
-  // cost more than oneDNN's own kernel: it stays.
-  if (UseChunkedFilterGrad() && x.dimensions().back() >= 8) {
+  // cost more than oneDNN's own kernel: it stays. bfloat16 runs only where
+  // oneDNN has native kernels for it, which are AVX-512 ones.
+  if (T == ffi::F32 && UseChunkedFilterGrad() && x.dimensions().back() >= 8) {
     try {
       if (!ChunkedFilterGrad(static_cast<const float*>(x.untyped_data()),
                              static_cast<const float*>(dy.untyped_data()),
@@ -403,20 +419,20 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     }
     return ffi::Error::Success();
   }
-  return Run(kBwdWeights, x.untyped_data(), dw->untyped_data(),
+  return Run(kBwdWeights, DnnlType<T>(), x.untyped_data(), dw->untyped_data(),
              dy.untyped_data(), x.dimensions(), dw->dimensions(),
              dy.dimensions(), strides, pad_lo, pad_hi);
 }
 
 }  // namespace
 
-#define JAXSEG_CONV_HANDLER(symbol, fn)                       \
+#define JAXSEG_CONV_HANDLER(symbol, fn, T)                    \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                              \
-      symbol, fn,                                             \
+      symbol, fn<T>,                                          \
       ffi::Ffi::Bind()                                        \
-          .Arg<ffi::Buffer<ffi::F32>>()                       \
-          .Arg<ffi::Buffer<ffi::F32>>()                       \
-          .Ret<ffi::Buffer<ffi::F32>>()                       \
+          .Arg<ffi::Buffer<T>>()                              \
+          .Arg<ffi::Buffer<T>>()                              \
+          .Ret<ffi::Buffer<T>>()                              \
           .Attr<ffi::Span<const int64_t>>("strides")          \
           .Attr<ffi::Span<const int64_t>>("pad_lo")           \
           .Attr<ffi::Span<const int64_t>>("pad_hi"));
@@ -432,7 +448,13 @@ extern "C" int jaxseg_onednn_chunked_filter_grad() {
   return UseChunkedFilterGrad() ? 1 : 0;
 }
 
+// Whether the bfloat16 custom calls may be used here (`HasNativeBf16`).
+extern "C" int jaxseg_onednn_native_bf16() { return HasNativeBf16() ? 1 : 0; }
+
 // Arguments: (x, kernel) -> y; (dy, kernel) -> dx; (x, dy) -> dkernel.
-JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_fwd, Fwd)
-JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_bwd_data, BwdData)
-JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_bwd_weights, BwdWeights)
+JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_fwd, Fwd, ffi::F32)
+JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_bwd_data, BwdData, ffi::F32)
+JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_bwd_weights, BwdWeights, ffi::F32)
+JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_fwd_bf16, Fwd, ffi::BF16)
+JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_bwd_data_bf16, BwdData, ffi::BF16)
+JAXSEG_CONV_HANDLER(jaxseg_onednn_conv_bwd_weights_bf16, BwdWeights, ffi::BF16)
