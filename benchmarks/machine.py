@@ -12,8 +12,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def cpu_info() -> dict:
-  """{'cpu': model name, 'avx2': bool, 'avx512f': bool, 'cores': usable cores} from /proc/cpuinfo
-  (the platform's processor string where there is none)."""
+  """{'cpu': model name, 'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16': bools, 'cores': usable
+  cores} from /proc/cpuinfo (the platform's processor string where there is none). The bf16
+  flags decide whether oneDNN runs bfloat16 convolutions natively."""
   model, flags = "", ""
   try:
     for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -26,7 +27,8 @@ def cpu_info() -> dict:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   words = set(flags.split())
   return {"cpu": model or platform.processor(), "avx2": "avx2" in words,
-          "avx512f": "avx512f" in words, "cores": cores}
+          "avx512f": "avx512f" in words, "avx512_bf16": "avx512_bf16" in words,
+          "amx_bf16": "amx_bf16" in words, "cores": cores}
 
 
 def cpu_model() -> str:

@@ -93,8 +93,12 @@ def test_cpu_default_is_resolved_for_the_mesh_not_the_process(monkeypatch):
   assert one.conv.keywords["convolution"] is dispatch.per_layer(True)
   two = build.build_model(cfg, num_classes=2, platform="cpu", device_count=2)
   assert two.conv.keywords["convolution"] is dispatch.per_layer(False)
-  bf16 = build.build_model({**cfg, "dtype": "bfloat16"}, num_classes=2, platform="cpu", device_count=1)
-  assert bf16.conv.keywords["convolution"] is dispatch.per_layer(False)
+  # bfloat16 takes oneDNN only where it has native bfloat16 kernels (AVX-512 bf16 or AMX).
+  for native in (False, True):
+    monkeypatch.setattr(onednn, "native_bf16", lambda native=native: native)
+    bf16 = build.build_model({**cfg, "dtype": "bfloat16"}, num_classes=2, platform="cpu",
+                             device_count=1)
+    assert bf16.conv.keywords["convolution"] is dispatch.per_layer(native)
   # Built twice, the same model: modules compare (and hash) equal.
   assert build.build_model(cfg, num_classes=2, platform="cpu", device_count=1) == one
   assert hash(build.build_model(cfg, num_classes=2, platform="cpu", device_count=1)) == hash(one)

@@ -173,7 +173,7 @@ def _custom_calls(fn, *args):
 
 
 @needs_onednn
-def test_cpu_per_layer_takes_onednn_for_fp32_only(monkeypatch):
+def test_cpu_per_layer_takes_onednn_for_fp32(monkeypatch):
   x, w, rng = _random((2, 6, 5, 4, 3), (3, 3, 3, 3, 4))
   dy = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 4)), jnp.float32)
   vg = lambda pad: functools.partial(  # noqa: E731
@@ -184,9 +184,7 @@ def test_cpu_per_layer_takes_onednn_for_fp32_only(monkeypatch):
   assert _custom_calls(vg('SAME'), x2, w2, dy2) == {'fwd', 'bwd_data', 'bwd_weights'}
   got = jax.jit(vg('SAME'))(x, w, dy)
   _assert_close(got, _value_and_grads(lambda a, b: _reference(a, b, 1, 'SAME'), x, w, dy))
-  # bf16 and cropping (negative) pads stay on the XLA route, and still match lax.
-  xb, wb, dyb = (a.astype(jnp.bfloat16) for a in (x, w, dy))
-  assert _custom_calls(vg('SAME'), xb, wb, dyb) == set()
+  # Cropping (negative) pads stay on the XLA route, and still match lax.
   crop = ((-1, 1), (1, 1), (0, 2))
   dy_crop = dy[:, :4]
   assert _custom_calls(vg(crop), x, w, dy_crop) == set()
@@ -195,15 +193,53 @@ def test_cpu_per_layer_takes_onednn_for_fp32_only(monkeypatch):
   _assert_close(got, want)
 
 
-def test_cpu_per_layer_for_bfloat16_does_not_build_onednn(monkeypatch):
-  # Resolving 'cpu_per_layer' for a bfloat16 model or several devices never asks for the
-  # library (asking builds it, with g++, on first use).
+@needs_onednn
+@pytest.mark.parametrize('native', [
+    pytest.param(True, marks=pytest.mark.skipif(
+        not onednn.native_bf16(), reason='oneDNN has no native bfloat16 kernels on this CPU '
+        '(needs AVX-512 bf16 or AMX); the XLA route below is tested')),
+    False])
+@pytest.mark.parametrize('x_shape,k_shape,strides', [
+    ((2, 12, 10, 8, 8), (3, 3, 3, 8, 16), 1),    # 3D
+    ((2, 12, 10, 8, 16), (3, 3, 3, 16, 8), 2),   # 3D, stride 2
+    ((2, 20, 18, 3), (3, 3, 3, 32), 1),          # 2D, a first layer
+])
+def test_cpu_per_layer_bfloat16_takes_onednn_where_native(monkeypatch, native, x_shape, k_shape,
+                                                          strides):
+  # bfloat16 convolutions run in oneDNN where it has native bfloat16 kernels, else on XLA's
+  # route; either way the value and both gradients are lax's float32 ones on the same bfloat16
+  # values, up to bfloat16 rounding, measured against the largest magnitude of each result.
+  # oneDNN accumulates in float32 and rounds once (8 significant bits: <= 2^-9 of a value;
+  # allowed 2^-8); the GEMM loops of XLA's route add their partial sums in bfloat16 (measured
+  # up to 2^-7.5 here; allowed 2^-6).
+  monkeypatch.setattr(onednn, 'native_bf16', lambda: native)
+  x, w, rng = _random(x_shape, k_shape, seed=5)
+  want_y = _reference(x, w, strides, 'SAME')
+  dy = jnp.asarray(rng.standard_normal(want_y.shape), jnp.float32)
+  xb, wb, dyb = (a.astype(jnp.bfloat16) for a in (x, w, dy))
+  fn = functools.partial(_value_and_grads, functools.partial(
+      cpu_conv.conv, strides=strides, padding='SAME', impl='cpu_per_layer'))
+  assert _custom_calls(fn, xb, wb, dyb) == ({'fwd', 'bwd_data', 'bwd_weights'} if native else set())
+  got = jax.jit(fn)(xb, wb, dyb)
+  f32 = lambda *a: [v.astype(jnp.float32) for v in a]  # noqa: E731
+  want = _value_and_grads(lambda a, b: _reference(a, b, strides, 'SAME'), *f32(xb, wb, dyb))
+  for name, g, r in zip(('value', 'input gradient', 'filter gradient'), got, want):
+    assert g.dtype == jnp.bfloat16, name
+    scale = float(jnp.max(jnp.abs(r)))
+    err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)))
+    assert err <= (2 ** -8 if native else 2 ** -6) * scale, (name, err, scale)
+
+
+def test_cpu_per_layer_on_several_devices_does_not_build_onednn(monkeypatch):
+  # Resolving 'cpu_per_layer' for several devices or a float16 model never asks for the library
+  # (asking builds it, with g++, on first use).
   def fail():
     raise AssertionError('onednn.available() was called')
   monkeypatch.setattr(onednn, 'available', fail)
-  assert not cpu_conv.uses_onednn(1, jnp.bfloat16)
   assert not cpu_conv.uses_onednn(2, jnp.float32)
-  cpu_conv.convolution('cpu_per_layer', dtype=jnp.bfloat16)
+  assert not cpu_conv.uses_onednn(2, jnp.bfloat16)
+  assert not cpu_conv.uses_onednn(1, jnp.float16)
+  cpu_conv.convolution('cpu_per_layer', device_count=2)
 
 
 @needs_onednn
@@ -226,6 +262,14 @@ def test_cpu_per_layer_keeps_xla_on_several_devices(monkeypatch):
   assert _custom_calls(vg(1), x, w, dy) == {'fwd', 'bwd_data', 'bwd_weights'}
   assert _custom_calls(vg(2), x, w, dy) == set()
   assert conv_impl_name(cfg, platform='cpu', device_count=2) == 'cpu_per_layer (XLA GEMM: 2 devices)/gemm'
+  # A bfloat16 model's log line says which route its bfloat16 convolutions take.
+  cfg.dtype = 'bfloat16'
+  monkeypatch.setattr(onednn, 'native_bf16', lambda: True)
+  assert conv_impl_name(cfg, platform='cpu', device_count=1) == 'cpu_per_layer (oneDNN, bfloat16)/gemm'
+  monkeypatch.setattr(onednn, 'native_bf16', lambda: False)
+  assert conv_impl_name(cfg, platform='cpu', device_count=1) == (
+      'cpu_per_layer (XLA, bfloat16: oneDNN has no native bfloat16 kernels on this CPU; float32 '
+      'runs faster here)/gemm')
 
 
 @needs_onednn

@@ -88,17 +88,28 @@ def test_bfloat16_input_keeps_float32_statistics():
   assert 'bf16[2,64,64,3]' in jaxpr
 
 
-def test_bfloat16_unet_tracks_float32():
+@pytest.mark.parametrize('convs', ['lax', 'cpu default'])
+def test_bfloat16_unet_tracks_float32(convs):
+  # 'cpu default': the convolutions a CPU run builds (`build_model`'s 'auto'): oneDNN's bfloat16
+  # kernels where it has native ones (AVX-512 bf16, AMX), else XLA's.
+  import ml_collections
   from jaxseg import losses
-  from jaxseg.models import UNet
+  from jaxseg.models import UNet, build
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((2, 8, 8, 8, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, (2, 8, 8, 8)), jnp.int32)
   kw = dict(num_classes=3, spatial_dims=3, base_features=8, max_features=16, num_stages=2)
   params = train.init_params(UNet(**kw), seed=0, in_channels=1)
 
+  def model(dtype):
+    if convs == 'lax':
+      return UNet(**kw, dtype=dtype)
+    cfg = ml_collections.ConfigDict({'name': 'unet', 'dtype': np.dtype(dtype).name,
+                                     **{k: v for k, v in kw.items() if k != 'num_classes'}})
+    return build.build_model(cfg, num_classes=3, platform='cpu', device_count=1)
+
   def loss(dtype, p):
-    return losses.dice_ce(UNet(**kw, dtype=dtype).apply({'params': p}, x), y, num_classes=3)
+    return losses.dice_ce(model(dtype).apply({'params': p}, x), y, num_classes=3)
 
   l32, g32 = jax.jit(jax.value_and_grad(functools.partial(loss, jnp.float32)))(params)
   l16, g16 = jax.jit(jax.value_and_grad(functools.partial(loss, jnp.bfloat16)))(params)
