@@ -7,8 +7,8 @@ the same folds and the same training time per fold, both scored by `jaxseg.evalu
         --configuration 2d --minutes 10 --workdir runs/accuracy/em
     python benchmarks/accuracy.py ... --network resenc_m --systems jaxseg
                              # jaxseg's ResEnc preset (jaxseg_resenc_m/), added to the same table
-    python benchmarks/accuracy.py ... --dtype bfloat16 --systems jaxseg
-                             # jaxseg in mixed precision (jaxseg_bfloat16/), the same table
+    python benchmarks/accuracy.py ... --dtype float32 --systems jaxseg
+                             # jaxseg in a given compute dtype (jaxseg_float32/), the same table
 
 Plans. Both plan the dataset with nnU-Net's rules for the same memory budget (`--memory-gb`,
 default 0.5 GB, jaxseg's CPU default): jaxseg through `configs/auto.py` (`plan.memory_gb`),
@@ -111,7 +111,8 @@ def _jaxseg_args(a, workdir, fold, steps) -> list:
           f"--config.data.fold={fold}", f"--config.train.num_steps={steps}",
           f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}",
           f"--config.train.log_every={max(1, min(25, steps // 8))}", f"--config.seed={a.seed}",
-          f"--config.train.time_limit_min={a.minutes}", f"--config.model.dtype={a.dtype}"]
+          f"--config.train.time_limit_min={a.minutes}"] + (
+              [f"--config.model.dtype={a.dtype}"] if a.dtype else [])
 
 
 def _done(path: pathlib.Path) -> dict | None:
@@ -187,7 +188,8 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
     _run([sys.executable, "-m", "jaxseg.predict", "--workdir", wd, "--input", scans, "--output",
           pred, "--no-tta", "--checkpoint", "latest"], out / f"predict_{k}.log")
     ran = json.loads((wd / "report.json").read_text())["steps"]  # < steps if the budget ran out
-    folds.append({"fold": k, "val": split["val"], "steps": ran, "num_steps": steps,
+    dtype = json.loads((wd / "plan.json").read_text())["config"]["model"]["dtype"]
+    folds.append({"fold": k, "val": split["val"], "steps": ran, "num_steps": steps, "dtype": dtype,
                   "wall_s": time.time() - t0,
                   "train_loop_s": _steps_seconds(wd / "metrics.jsonl"), "cpu_s": cpu,
                   "commit": git_commit()})
@@ -456,6 +458,7 @@ def _table(result: dict) -> str:
     lines.append(f"\n{s}: " + "; ".join(
         f"fold {f['fold']} ({', '.join(f['val'])}): {_steps_text(f)}, train loop "
         f"{(f.get('train_loop_s') or 0) / 60:.1f} min, {f['cpu_s'] / 60:.1f} CPU-min in all"
+        + (f", {f['dtype']}" if f.get("dtype") else "")
         + (f", commit {f['commit']}" if f.get("commit") else "") for f in folds))
   if all("postprocessed" in result[s] for s in systems):
     lines.append("\nWith nnU-Net's post-processing, chosen per system on its held-out predictions "
@@ -472,8 +475,8 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", type=pathlib.Path, required=True)
   p.add_argument("--configuration", default="3d_fullres", choices=("3d_fullres", "2d"))
   p.add_argument("--network", default="plain", help="jaxseg's plan.network (plain, resenc_m, ...)")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="jaxseg's model.dtype (compute dtype of convolutions and activations)")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="jaxseg's model.dtype (default: configs/auto.py's, from the device)")
   p.add_argument("--minutes", type=float, default=10.0, help="training minutes per fold and system")
   p.add_argument("--memory-gb", type=float, default=0.5, help="the plans' memory budget")
   p.add_argument("--systems", default="jaxseg,nnunet")
@@ -500,9 +503,8 @@ def main(argv=None) -> int:
   for system in a.systems.split(","):
     t0 = time.time()
     side = jaxseg_side if system == "jaxseg" else nnunet_side
-    if system == "jaxseg":  # other networks and dtypes beside the plain float32 U-Net's results
-      system = "_".join(["jaxseg"] + [a.network] * (a.network != "plain")
-                        + [a.dtype] * (a.dtype != "float32"))
+    if system == "jaxseg":  # other networks and given dtypes beside the default U-Net's results
+      system = "_".join(["jaxseg"] + [a.network] * (a.network != "plain") + [a.dtype] * bool(a.dtype))
     result[system] = _with_postprocessing(a, side(a, splits, a.workdir / system), a.workdir / system)
     result[system]["wall_s"] = time.time() - t0
     path.write_text(json.dumps(result, indent=1))

@@ -16,7 +16,9 @@ nnU-Net's, on a GPU/TPU; 0.5 GB on a CPU) sizes the patch: the run prints the pl
 it to <workdir>/experiment_plan.json. Training as nnU-Net: SGD 0.01 with Nesterov momentum 0.99
 and polynomial decay, Dice + CE with deep supervision, nnU-Net v2's augmentation, its He
 initialisation (`jaxseg.models.conv.he_normal`); nnU-Net trains 250,000 steps, set
-train.num_steps to the budget you have.
+train.num_steps to the budget you have. The compute dtype comes from the device: bfloat16 mixed
+precision on a GPU/TPU and on CPUs whose oneDNN runs bfloat16 convolutions natively (AVX-512
+bf16 / AMX), float32 on other CPUs; --config.model.dtype=float32 (or bfloat16) overrides it.
 """
 
 import sys
@@ -45,6 +47,9 @@ def get_config(arg=None):
   c.data.patch_size = ()
   c.train.batch_size = 0
   c.loss.batch_dice = ml_collections.FieldReference(None, field_type=object)
+  # From the device (jaxseg/autoplan.py `compute_dtype`): bfloat16 on a GPU/TPU and on CPUs with
+  # native bfloat16 convolutions (AVX-512 bf16 / AMX), float32 on other CPUs.
+  c.model.dtype = ""
   c.model.deep_supervision = True
   c.train.num_steps = 1000
   c.train.eval_every = 250

@@ -135,12 +135,16 @@ def main(argv) -> int:
     if config.get("runner", "train") == "train":
       from jaxseg import autoplan, train, validate
       experiment = None
+      dtype_why = None
       if autoplan.enabled(config):  # configs/auto.py: the dataset's plan fills the unset fields
+        if not config.model.get("dtype"):
+          import jax
+          dtype_why = autoplan.compute_dtype(jax.default_backend(), len(jax.devices()))[1]
         config, experiment = autoplan.resolve(config)
         config.lock()
       validate.check_train_config(config)  # before the run creates its workdir
       if experiment is not None:
-        _print0(autoplan.describe(experiment, config.plan.configuration))
+        _print0(autoplan.describe(experiment, config.plan.configuration, dtype_why))
         autoplan.write(workdir, experiment, config.plan.configuration)
       train.use_compilation_cache(workdir)
     _runner(config.get("runner", "train"))(config, workdir)

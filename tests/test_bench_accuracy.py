@@ -54,7 +54,8 @@ def _scores(edema, enh, hd):
 def test_table_puts_every_jaxseg_network_before_nnunet(bench):
   fold = {"fold": 0, "val": ["c1"], "steps": 285, "train_loop_s": 600.0, "cpu_s": 1500.0}
   result = {"nnunet": {"scores": _scores(0.265, 0.433, 10.0), "folds": [fold]},
-            "jaxseg_resenc_m": {"scores": _scores(0.5, 0.4, 4.0), "folds": [fold]},
+            "jaxseg_resenc_m": {"scores": _scores(0.5, 0.4, 4.0),
+                                "folds": [{**fold, "dtype": "bfloat16"}]},
             "jaxseg": {"scores": _scores(0.490, 0.428, 8.0), "folds": [fold]}}
   lines = bench._table(result).splitlines()
   assert lines[0] == ("| class | jaxseg Dice | jaxseg HD95 mm | jaxseg_resenc_m Dice | "
@@ -65,6 +66,8 @@ def test_table_puts_every_jaxseg_network_before_nnunet(bench):
   assert lines[5] == "| absent | - | - | - | - | - | - |"
   assert lines[6] == "| mean (foreground) | 0.459 | 12.0 | 0.450 | 6.0 | 0.349 | 15.0 |"
   assert "jaxseg: fold 0 (c1): 285 steps, train loop 10.0 min, 25.0 CPU-min in all" in lines
+  assert ("jaxseg_resenc_m: fold 0 (c1): 285 steps, train loop 10.0 min, 25.0 CPU-min in all, "
+          "bfloat16") in lines  # a fold's compute dtype, where it recorded one
 
 
 def test_steps_seconds_sums_the_training_windows(bench, tmp_path):
@@ -192,6 +195,10 @@ def test_nnunet_last_epoch_goes_on_while_a_step_and_the_validation_fit_the_budge
 def test_jaxseg_folds_run_under_the_budget_as_a_time_limit(bench, tmp_path):
   import argparse
   a = argparse.Namespace(configuration="3d_fullres", network="plain", dataset=tmp_path,
-                         memory_gb=0.5, seed=3, minutes=10.0)
+                         memory_gb=0.5, seed=3, minutes=10.0, dtype=None)
   args = bench._jaxseg_args(a, tmp_path / "fold_0", 0, 211)
   assert "--config.train.num_steps=211" in args and "--config.train.time_limit_min=10.0" in args
+  # The compute dtype is the config's (from the device) unless --dtype names one.
+  assert not any(arg.startswith("--config.model.dtype") for arg in args)
+  a.dtype = "float32"
+  assert "--config.model.dtype=float32" in bench._jaxseg_args(a, tmp_path / "fold_0", 0, 211)

@@ -67,6 +67,26 @@ def test_resolve_fills_the_unset_fields_from_the_plan(tmp_path):
   assert again.configurations["3d_fullres"] == cp
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_compute_dtype_comes_from_the_device(tmp_path, monkeypatch, native_bf16):
+  # bfloat16 where the device computes it natively (a GPU/TPU; one CPU device whose oneDNN has
+  # native bfloat16 kernels), float32 on other CPUs; a dtype the config sets stays.
+  from jaxseg import cpu_conv
+  monkeypatch.setattr(cpu_conv, "uses_onednn", lambda n, dtype: native_bf16 and n == 1)
+  assert autoplan.compute_dtype("gpu", 8)[0] == autoplan.compute_dtype("tpu", 1)[0] == "bfloat16"
+  assert autoplan.compute_dtype("cpu", 2) == ("float32", "float32: 2 CPU devices run XLA's convolutions")
+  dtype, why = autoplan.compute_dtype("cpu", 1)
+  assert dtype == ("bfloat16" if native_bf16 else "float32") and why.startswith(dtype)
+  root = _anisotropic_dataset(tmp_path / "Dataset964_Aniso")
+  config = _config(root, tmp_path / "cache", memory_gb=0.25)
+  assert config.model.dtype == ""
+  assert autoplan.resolve(config, platform="cpu")[0].model.dtype == dtype
+  assert autoplan.resolve(config, platform="gpu")[0].model.dtype == "bfloat16"
+  with config.unlocked():
+    config.model.dtype = "float32"
+  assert autoplan.resolve(config, platform="gpu")[0].model.dtype == "float32"
+
+
 def test_fields_set_by_the_user_override_the_plan(tmp_path):
   root = _anisotropic_dataset(tmp_path / "Dataset961_Aniso")
   config = _config(root, tmp_path / "cache", memory_gb=0.25)
@@ -145,12 +165,14 @@ def test_auto_config_trains_and_predicts_through_the_front_door(tmp_path, networ
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "plan (0.1 GB budget; training '3d_fullres')" in out.stdout
+  dtype, why = autoplan.compute_dtype("cpu", 1)
+  assert f"compute dtype: {why}" in out.stdout
   experiment = json.loads((workdir / autoplan.PLAN_FILE).read_text())
   cp = experiment["configurations"]["3d_fullres"]
   assert experiment["configuration"] == "3d_fullres" and cp["kernel_sizes"][0] == [3, 3, 1]
   model = json.loads((workdir / "plan.json").read_text())["config"]["model"]
   assert model["strides"] == cp["strides"] and model["num_stages"] == cp["num_stages"]
-  assert model["name"] == model_name
+  assert model["name"] == model_name and model["dtype"] == dtype
   report = json.loads((workdir / "report.json").read_text())
   assert 0.0 <= report["metrics"]["mean_dice"] <= 1.0
   # predict rebuilds the per-axis network from plan.json and writes a label map on the
