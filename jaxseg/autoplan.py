@@ -66,10 +66,10 @@ def compute_dtype(platform: str, device_count: int) -> tuple[str, str]:
   """(model.dtype, why) for a planned run that leaves `model.dtype` unset: bfloat16 mixed
   precision (`configs/common.py`: parameters, optimiser state, norm statistics and loss stay
   float32) on a GPU/TPU, as nnU-Net trains with AMP there, and on one CPU device where oneDNN
-  runs bfloat16 convolutions natively (AVX-512 bf16 or AMX: the BraTS plan's step took 0.93 s
-  against 1.75 s in float32 on a 2-core Xeon, and 600 steps reached a higher held-out Dice than
-  340 float32 ones in the same 10 minutes, benchmarks/README.md); float32 on other CPUs, where
-  bfloat16 convolutions run 5x slower than float32 ones."""
+  runs bfloat16 convolutions natively (AVX-512 bf16 or AMX: the BraTS plan's step took 1.03 s
+  against 1.90 s in float32 on a 2-core Xeon, and 554-603 steps reached a higher held-out Dice
+  than 331-341 float32 ones in the same 10 minutes, benchmarks/README.md); float32 on other
+  CPUs, where bfloat16 convolutions take XLA's route, 5x slower than float32 ones."""
   if platform != "cpu":
     return "bfloat16", f"bfloat16 mixed precision on {platform}, as nnU-Net's AMP"
   from jaxseg import cpu_conv  # noqa: PLC0415

@@ -133,7 +133,8 @@ def uses_onednn(device_count: int, dtype=jnp.float32) -> bool:
   onto every device before a custom call, which it cannot partition), only where the custom
   calls are built (`onednn.available()`, which builds them on first call), and in float32, or in
   bfloat16 where oneDNN has native bfloat16 kernels (`onednn.native_bf16`: AVX-512 bf16 or AMX;
-  elsewhere XLA's bfloat16 convolutions run, 5x slower than float32 on a 2-core Xeon)."""
+  elsewhere XLA's bfloat16 convolutions run, 5.3x slower than float32 on the BraTS plan's step,
+  benchmarks/README.md)."""
   if device_count != 1 or np.dtype(dtype) not in (np.float32, jnp.bfloat16):
     return False
   return onednn.available() and onednn.supports_dtype(dtype)
