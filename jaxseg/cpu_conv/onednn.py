@@ -8,11 +8,14 @@ wheel (`onednn-cpu-gomp`, headers from `onednn-devel-cpu-gomp`) and jaxlib's
 FFI headers on first use, caches the shared library under
 ``$JAXSEG_CACHE`` (default ``~/.cache/jaxseg``, where the phantom data is
 cached too), and registers three custom calls: forward, input gradient and
-filter gradient of a channels-last convolution.
+filter gradient of a channels-last convolution, each in float32 and in
+bfloat16 (float32 accumulation); the bfloat16 ones are used only where oneDNN
+has native bfloat16 kernels (`native_bf16`: AVX-512 bf16 or AMX).
 
 Native code must never take a run down, so a freshly built library is
 first checked in a child process (`self_check`): jitted forward, input and
-filter gradients of a set of 2D/3D convolutions against ``lax``, called from
+filter gradients of a set of 2D/3D convolutions against ``lax`` (in bfloat16
+too where it runs natively), called from
 the main thread and from a worker thread, as XLA calls them in training. A
 crash or a wrong value there disables the wrapper. The verdict is cached next
 to the library per CPU and ``ONEDNN_MAX_CPU_ISA`` (the variable that makes
