@@ -259,6 +259,12 @@ class Conv(nn.Module):
     padding: 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL' (1D), an int,
       or per spatial dim an int or (low, high) pair.
     use_bias: whether to add a bias.
+    bias_cancelled: keep the 'bias' parameter but do not add it, for a convolution followed
+      by a norm that subtracts each channel's mean (InstanceNorm): that norm removes any
+      per-channel constant exactly, so the block's output is the same and the bias's gradient
+      is exactly zero (nnU-Net keeps the bias and computes that zero as rounding noise). The
+      parameter stays so that checkpoints and nnU-Net's weights remain interchangeable; not
+      adding it saves the bias add and the reduction of its gradient over the whole output.
     dtype: computation dtype (default: inferred from inputs and params).
     param_dtype: dtype of the parameters.
     precision: passed to the convolution / dot.
@@ -271,6 +277,7 @@ class Conv(nn.Module):
   strides: int | Sequence[int] = 1
   padding: Padding = 'SAME'
   use_bias: bool = True
+  bias_cancelled: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
@@ -301,6 +308,8 @@ class Conv(nn.Module):
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
+    if self.bias_cancelled:
+      bias = None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = conv(x, kernel, strides=self.strides, padding=padding, convolution=self.convolution,
              precision=self.precision)

@@ -101,9 +101,11 @@ class ConvNormAct(nn.Module):
   def __call__(self, x):
     # Named as Flax names an unnamed `Conv`, whatever `conv` is, so checkpoints do not depend
     # on the convolution's implementation.
+    # The norm subtracts each channel's mean, which cancels the conv's bias: the parameter is
+    # kept (nnU-Net has it) but not added, and its gradient is exactly zero.
     x = self.conv(self.features, per_axis(self.kernel_size, self.spatial_dims),
                   strides=per_axis(self.strides, self.spatial_dims), padding="SAME",
-                  dtype=self.dtype, name="Conv_0")(x)
+                  bias_cancelled=True, dtype=self.dtype, name="Conv_0")(x)
     # InstanceNorm statistics in float32 whatever the compute dtype, output in the compute
     # dtype; the parameters are those of nn.InstanceNorm under its usual name, so
     # checkpoints are interchangeable.

@@ -154,3 +154,36 @@ def test_conv_transpose_needs_kernel_equal_to_stride():
                             strides=2)
   with pytest.raises(ValueError, match="padding='VALID' only"):
     conv_lib.ConvTranspose(2, (2, 2), padding='SAME').init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+
+
+def test_bias_before_instance_norm_is_kept_but_not_added():
+  """`ConvNormAct` keeps the conv's 'bias' (checkpoints, nnU-Net's weights) but does not add it:
+  the block equals flax's Conv (bias added) -> InstanceNorm -> LeakyReLU for a nonzero bias, and
+  the bias's gradient is exactly zero."""
+  from jaxseg.models import layers  # noqa: PLC0415
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 5, 4, 3)), jnp.float32)
+  block = layers.ConvNormAct(4, 3)
+  params = block.init(jax.random.key(0), x)["params"]
+  assert params["Conv_0"]["bias"].shape == (4,)
+  params["Conv_0"]["bias"] = jnp.asarray([3.0, -2.0, 0.5, 7.0])
+  params["InstanceNorm_0"]["scale"] = jnp.asarray([1.5, 0.5, 1.0, 2.0])
+  params["InstanceNorm_0"]["bias"] = jnp.asarray([0.1, -0.3, 0.0, 0.2])
+
+  def reference(p, x):
+    y = nn.Conv(4, (3, 3, 3), padding="SAME").apply({"params": p["Conv_0"]}, x)
+    y = nn.InstanceNorm(epsilon=1e-5).apply({"params": p["InstanceNorm_0"]}, y)
+    return nn.leaky_relu(y, 0.01)
+
+  got = block.apply({"params": params}, x)
+  want = reference(params, x)
+  assert float(jnp.abs(want).max()) > 0.5
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  dy = jnp.asarray(np.random.default_rng(1).standard_normal(got.shape), jnp.float32)
+  grads = jax.grad(lambda p: jnp.sum(block.apply({"params": p}, x) * dy))(params)
+  assert np.all(np.asarray(grads["Conv_0"]["bias"]) == 0.0)
+  want_grads = jax.grad(lambda p: jnp.sum(reference(p, x) * dy))(params)
+  assert float(jnp.abs(want_grads["Conv_0"]["bias"]).max()) < 1e-4  # rounding noise there
+  scale = float(jnp.abs(want_grads["Conv_0"]["kernel"]).max())
+  np.testing.assert_allclose(grads["Conv_0"]["kernel"], want_grads["Conv_0"]["kernel"],
+                             atol=1e-4 * scale)

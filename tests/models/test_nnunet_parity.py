@@ -36,10 +36,9 @@ CHANNELS, CLASSES, SHAPE = 2, 4, (8, 16, 16)
 TOP = len(FEATURES) - 2  # torch's decoder stage 0 is the deepest: jaxseg's dec{TOP}
 
 
-def _symmetric_conv(features, kernel_size, strides=1, padding="SAME", dtype=None, name=None,
-                    use_bias=True):
+def _symmetric_conv(features, kernel_size, strides=1, padding="SAME", **kw):
   del padding
-  return Conv(features, kernel_size, strides=strides, dtype=dtype, name=name, use_bias=use_bias,
+  return Conv(features, kernel_size, strides=strides, **kw,
               padding=[((k - 1) // 2,) * 2 for k in kernel_size])
 
 
@@ -181,6 +180,7 @@ def test_network_and_deep_supervised_loss_equal_nnunets(network):
       assert not np.any(np.asarray(got)), name
       continue
     want = _to_jax(name, p.grad.numpy())
-    # A conv bias before an InstanceNorm has a zero gradient: both sides are rounding noise.
+    # A conv bias before an InstanceNorm has a zero gradient: jaxseg does not add it (exactly
+    # zero), nnU-Net computes rounding noise.
     atol = 1e-6 if name.endswith(".conv.bias") else 2e-3 * np.abs(want).max()
     np.testing.assert_allclose(np.asarray(got), want, atol=atol, err_msg=name)
