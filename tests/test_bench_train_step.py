@@ -31,3 +31,16 @@ def test_a_runs_config_in_two_dtypes(tmp_path):
     assert ("(oneDNN, bfloat16)" in rows[1]["conv"]) == onednn.native_bf16()
     assert "bfloat16" not in rows[0]["conv"]
   assert {"cpu", "avx512_bf16", "amx_bf16"} <= set(r["meta"]["machine"])
+
+
+def test_machine_names_the_isa_caps_in_effect(monkeypatch):
+  machine = helpers.load_script(SCRIPT.parent / "machine.py", "bench_machine")
+  for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert machine.isa_caps() == {} and "isa_caps" not in machine.cpu_info()
+  monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+  monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2")
+  assert machine.cpu_info()["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                                            "xla_cpu_max_isa": "AVX2"}
