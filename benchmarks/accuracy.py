@@ -24,12 +24,12 @@ measures the seconds per step (jaxseg: 40 steps of the same config, `_probe_rate
 of its trainer after 3 warm-up ones) and the schedule is set to fill the budget (jaxseg
 `train.num_steps`; nnU-Net `num_epochs` of 50 iterations plus 5 validation iterations
 (`--nnunet-epoch-iterations`), its poly schedule over them). A probe misjudges a loop that
-shares two cores by 10-20% either way, so the budget is also a deadline: jaxseg runs with
-`train.time_limit_min` (it stops at the budget, its schedule unfinished, where its steps ran
-slower than probed, and ends early where they ran faster); nnU-Net's last epoch trains until
-the budget less one validation is spent, however many iterations that is
-(`last_epoch_goes_on`; its poly rate is constant within an epoch). So nnU-Net fills the budget
-and jaxseg at most fills it. Compilation, start-up and prediction are not counted; the CPU
+shares two cores by 10-20% either way, so each side also fits itself to the budget while it
+trains: jaxseg runs with `train.budget_min` (the probe's step count is its first guess; after
+1/8 and 1/2 of the budget it refits its schedule's length to the rate it measures, and the
+budget is its deadline); nnU-Net's last epoch trains until the budget less one validation is
+spent, however many iterations that is (`last_epoch_goes_on`; its poly rate is constant within
+an epoch). So both fill the budget. Compilation, start-up and prediction are not counted; the CPU
 seconds each system used while training are reported next to the wall time.
 
 nnU-Net runs its default trainer (`nnUNetTrainer`: SGD 0.01, Nesterov 0.99, poly decay, Dice +
@@ -104,14 +104,17 @@ def _evaluate(pred: pathlib.Path, dataset: pathlib.Path, log: pathlib.Path) -> d
 # jaxseg.
 
 
+_ONLY_LAST = 10**9  # eval_every / checkpoint_every: the budgeted run evaluates and saves its last step only
+
+
 def _jaxseg_args(a, workdir, fold, steps) -> list:
   config = f"configs/auto.py:configuration={a.configuration},network={a.network}"
   return [sys.executable, "-m", "jaxseg.main", f"--config={config}", f"--workdir={workdir}",
           f"--config.data.root={a.dataset}", f"--config.plan.memory_gb={a.memory_gb}",
           f"--config.data.fold={fold}", f"--config.train.num_steps={steps}",
-          f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}",
+          f"--config.train.eval_every={_ONLY_LAST}", f"--config.train.checkpoint_every={_ONLY_LAST}",
           f"--config.train.log_every={max(1, min(25, steps // 8))}", f"--config.seed={a.seed}",
-          f"--config.train.time_limit_min={a.minutes}"] + (
+          f"--config.train.budget_min={a.minutes}"] + (
               [f"--config.model.dtype={a.dtype}"] if a.dtype else [])
 
 
@@ -172,7 +175,7 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
   for k, split in enumerate(splits):
     wd = out / f"fold_{k}"
     stats = _done(out / f"fold_{k}.json")
-    if stats is not None and stats.get("num_steps", stats["steps"]) == steps:
+    if stats is not None and stats.get("steps_guess", stats.get("num_steps", stats["steps"])) == steps:
       if (wd / "metrics.jsonl").exists():  # written by an earlier version of this script
         stats["train_loop_s"] = _steps_seconds(wd / "metrics.jsonl")
       folds.append(stats)
@@ -187,9 +190,10 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
           (scans / f.name).symlink_to(f.resolve())
     _run([sys.executable, "-m", "jaxseg.predict", "--workdir", wd, "--input", scans, "--output",
           pred, "--no-tta", "--checkpoint", "latest"], out / f"predict_{k}.log")
-    ran = json.loads((wd / "report.json").read_text())["steps"]  # < steps if the budget ran out
+    run = json.loads((wd / "report.json").read_text())
     dtype = json.loads((wd / "plan.json").read_text())["config"]["model"]["dtype"]
-    folds.append({"fold": k, "val": split["val"], "steps": ran, "num_steps": steps, "dtype": dtype,
+    folds.append({"fold": k, "val": split["val"], "steps": run["steps"],
+                  "num_steps": run["schedule_steps"], "steps_guess": steps, "dtype": dtype,
                   "wall_s": time.time() - t0,
                   "train_loop_s": _steps_seconds(wd / "metrics.jsonl"), "cpu_s": cpu,
                   "commit": git_commit()})
@@ -441,11 +445,15 @@ def _kept(decision: dict) -> str:
 
 
 def _steps_text(fold: dict) -> str:
-  """A fold's steps, and the planned ones where the budget stopped it before them."""
+  """A fold's steps, the planned ones where the budget stopped it before them, and the
+  probe's guess where jaxseg fitted its schedule to the budget from it."""
   planned = fold.get("num_steps", fold.get("steps"))
+  text = f"{fold.get('steps', '?')} steps"
   if planned is not None and fold.get("steps") is not None and fold["steps"] < planned:
-    return f"{fold['steps']} of {planned} steps (stopped at the budget)"
-  return f"{fold.get('steps', '?')} steps"
+    text = f"{fold['steps']} of {planned} steps (stopped at the budget)"
+  if fold.get("steps_guess") not in (None, planned):
+    text += f", schedule fitted to the budget (probe: {fold['steps_guess']})"
+  return text
 
 
 def _table(result: dict) -> str:

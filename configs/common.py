@@ -147,6 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Stop (evaluate, checkpoint) after this many minutes of training steps, compilation and
   # evaluation not counted; the same command resumes. 0 = run to num_steps. Supervised only.
   c.train.time_limit_min = 0.0
+  # Train for this many minutes of steps (counted as above), the learning-rate schedule fitted
+  # to them: num_steps is the first guess, refitted to the measured step rate after 1/8 and 1/2
+  # of the budget. 0 = no budget. Not with time_limit_min. Supervised only.
+  c.train.budget_min = 0.0
   c.train.best_metric = "mean_dice"  # validation score that picks best/ (any key of the eval summary)
   c.train.best_mode = "max"  # 'max' or 'min' (e.g. best_metric='mean_hd95', best_mode='min')
 

@@ -5,8 +5,8 @@ latest few) and `best/<step>/` (the single best by a metric, validation `mean_di
 orbax's item folder `<step>/default/`. `read_params` restores the parameters alone from such a
 folder (fine-tuning with `init_from`, `jaxseg.predict`), without the optimiser state. Orbax writes each checkpoint under a temporary name and renames it when
 complete, so a run killed mid-save resumes from the previous complete checkpoint. A periodic
-checkpoint can carry the run's wall time so far in its step metadata (written with it), so that
-a resumed run reports the total.
+checkpoint can carry the run's wall time so far, and what a budgeted run needs to resume (its
+fitted schedule length and training seconds), in its step metadata (written with it).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def read_params(item) -> dict:
 
 class Checkpointer:
   """save(step, state), save_best(step, state, metrics), restore_latest(abstract_state),
-  wall_time_s(step)."""
+  wall_time_s(step), metadata(step)."""
 
   def __init__(self, workdir, *, keep: int = 2, best_metric: str = "mean_dice", best_mode: str = "max",
                async_save: bool = False):
@@ -100,19 +100,26 @@ class Checkpointer:
   def latest_step(self):
     return self._latest.latest_step()
 
-  def save(self, step: int, state, *, wall_time_s: float | None = None) -> None:
+  def save(self, step: int, state, *, wall_time_s: float | None = None, meta: dict | None = None) -> None:
     """Saves `state` as checkpoint `step` (unless it exists), with `wall_time_s` (the run's
-    wall time up to this save, resumed parts included) in its metadata if given."""
+    wall time up to this save, resumed parts included) and `meta` (JSON values) in its
+    metadata if given."""
     if self._latest.latest_step() == step:
       return
-    meta = None if wall_time_s is None else {"wall_time_s": float(wall_time_s)}
-    self._latest.save(step, args=ocp.args.StandardSave(state), force=True, custom_metadata=meta)
+    meta = dict(meta or {})
+    if wall_time_s is not None:
+      meta["wall_time_s"] = float(wall_time_s)
+    self._latest.save(step, args=ocp.args.StandardSave(state), force=True,
+                      custom_metadata=meta or None)
+
+  def metadata(self, step: int) -> dict:
+    """The metadata saved with checkpoint `step` ({} if none). Call it after `restore_latest`
+    (orbax warns about the unrestored item before)."""
+    return dict(self._latest.metadata(step).custom_metadata or {})
 
   def wall_time_s(self, step: int) -> float:
-    """The wall time saved with checkpoint `step`, 0.0 if it has none (older checkpoints).
-    Call it after `restore_latest` (orbax warns about the unrestored item before)."""
-    meta = self._latest.metadata(step).custom_metadata or {}
-    return float(meta.get("wall_time_s", 0.0))
+    """The wall time saved with checkpoint `step`, 0.0 if it has none (older checkpoints)."""
+    return float(self.metadata(step).get("wall_time_s", 0.0))
 
   def save_best(self, step: int, state, metrics: dict) -> None:
     """Keeps `state` if its `metrics[best_metric]` beats the best so far."""

@@ -127,6 +127,13 @@ class Trainer:
   predict_fn: Any
   batch_fn: Any
   key: jax.Array
+  step_for: Any = None  # num_steps -> (tx, train_step) on a schedule that many steps long
+
+  def reschedule(self, num_steps: int) -> None:
+    """Rebuilds the optimiser and step on a learning-rate schedule `num_steps` long (the next
+    step compiles again). The optimiser state keeps its structure: a resumed or rescheduled run
+    goes on from its step count on the new schedule."""
+    self.tx, self.train_step = self.step_for(num_steps)
 
   def batch(self, step: int) -> dict:
     """This process's share of the global batch of `step`, as global sharded arrays."""
@@ -145,6 +152,7 @@ class Step:
   state: TrainState
   train_step: Any
   predict_fn: Any
+  step_for: Any  # num_steps -> (tx, train_step) on a schedule that many steps long
 
 
 def build_step(config: ml_collections.ConfigDict, *, num_classes: int, in_channels: int, mesh=None,
@@ -161,20 +169,24 @@ def build_step(config: ml_collections.ConfigDict, *, num_classes: int, in_channe
   if model is None:
     model = build_model(config.model, num_classes=num_classes,
                         platform=mesh.devices.flat[0].platform, device_count=mesh.size)
-  tx = optim.build_optimizer(config.optimizer, config.train.num_steps)
   if loss_fn is None:
     loss_fn = objectives.supervised(model, config, num_classes)
+
+  def step_for(num_steps: int):
+    tx = optim.build_optimizer(config.optimizer, num_steps)
+    return tx, steps.make_train_step(loss_fn, tx, mesh, config.augment,
+                                     patch_size=tuple(config.data.patch_size),
+                                     loss_consts=loss_consts)
+
+  tx, train_step = step_for(config.train.num_steps)
   if params is None and config.get("init_from"):
     from jaxseg import init_from  # noqa: PLC0415
     fresh = init_state(model, tx, seed=config.seed, in_channels=in_channels, mesh=mesh).params
     params = init_from.load_pretrained(fresh, config.init_from,
                                        part=config.get("init_from_part", init_from.DEFAULT_PART))
   state = init_state(model, tx, seed=config.seed, in_channels=in_channels, mesh=mesh, params=params)
-  return Step(model=model, mesh=mesh, tx=tx, state=state,
-              train_step=steps.make_train_step(loss_fn, tx, mesh, config.augment,
-                                             patch_size=tuple(config.data.patch_size),
-                                             loss_consts=loss_consts),
-              predict_fn=steps.make_predict_fn(model))
+  return Step(model=model, mesh=mesh, tx=tx, state=state, train_step=train_step,
+              predict_fn=steps.make_predict_fn(model), step_for=step_for)
 
 
 def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=None, loss_fn=None,
@@ -202,7 +214,7 @@ def setup(config: ml_collections.ConfigDict, *, devices=None, data=None, model=N
       sharding.replicated(mesh), np.asarray(jax.random.key_data(jax.random.key(config.seed))))
   return Trainer(config=config, data=data, model=built.model, mesh=mesh, tx=built.tx,
                  state=built.state, train_step=built.train_step, predict_fn=built.predict_fn,
-                 batch_fn=batch_fn, key=key)
+                 batch_fn=batch_fn, key=key, step_for=built.step_for)
 
 
 def eval_costs(summary: dict) -> str:
@@ -233,10 +245,23 @@ def progress_line(done: int, num_steps: int, loss: float, extra: str, rate, voxe
   return head + f"{rate:.2f} steps/s | {rate * voxels_per_step / 1e6:.2f} Mvox/s | ETA {eta}"
 
 
-def step_seconds(elapsed_s: float, steps: int) -> float:
-  """Seconds of `steps` training steps whose last `steps - 1` took `elapsed_s`: the first step
-  (it compiles) is counted at the others' mean; one step alone counts `elapsed_s`."""
-  return elapsed_s * steps / max(steps - 1, 1)
+def step_seconds(timed_s: float, timed_steps: int, steps: int) -> float:
+  """Seconds of `steps` training steps of which `timed_steps` took `timed_s`: the others (the
+  first step, and the first after a reschedule: they compile) count at the timed steps' mean;
+  0.0 before any step was timed."""
+  return timed_s * steps / timed_steps if timed_steps else 0.0
+
+
+# Fractions of `train.budget_min` after which a budgeted run fits its schedule to its step rate:
+# early, so the learning rate follows the fitted schedule for most of the run, and halfway,
+# so a rate that drifted is corrected while the rate is still high.
+BUDGET_REFITS = (1 / 8, 1 / 2)
+
+
+def budget_horizon(done: int, rate: float, left_s: float) -> int:
+  """The schedule length that ends a budgeted run on time: the `done` steps plus the steps
+  `left_s` seconds hold at `rate` steps/s (rounded down, at least one)."""
+  return done + max(1, int(rate * left_s))
 
 
 def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: float | None = None,
@@ -247,6 +272,15 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   have run (compilation and evaluation not counted), evaluating and checkpointing the step it
   stopped at: the same call again resumes there, on the same learning-rate schedule.
 
+  With `config.train.budget_min` > 0 the run trains for that many minutes of steps (counted
+  alike) with its schedule fitted to them: `num_steps` is the first guess; after 1/8 and 1/2 of
+  the budget (`BUDGET_REFITS`) the schedule becomes as long as the steps done plus those the
+  rest of the budget holds at the rate measured so far (`budget_horizon`; the step compiles
+  again when the length changes), and the run ends when the schedule does or the budget is
+  spent, whichever comes first. The fitted length and the seconds spent go into each
+  checkpoint's metadata: the same call again resumes on that schedule with the rest of the
+  budget. The step count then depends on the machine's speed, not on the seed alone.
+
   `evaluate_fn(params) -> summary` (default: `evaluate` on `t.data`'s validation cases)
   returns a dict of scores; the best state by `summary[best_metric]` (default
   `config.train.best_metric`, 'mean_dice'; `best_mode` 'max' or 'min', default
@@ -255,7 +289,8 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   on resume, first drops its records past the restored step (logged before a kill, logged
   again now). Checkpoints carry the wall time since `wall_start` (a `time.time()`, default:
   this call) plus the time of the runs before a resume.
-  Returns (final state, stats: steps (the step it stopped at), steps_this_run, first_step_s,
+  Returns (final state, stats: steps (the step it stopped at), num_steps (the schedule's
+  length: `config.train.num_steps` unless a budget fitted it), steps_this_run, first_step_s,
   steps_per_s, last_eval, wall_time_before_s: the wall time of the runs before the restored
   checkpoint, 0 if none).
   """
@@ -274,27 +309,43 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
                                  best_mode=best_mode or config.train.get("best_mode", "max"),
                                  async_save=t.mesh.devices.flat[0].platform != "cpu")
   restored = ckpt.restore_latest(checkpoint.abstract_like(state))
-  wall_before = 0.0
+  budget_s = 60 * config.train.get("budget_min", 0.0)
+  limit_s = budget_s or 60 * config.train.get("time_limit_min", 0.0)
+  limit_name = (f"train.budget_min={config.train.get('budget_min', 0.0):g}" if budget_s else
+                f"train.time_limit_min={config.train.get('time_limit_min', 0.0):g}")
+  num_steps = config.train.num_steps
+  wall_before, spent_before = 0.0, 0.0
   if restored is not None:
     state = restored
-    wall_before = ckpt.wall_time_s(int(state.step))
-    log(f"{prefix}resumed from checkpoint at step {int(state.step)}")
+    meta = ckpt.metadata(int(state.step))
+    wall_before = float(meta.get("wall_time_s", 0.0))
+    if budget_s:
+      num_steps = int(meta.get("num_steps", num_steps))
+      spent_before = float(meta.get("train_s", 0.0))
+    log(f"{prefix}resumed from checkpoint at step {int(state.step)}"
+        + (f" ({spent_before / 60:.1f} of {limit_name} spent)" if budget_s else ""))
   start_step = int(state.step)
-  num_steps = config.train.num_steps
+  if budget_s and spent_before >= budget_s:
+    num_steps = start_step  # the budget is spent: nothing left to train
+  elif num_steps != config.train.num_steps:
+    t.reschedule(num_steps)
+  refits = [f for f in BUDGET_REFITS if budget_s and f * budget_s > spent_before]
   voxels_per_step = config.train.batch_size * int(np.prod(config.data.patch_size))
   metrics_path = workdir / "metrics.jsonl"
   if jax.process_index() == 0:
     report.drop_records_after(metrics_path, start_step)
   last_eval = None
-  limit_s = 60 * config.train.get("time_limit_min", 0.0)
 
   t_loop = time.time()
   t_window, steps_window = time.time(), 0
   first_step_s = None
   wait_s, fetched = 0.0, 0
-  t_first_done, eval_s = None, 0.0
+  timed_s, timed_steps = 0.0, 0  # steps timed under a limit: the compiling ones left out
+  compiles = True  # the next step compiles (the first one, and the first after a reschedule)
   done = start_step
-  for step in range(start_step, num_steps):
+  while done < num_steps:
+    step = done
+    t_top = time.time()
     t_fetch = time.perf_counter()
     batch = t.batch(step)
     wait_s, fetched = wait_s + time.perf_counter() - t_fetch, fetched + 1
@@ -306,16 +357,30 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
       first_step_s = time.time() - t_start
       log(f"{prefix}first step finished {first_step_s:.1f} s after start (compilation included)")
       t_window, steps_window = time.time(), 0
-      t_first_done = t_window
     spent_s = 0.0
     if limit_s > 0:  # time the finished steps, not the dispatched ones
       jax.block_until_ready(m["loss"])
-      spent_s = step_seconds(time.time() - t_first_done - eval_s, done - start_step)
+      if not compiles:
+        timed_s, timed_steps = timed_s + time.time() - t_top, timed_steps + 1
+      compiles = False
+      this_run_s = step_seconds(timed_s, timed_steps, done - start_step)
+      spent_s = spent_before + this_run_s
+      if refits and spent_s >= refits[0] * budget_s and this_run_s > 0 and spent_s < budget_s:
+        refits = [f for f in refits if f * budget_s > spent_s]
+        rate = (done - start_step) / this_run_s
+        fitted = budget_horizon(done, rate, budget_s - spent_s)
+        if fitted != num_steps:
+          log(f"{prefix}{limit_name}: {rate:.3f} steps/s leave {(budget_s - spent_s) / 60:.1f} min "
+              f"for {fitted - done} more steps: the schedule is now {fitted} steps long (was "
+              f"{num_steps}); the next step compiles it")
+          num_steps = fitted
+          t.reschedule(num_steps)
+          compiles = True
     timed_out = spent_s >= limit_s > 0
     last = done == num_steps or timed_out
     if timed_out and done < num_steps:
-      log(f"{prefix}train.time_limit_min={config.train.time_limit_min:g} reached at step {done} of "
-          f"{num_steps}: evaluating and checkpointing it; the same command resumes from there")
+      log(f"{prefix}{limit_name} reached at step {done} of {num_steps}: evaluating and "
+          f"checkpointing it" + ("" if budget_s else "; the same command resumes from there"))
     if done % config.train.log_every == 0 or last:
       loss = float(m["loss"])
       if not np.isfinite(loss):
@@ -333,7 +398,6 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
                                            **{k: float(v) for k, v in m.items()}})
       t_window, steps_window = time.time(), 0
     if done % config.train.eval_every == 0 or last:
-      t_eval = time.time()
       summary = evaluate_fn(state.params)
       last_eval = (done, summary)
       per_class = summary.get("dice_per_class", {})
@@ -347,14 +411,15 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
         report.append_jsonl(metrics_path, {"split": "val", "step": done, **summary})
       ckpt.save_best(done, state, summary)
       t_window, steps_window = time.time(), 0  # evaluation time is not step time
-      eval_s += t_window - t_eval
     if done % config.train.checkpoint_every == 0 or last:
-      ckpt.save(done, state, wall_time_s=wall_before + time.time() - wall_start)
+      ckpt.save(done, state, wall_time_s=wall_before + time.time() - wall_start,
+                meta={"num_steps": num_steps, "train_s": spent_s} if budget_s else None)
     if last:
       break
   loop_s = time.time() - t_loop
   ckpt.close()
   steps_run = done - start_step
-  return state, {"steps": done, "steps_this_run": steps_run, "first_step_s": first_step_s,
+  return state, {"steps": done, "num_steps": num_steps, "steps_this_run": steps_run,
+                 "first_step_s": first_step_s,
                  "steps_per_s": steps_run / loop_s if steps_run else None, "last_eval": last_eval,
                  "wall_time_before_s": wall_before}

@@ -59,11 +59,18 @@ def check_train_config(config, *, device_count: int | None = None) -> None:
   for field in ("log_every", "eval_every", "checkpoint_every"):
     _positive(f"train.{field}", config.train[field])
   limit = config.train.get("time_limit_min", 0.0)
+  budget = config.train.get("budget_min", 0.0)
   if limit < 0:
     raise ConfigError(f"train.time_limit_min must be >= 0 (0: no limit), got {limit}")
-  if limit and config.get("paradigm", "supervised") != "supervised":
-    raise ConfigError(f"train.time_limit_min is for supervised runs; paradigm="
-                      f"{config.paradigm!r} trains in phases: set train.num_steps instead")
+  if budget < 0:
+    raise ConfigError(f"train.budget_min must be >= 0 (0: no budget), got {budget}")
+  if limit and budget:
+    raise ConfigError(f"train.budget_min={budget:g} and train.time_limit_min={limit:g} are both "
+                      f"set: a budget is its own time limit; set one of them")
+  for name, value in (("time_limit_min", limit), ("budget_min", budget)):
+    if value and config.get("paradigm", "supervised") != "supervised":
+      raise ConfigError(f"train.{name} is for supervised runs; paradigm="
+                        f"{config.paradigm!r} trains in phases: set train.num_steps instead")
   _positive("model.num_stages", config.model.num_stages)
   _positive("model.base_features", config.model.base_features)
   if config.optimizer.learning_rate <= 0:

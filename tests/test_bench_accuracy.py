@@ -155,9 +155,12 @@ def test_folds_record_their_commit_and_a_reuse_across_commits_is_announced(bench
   result = {"jaxseg": {"scores": _scores(0.5, 0.4, 4.0), "folds": [fold]}}
   assert ("jaxseg: fold 0 (c1): 9 steps, train loop 1.0 min, 2.0 CPU-min in all, commit abc1234"
           in bench._table(result).splitlines())
-  fold.update(steps=7, num_steps=9)  # train.time_limit_min stopped it
+  fold.update(steps=7, num_steps=9)  # the budget stopped it
   assert ("jaxseg: fold 0 (c1): 7 of 9 steps (stopped at the budget), train loop 1.0 min, "
           "2.0 CPU-min in all, commit abc1234" in bench._table(result).splitlines())
+  fold.update(steps=9, steps_guess=8)  # train.budget_min fitted the probe's 8 to 9
+  assert ("jaxseg: fold 0 (c1): 9 steps, schedule fitted to the budget (probe: 8), train loop "
+          "1.0 min, 2.0 CPU-min in all, commit abc1234" in bench._table(result).splitlines())
 
 
 def test_probe_rate_is_steps_over_seconds_after_the_first_window(bench, tmp_path):
@@ -192,12 +195,13 @@ def test_nnunet_last_epoch_goes_on_while_a_step_and_the_validation_fit_the_budge
   assert not bench.last_epoch_goes_on(592.0, 4.0, 5.0, 600.0)
 
 
-def test_jaxseg_folds_run_under_the_budget_as_a_time_limit(bench, tmp_path):
+def test_jaxseg_folds_fit_their_schedule_to_the_budget(bench, tmp_path):
   import argparse
   a = argparse.Namespace(configuration="3d_fullres", network="plain", dataset=tmp_path,
                          memory_gb=0.5, seed=3, minutes=10.0, dtype=None)
   args = bench._jaxseg_args(a, tmp_path / "fold_0", 0, 211)
-  assert "--config.train.num_steps=211" in args and "--config.train.time_limit_min=10.0" in args
+  assert "--config.train.num_steps=211" in args and "--config.train.budget_min=10.0" in args
+  assert f"--config.train.eval_every={10**9}" in args  # the last step only, wherever the budget ends it
   # The compute dtype is the config's (from the device) unless --dtype names one.
   assert not any(arg.startswith("--config.model.dtype") for arg in args)
   a.dtype = "float32"

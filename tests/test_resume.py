@@ -89,9 +89,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, capsys):
     np.testing.assert_array_equal(a, b)
 
 
-def test_step_seconds_counts_the_compiling_first_step_at_the_mean():
-  assert train.step_seconds(30.0, 4) == pytest.approx(40.0)  # 3 steps in 30 s: 4 steps are 40 s
-  assert train.step_seconds(0.0, 1) == 0.0
+def test_step_seconds_counts_the_compiling_steps_at_the_mean():
+  assert train.step_seconds(30.0, 3, 4) == pytest.approx(40.0)  # 3 steps in 30 s: 4 steps are 40 s
+  assert train.step_seconds(30.0, 3, 5) == pytest.approx(50.0)  # two compiled: both at the mean
+  assert train.step_seconds(0.0, 0, 1) == 0.0
+
+
+def test_budget_horizon_is_the_steps_done_plus_those_the_time_left_holds():
+  assert train.budget_horizon(10, 0.5, 100.0) == 60
+  assert train.budget_horizon(10, 0.5, 99.0) == 59  # 49.5 steps: rounded down, not past the budget
+  assert train.budget_horizon(10, 0.001, 10.0) == 11  # at least one more step
 
 
 def test_time_limit_stops_with_a_checkpoint_and_the_same_command_resumes(tmp_path, monkeypatch):
@@ -99,7 +106,7 @@ def test_time_limit_stops_with_a_checkpoint_and_the_same_command_resumes(tmp_pat
   once there and checkpointed; the same config again ends where an unlimited run ends, bit for
   bit. Each step counts as a minute here (the clock is replaced, not waited for)."""
   cache = tmp_path / "cache"
-  monkeypatch.setattr(train, "step_seconds", lambda elapsed_s, steps: 60.0 * steps)
+  monkeypatch.setattr(train, "step_seconds", lambda timed_s, timed_steps, steps: 60.0 * steps)
   evaluated = []
   evaluate = train.evaluate
   monkeypatch.setattr(train, "evaluate", lambda *a, **k: evaluated.append(1) or evaluate(*a, **k))
@@ -122,6 +129,76 @@ def test_time_limit_stops_with_a_checkpoint_and_the_same_command_resumes(tmp_pat
     np.testing.assert_array_equal(a, b)
   resumed_done = supervised.run(_config(cache), full)  # finished: evaluated once more, not retrained
   assert resumed_done["steps"] == 6 and resumed_done["steps_this_run"] == 0
+
+
+def _budget_config(cache, num_steps):
+  config = _config(cache)
+  with config.unlocked():
+    config.train.num_steps = num_steps
+    config.train.eval_every = 100  # evaluated at the last step only
+  return config
+
+
+def test_budget_fits_the_schedule_to_the_step_rate_and_resumes(tmp_path, monkeypatch, capsys):
+  """Under train.budget_min=8 with a wrong first guess (20 steps) and a minute per step (the
+  clock is replaced, not waited for), the run fits its schedule after 1/8 of the budget (step
+  1): 1 + 7 minutes' steps = 8. It ends at step 8 on that schedule, equal bit for bit to a run
+  of train.num_steps=8 (both take their first step at the initial rate: poly(0) = lr).
+  Interrupted after step 5, the same config resumes on the 8-step schedule with 3 minutes of
+  its budget left and ends the same."""
+  cache = tmp_path / "cache"
+  monkeypatch.setattr(train, "step_seconds", lambda timed_s, timed_steps, steps: 60.0 * steps)
+  config = _budget_config(cache, 20)
+  with config.unlocked():
+    config.train.budget_min = 8.0
+  budget = tmp_path / "budget"
+  batch = train.Trainer.batch
+
+  def interrupt_at_6(self, step):
+    if step == 5:
+      raise KeyboardInterrupt
+    return batch(self, step)
+
+  monkeypatch.setattr(train.Trainer, "batch", interrupt_at_6)
+  capsys.readouterr()
+  with pytest.raises(KeyboardInterrupt):
+    supervised.run(config, budget)
+  out = capsys.readouterr().out
+  assert ("train.budget_min=8: 0.017 steps/s leave 7.0 min for 7 more steps: the schedule is "
+          "now 8 steps long (was 20); the next step compiles it" in out)
+  assert "the schedule is now" not in out.split("step      2/8")[1]  # at 1/2 it still fits
+  ck = checkpoint.Checkpointer(budget)
+  meta = ck.metadata(5)
+  ck.close()
+  assert (meta["num_steps"], meta["train_s"]) == (8, 300.0)
+  monkeypatch.setattr(train.Trainer, "batch", batch)
+  resumed = supervised.run(config, budget)
+  assert "resumed from checkpoint at step 5 (5.0 of train.budget_min=8 spent)" in capsys.readouterr().out
+  assert (resumed["steps"], resumed["schedule_steps"], resumed["steps_this_run"]) == (8, 8, 3)
+  assert _steps(budget, "train") == list(range(1, 9)) and _steps(budget, "val") == [8]
+  plain = tmp_path / "plain"
+  supervised.run(_budget_config(cache, 8), plain)
+  for a, b in zip(_final_params(budget, cache)[1], _final_params(plain, cache)[1]):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_budget_is_a_deadline_where_the_steps_slow_down(tmp_path, monkeypatch, capsys):
+  """The schedule fitted at 1/8 and 1/2 of the budget assumes the rate so far (a minute per
+  step: 8 steps); when the steps then take two minutes each, the budget ends the run at step
+  6 of 8, evaluated and checkpointed there."""
+  cache = tmp_path / "cache"
+  monkeypatch.setattr(train, "step_seconds", lambda timed_s, timed_steps, steps:
+                      60.0 * steps if steps <= 4 else 240.0 + 120.0 * (steps - 4))
+  config = _budget_config(cache, 20)
+  with config.unlocked():
+    config.train.budget_min = 8.0
+  capsys.readouterr()
+  stopped = supervised.run(config, tmp_path / "slow")
+  assert "train.budget_min=8 reached at step 6 of 8: evaluating and checkpointing it\n" in capsys.readouterr().out
+  assert (stopped["steps"], stopped["schedule_steps"]) == (6, 8)
+  assert _steps(tmp_path / "slow", "val") == [6]
+  again = supervised.run(config, tmp_path / "slow")  # the budget is spent: nothing is retrained
+  assert (again["steps"], again["steps_this_run"]) == (6, 0)
 
 
 def test_progress_line_eta_is_the_time_limit_where_it_comes_first():

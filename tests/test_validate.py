@@ -22,6 +22,7 @@ def _cfg():
     ("train.num_steps", 0, r"train.num_steps must be a positive integer, got 0"),
     ("train.batch_size", -2, r"train.batch_size must be a positive integer, got -2"),
     ("train.time_limit_min", -1.0, r"train.time_limit_min must be >= 0 \(0: no limit\), got -1.0"),
+    ("train.budget_min", -2.0, r"train.budget_min must be >= 0 \(0: no budget\), got -2.0"),
     ("data.patch_size", (48, 48, 44), r"data.patch_size=\(48, 48, 44\) must be divisible per axis by the "
                                       r"network's total downsampling \(8, 8, 8\) \(= 2\*\*\(model.num_stages - 1\)"),
     ("data.patch_size", (48, 48), r"data.patch_size=\(48, 48\) has 2 axes but model.spatial_dims=3"),
@@ -49,12 +50,21 @@ def test_onednn_impl_without_onednn_is_named(monkeypatch):
   check_train_config(c, device_count=1)
 
 
-def test_time_limit_of_a_phased_paradigm_is_refused():
+@pytest.mark.parametrize("field", ["time_limit_min", "budget_min"])
+def test_time_limit_or_budget_of_a_phased_paradigm_is_refused(field):
   c = _cfg()
-  c.train.time_limit_min = 10.0
+  c.train[field] = 10.0
   c.paradigm = "incremental"
-  with pytest.raises(ConfigError, match=r"train.time_limit_min is for supervised runs; "
+  with pytest.raises(ConfigError, match=rf"train.{field} is for supervised runs; "
                                         r"paradigm='incremental' trains in phases"):
+    check_train_config(c, device_count=1)
+
+
+def test_budget_and_time_limit_together_are_refused():
+  c = _cfg()
+  c.train.budget_min, c.train.time_limit_min = 10.0, 5.0
+  with pytest.raises(ConfigError, match=r"train.budget_min=10 and train.time_limit_min=5 are both "
+                                        r"set: a budget is its own time limit; set one of them"):
     check_train_config(c, device_count=1)
 
 

@@ -39,7 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
   state, stats = train.fit(t, frame.workdir, evaluate_fn=evaluate_fn, wall_start=frame.t_start)
   frame.earlier_runs_s.append(stats["wall_time_before_s"])
-  num_steps = stats["steps"]  # fewer than config.train.num_steps where train.time_limit_min stopped it
+  num_steps = stats["steps"]  # not config.train.num_steps where a time limit or budget ended it
   metrics_path = frame.workdir / "metrics.jsonl"
   if stats["last_eval"] is None or stats["last_eval"][0] != num_steps:  # e.g. resumed when finished
     evaluate_fn(state.params)
@@ -51,6 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   return runs.finish(frame, {
       "loss": config.loss.get("name", "dice_ce"),
       "steps": num_steps,
+      "schedule_steps": stats["num_steps"],
       "steps_this_run": stats["steps_this_run"],
       "first_step_s": stats["first_step_s"],
       "steps_per_s": stats["steps_per_s"],
