@@ -107,14 +107,18 @@ def _evaluate(pred: pathlib.Path, dataset: pathlib.Path, log: pathlib.Path) -> d
 _ONLY_LAST = 10**9  # eval_every / checkpoint_every: the budgeted run evaluates and saves its last step only
 
 
-def _jaxseg_args(a, workdir, fold, steps) -> list:
+def _jaxseg_args(a, workdir, fold, steps, *, probe: bool = False) -> list:
+  """jaxseg.main's command line for a fold: `steps` is the schedule's first guess, fitted to
+  `--minutes` by `train.budget_min`. The probe runs exactly `steps` under a time limit of the
+  same minutes instead (never reached; it times its steps as a budgeted run does)."""
+  limit = "time_limit_min" if probe else "budget_min"
   config = f"configs/auto.py:configuration={a.configuration},network={a.network}"
   return [sys.executable, "-m", "jaxseg.main", f"--config={config}", f"--workdir={workdir}",
           f"--config.data.root={a.dataset}", f"--config.plan.memory_gb={a.memory_gb}",
           f"--config.data.fold={fold}", f"--config.train.num_steps={steps}",
           f"--config.train.eval_every={_ONLY_LAST}", f"--config.train.checkpoint_every={_ONLY_LAST}",
           f"--config.train.log_every={max(1, min(25, steps // 8))}", f"--config.seed={a.seed}",
-          f"--config.train.budget_min={a.minutes}"] + (
+          f"--config.train.{limit}={a.minutes}"] + (
               [f"--config.model.dtype={a.dtype}"] if a.dtype else [])
 
 
@@ -167,7 +171,7 @@ def jaxseg_side(a, splits, out: pathlib.Path) -> dict:
   probe = out / "probe"
   if not (probe / "report.json").exists():  # a finished probe is reused: same steps on a rerun
     shutil.rmtree(probe, ignore_errors=True)
-    _run(_jaxseg_args(a, probe, 0, a.probe_steps), out / "probe.log")
+    _run(_jaxseg_args(a, probe, 0, a.probe_steps, probe=True), out / "probe.log")
   rate = _probe_rate(probe / "metrics.jsonl")
   steps = max(1, int(a.minutes * 60 * rate))
   pred = out / "pred"

@@ -202,6 +202,8 @@ def test_jaxseg_folds_fit_their_schedule_to_the_budget(bench, tmp_path):
   args = bench._jaxseg_args(a, tmp_path / "fold_0", 0, 211)
   assert "--config.train.num_steps=211" in args and "--config.train.budget_min=10.0" in args
   assert f"--config.train.eval_every={10**9}" in args  # the last step only, wherever the budget ends it
+  probe = bench._jaxseg_args(a, tmp_path / "probe", 0, 40, probe=True)  # exactly 40 steps
+  assert "--config.train.time_limit_min=10.0" in probe and not any("budget_min" in x for x in probe)
   # The compute dtype is the config's (from the device) unless --dtype names one.
   assert not any(arg.startswith("--config.model.dtype") for arg in args)
   a.dtype = "float32"
