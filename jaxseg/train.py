@@ -256,6 +256,10 @@ def step_seconds(timed_s: float, timed_steps: int, steps: int) -> float:
 # early, so the learning rate follows the fitted schedule for most of the run, and halfway,
 # so a rate that drifted is corrected while the rate is still high.
 BUDGET_REFITS = (1 / 8, 1 / 2)
+# A fitted length within this fraction of the schedule's keeps it: a recompile (seconds on a CPU,
+# a minute for a large network on a GPU) is not worth a step or two, and a run that reaches the
+# budget 2% before its schedule's end has its learning rate at 3% of the initial one.
+BUDGET_TOLERANCE = 0.02
 
 
 def budget_horizon(done: int, rate: float, left_s: float) -> int:
@@ -276,8 +280,8 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   alike) with its schedule fitted to them: `num_steps` is the first guess; after 1/8 and 1/2 of
   the budget (`BUDGET_REFITS`) the schedule becomes as long as the steps done plus those the
   rest of the budget holds at the rate measured so far (`budget_horizon`; the step compiles
-  again when the length changes), and the run ends when the schedule does or the budget is
-  spent, whichever comes first. The fitted length and the seconds spent go into each
+  again, so a change within `BUDGET_TOLERANCE` keeps the schedule), and the run ends when the
+  schedule does or the budget is spent, whichever comes first. The fitted length and the seconds spent go into each
   checkpoint's metadata: the same call again resumes on that schedule with the rest of the
   budget. The step count then depends on the machine's speed, not on the seed alone.
 
@@ -362,6 +366,8 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
       jax.block_until_ready(m["loss"])
       if not compiles:
         timed_s, timed_steps = timed_s + time.time() - t_top, timed_steps + 1
+      elif done - start_step > 1 and done % config.train.log_every:
+        t_window, steps_window = time.time(), 0  # a rescheduled step compiled: not in the rate
       compiles = False
       this_run_s = step_seconds(timed_s, timed_steps, done - start_step)
       spent_s = spent_before + this_run_s
@@ -369,7 +375,7 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
         refits = [f for f in refits if f * budget_s > spent_s]
         rate = (done - start_step) / this_run_s
         fitted = budget_horizon(done, rate, budget_s - spent_s)
-        if fitted != num_steps:
+        if abs(fitted - num_steps) > BUDGET_TOLERANCE * num_steps:
           log(f"{prefix}{limit_name}: {rate:.3f} steps/s leave {(budget_s - spent_s) / 60:.1f} min "
               f"for {fitted - done} more steps: the schedule is now {fitted} steps long (was "
               f"{num_steps}); the next step compiles it")
