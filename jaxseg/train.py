@@ -281,9 +281,10 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   the budget (`BUDGET_REFITS`) the schedule becomes as long as the steps done plus those the
   rest of the budget holds at the rate measured so far (`budget_horizon`; the step compiles
   again, so a change within `BUDGET_TOLERANCE` keeps the schedule), and the run ends when the
-  schedule does or the budget is spent, whichever comes first. The fitted length and the seconds spent go into each
-  checkpoint's metadata: the same call again resumes on that schedule with the rest of the
-  budget. The step count then depends on the machine's speed, not on the seed alone.
+  schedule does or the budget is spent, whichever comes first. The fitted length and the
+  seconds spent go into each checkpoint's metadata: the same call again resumes on that
+  schedule with the rest of the budget. The step count then depends on the machine's speed,
+  not on the seed alone.
 
   `evaluate_fn(params) -> summary` (default: `evaluate` on `t.data`'s validation cases)
   returns a dict of scores; the best state by `summary[best_metric]` (default
