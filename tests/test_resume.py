@@ -140,15 +140,16 @@ def _budget_config(cache, num_steps):
 
 
 def test_budget_fits_the_schedule_to_the_step_rate_and_resumes(tmp_path, monkeypatch, capsys):
-  """Under train.budget_min=8 with a wrong first guess (20 steps) and a minute per step (the
+  """Under train.budget_min=8 with a wrong first guess (5 steps) and a minute per step (the
   clock is replaced, not waited for), the run fits its schedule after 1/8 of the budget (step
-  1): 1 + 7 minutes' steps = 8. It ends at step 8 on that schedule, equal bit for bit to a run
-  of train.num_steps=8 (both take their first step at the initial rate: poly(0) = lr).
+  1): 1 + 7 minutes' steps = 8, past the guess (the loader serves them). It ends at step 8 on
+  that schedule, equal bit for bit to a run of train.num_steps=8 (both take their first step at
+  the initial rate: poly(0) = lr).
   Interrupted after step 5, the same config resumes on the 8-step schedule with 3 minutes of
   its budget left and ends the same."""
   cache = tmp_path / "cache"
   monkeypatch.setattr(train, "step_seconds", lambda timed_s, timed_steps, steps: 60.0 * steps)
-  config = _budget_config(cache, 20)
+  config = _budget_config(cache, 5)
   with config.unlocked():
     config.train.budget_min = 8.0
   budget = tmp_path / "budget"
@@ -165,7 +166,7 @@ def test_budget_fits_the_schedule_to_the_step_rate_and_resumes(tmp_path, monkeyp
     supervised.run(config, budget)
   out = capsys.readouterr().out
   assert ("train.budget_min=8: 0.017 steps/s leave 7.0 min for 7 more steps: the schedule is "
-          "now 8 steps long (was 20); the next step compiles it" in out)
+          "now 8 steps long (was 5); the next step compiles it" in out)
   assert "the schedule is now" not in out.split("step      2/8")[1]  # at 1/2 it still fits
   ck = checkpoint.Checkpointer(budget)
   meta = ck.metadata(5)
@@ -184,12 +185,13 @@ def test_budget_fits_the_schedule_to_the_step_rate_and_resumes(tmp_path, monkeyp
 
 def test_budget_is_a_deadline_where_the_steps_slow_down(tmp_path, monkeypatch, capsys):
   """The schedule fitted at 1/8 and 1/2 of the budget assumes the rate so far (a minute per
-  step: 8 steps); when the steps then take two minutes each, the budget ends the run at step
-  6 of 8, evaluated and checkpointed there."""
+  step: 8 steps, past the first guess of 5, in one uninterrupted run: the loader serves them);
+  when the steps then take two minutes each, the budget ends the run at step 6 of 8, evaluated
+  and checkpointed there."""
   cache = tmp_path / "cache"
   monkeypatch.setattr(train, "step_seconds", lambda timed_s, timed_steps, steps:
                       60.0 * steps if steps <= 4 else 240.0 + 120.0 * (steps - 4))
-  config = _budget_config(cache, 20)
+  config = _budget_config(cache, 5)
   with config.unlocked():
     config.train.budget_min = 8.0
   capsys.readouterr()

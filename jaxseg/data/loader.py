@@ -332,4 +332,5 @@ def for_training(data, config, mesh) -> BatchLoader:
                      workers=config.data.get("loader_workers", 0) or None,
                      prefetch=config.data.get("loader_prefetch", 0) or None,
                      processes=config.data.get("loader_processes", False),
-                     num_steps=config.train.num_steps)
+                     # A budget fits the schedule's length while it trains: no end to read to.
+                     num_steps=None if config.train.get("budget_min", 0.0) else config.train.num_steps)
