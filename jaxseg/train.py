@@ -127,7 +127,7 @@ class Trainer:
   predict_fn: Any
   batch_fn: Any
   key: jax.Array
-  step_for: Any = None  # num_steps -> (tx, train_step) on a schedule that many steps long
+  step_for: Any  # num_steps -> (tx, train_step) on a schedule that many steps long
 
   def reschedule(self, num_steps: int) -> None:
     """Rebuilds the optimiser and step on a learning-rate schedule `num_steps` long (the next
