@@ -330,9 +330,8 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
     log(f"{prefix}resumed from checkpoint at step {int(state.step)}"
         + (f" ({spent_before / 60:.1f} of {limit_name} spent)" if budget_s else ""))
   start_step = int(state.step)
-  if budget_s and spent_before >= budget_s:
-    num_steps = start_step  # the budget is spent: nothing left to train
-  elif num_steps != config.train.num_steps:
+  spent = budget_s > 0 and spent_before >= budget_s  # nothing left to train on the fitted schedule
+  if not spent and num_steps != config.train.num_steps:
     t.reschedule(num_steps)
   refits = [f for f in BUDGET_REFITS if budget_s and f * budget_s > spent_before]
   voxels_per_step = config.train.batch_size * int(np.prod(config.data.patch_size))
@@ -348,7 +347,7 @@ def fit(t: Trainer, workdir, *, evaluate_fn=None, tag: str = "", wall_start: flo
   timed_s, timed_steps = 0.0, 0  # steps timed under a limit: the compiling ones left out
   compiles = True  # the next step compiles (the first one, and the first after a reschedule)
   done = start_step
-  while done < num_steps:
+  while done < num_steps and not spent:
     step = done
     t_top = time.time()
     t_fetch = time.perf_counter()

@@ -200,7 +200,7 @@ def test_budget_is_a_deadline_where_the_steps_slow_down(tmp_path, monkeypatch, c
   assert (stopped["steps"], stopped["schedule_steps"]) == (6, 8)
   assert _steps(tmp_path / "slow", "val") == [6]
   again = supervised.run(config, tmp_path / "slow")  # the budget is spent: nothing is retrained
-  assert (again["steps"], again["steps_this_run"]) == (6, 0)
+  assert (again["steps"], again["schedule_steps"], again["steps_this_run"]) == (6, 8, 0)
 
 
 def test_progress_line_eta_is_the_time_limit_where_it_comes_first():
